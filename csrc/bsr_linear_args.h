@@ -1,0 +1,27 @@
+// Argument checks shared by the CPU and CUDA implementations of pysparse::bsr_linear.
+// Everything here reads tensor metadata only (no device data), so it costs nothing on CUDA.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "cpu/kernels/bsr_linear.h"
+
+namespace pysparse {
+
+struct BsrLinearArgs {
+  at::Tensor x;       // [M, K] view of the input, unit stride along K
+  at::Tensor values;  // [nnz, bh, bw], contiguous
+  at::Tensor crow;    // int32, contiguous
+  at::Tensor col;     // int32, contiguous
+  std::optional<at::Tensor> bias;  // [N], contiguous
+  BsrProblem problem;
+  std::vector<int64_t> out_shape;  // input.shape[:-1] + [N]
+};
+
+BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                                 const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                                 int64_t out_features);
+
+}  // namespace pysparse

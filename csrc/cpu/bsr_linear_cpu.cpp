@@ -1,0 +1,40 @@
+// CPU implementation of pysparse::bsr_linear: checks, then the torch-free kernel core.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "bsr_linear_args.h"
+
+namespace pysparse {
+namespace {
+
+template <typename T, typename AtT>
+void run(const BsrLinearArgs& a, at::Tensor& y) {
+  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr<AtT>()); };
+  bsr_linear_cpu<T>(ptr(a.x), ptr(a.values), a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
+                    a.bias ? ptr(*a.bias) : nullptr, reinterpret_cast<T*>(y.mutable_data_ptr<AtT>()), a.problem,
+                    at::get_num_threads());
+}
+
+at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                               const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                               int64_t out_features) {
+  BsrLinearArgs a = prepare_bsr_linear(input, values, crow_indices, col_indices, bias, out_features);
+  // The op is public: malformed indices must raise, never read out of bounds. O(blocks), cheap next to the product.
+  const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
+                                            a.problem);
+  TORCH_CHECK_VALUE(bad.empty(), "bsr_linear: ", bad);
+  at::Tensor y = at::empty({a.problem.M, a.problem.N}, input.options());
+  switch (input.scalar_type()) {
+    case at::kFloat: run<float, float>(a, y); break;
+    case at::kBFloat16: run<bfloat16_t, at::BFloat16>(a, y); break;
+    case at::kHalf: run<float16_t, at::Half>(a, y); break;
+    default: TORCH_CHECK_TYPE(false, "bsr_linear: unsupported dtype ", input.scalar_type());
+  }
+  return y.view(a.out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("bsr_linear", &bsr_linear_cpu_impl); }
+
+}  // namespace pysparse

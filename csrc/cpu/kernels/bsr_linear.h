@@ -1,0 +1,36 @@
+// Torch-free block-sparse linear kernels: y[M, N] = x[M, K] @ W^T + bias, W [N, K] in BSR form.
+//
+// W is stored as torch's BSR: crow[n_block_rows + 1], col[nnz], values[nnz][bh][bw] (row-major blocks).
+// The last block row / column may overhang N / K (padding): kernels never read x past K nor write y past N.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "dtypes.h"
+
+namespace pysparse {
+
+struct BsrProblem {
+  int64_t M = 0;        // tokens (rows of x and y)
+  int64_t K = 0;        // in_features
+  int64_t N = 0;        // out_features
+  int64_t bh = 1, bw = 1;
+  int64_t n_block_rows = 0;  // ceil(N / bh)
+  int64_t n_block_cols = 0;  // ceil(K / bw)
+  int64_t nnz = 0;           // stored blocks
+  int64_t ldx = 0;           // row stride of x, in elements (>= K)
+};
+
+// Returns "" when the BSR indices are well formed for the problem, else a message naming what is wrong.
+// O(n_block_rows + nnz); every kernel relies on it (or on a format that ran it) for memory safety.
+std::string check_bsr_indices(const int32_t* crow, const int32_t* col, const BsrProblem& p);
+
+// Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic").
+const char* active_cpu_isa();
+
+// Runs the kernel with `num_threads` OpenMP threads. bias may be null. Accumulates in float32.
+template <typename T>
+void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                    const BsrProblem& p, int num_threads);
+
+}  // namespace pysparse

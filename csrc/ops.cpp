@@ -1,0 +1,30 @@
+// Every pysparse op schema, in one place. Device implementations live in csrc/cpu and csrc/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels/bsr_linear.h"
+
+TORCH_LIBRARY(pysparse, m) {
+  // y = F.linear(input, W, bias) with W [out_features, in_features] block-sparse in BSR form:
+  // values [nnz_blocks, bh, bw], crow_indices [ceil(out_features / bh) + 1] and col_indices [nnz_blocks], int32.
+  m.def("bsr_linear(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
+        "int out_features) -> Tensor");
+}
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(pysparse::active_cpu_isa()); }
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// pysparse._C is imported for its side effect: loading the library registers the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pysparse kernels (torch.ops.pysparse)", -1,
+                                          methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,12 @@
+"""pysparse: block- and channel-sparse PyTorch layers with CPU and CUDA kernels.
+
+prune -> formats -> nn -> ops -> csrc: masks become packed weights become drop-in layers that run custom kernels.
+"""
+from ._runtime_check import check_runtime_matches_build
+
+check_runtime_matches_build()
+
+from . import formats, nn, ops, prune  # noqa: E402
+from ._build_info import VERSION as __version__  # noqa: E402
+
+__all__ = ["formats", "nn", "ops", "prune", "__version__"]

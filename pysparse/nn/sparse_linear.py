@@ -1,0 +1,102 @@
+"""SparseLinear: nn.Linear whose weight is stored block-sparse and multiplied by the bsr_linear kernels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..formats import BlockSparseWeight
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W [out_features, in_features]`` held as a :class:`BlockSparseWeight`.
+
+    The packed parts are buffers (``values``, ``crow_indices``, ``col_indices``), so ``.to()``, ``state_dict``
+    and ``load_state_dict`` work as for any module; loading a state dict of another sparsity pattern replaces
+    the buffers after validating them.
+    """
+
+    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, BlockSparseWeight):
+            raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("values", weight.values)
+        self.register_buffer("crow_indices", weight.crow_indices)
+        self.register_buffer("col_indices", weight.col_indices)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
+                got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got {got}")
+            self.bias = nn.Parameter(bias.detach().to(weight.values.dtype).clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size=(32, 32), mask: torch.Tensor | None = None) -> "SparseLinear":
+        """Pack ``linear``'s weight (keeping blocks with a nonzero, or the blocks ``mask`` keeps)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight, bias)
+
+    @property
+    def weight(self) -> BlockSparseWeight:
+        return BlockSparseWeight(self.values, self.crow_indices, self.col_indices,
+                                 (self.out_features, self.in_features))
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return int(self.values.shape[1]), int(self.values.shape[2])
+
+    @property
+    def density(self) -> float:
+        n_br = -(-self.out_features // self.block_size[0])
+        n_bc = -(-self.in_features // self.block_size[1])
+        return self.values.shape[0] / (n_br * n_bc) if n_br * n_bc else 0.0
+
+    def to_linear(self) -> nn.Linear:
+        """An equivalent dense nn.Linear (same device and dtype)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Indices were validated when the weight was packed or loaded: skip the per-call check.
+        return ops.bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
+                              check_indices=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint may hold another sparsity pattern (different number of blocks): adopt its buffers after
+        # validating them, instead of failing on the shape mismatch.
+        names = ("values", "crow_indices", "col_indices")
+        if all(prefix + n in state_dict for n in names):
+            parts = [state_dict[prefix + n] for n in names]
+            dev = self.values.device
+            try:
+                w = BlockSparseWeight(parts[0].to(dev, self.values.dtype), parts[1].to(dev), parts[2].to(dev),
+                                      (self.out_features, self.in_features))
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"invalid packed weight for {prefix or 'SparseLinear'}: {exc}")
+                return
+            self.values, self.crow_indices, self.col_indices = w.values, w.crow_indices, w.col_indices
+            state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in names}}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            for n in names:  # they were loaded above, not missing
+                if prefix + n in missing_keys:
+                    missing_keys.remove(prefix + n)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        bh, bw = self.block_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size=({bh}, {bw}), "
+                f"density={self.density:.3f}, bias={self.bias is not None}")
