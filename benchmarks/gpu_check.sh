@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one script a lent GPU runs: build the extension for sm_90, run the CUDA tests, compute-sanitizer memcheck
+# on a small case, then the bf16 benchmark table (pysparse vs cuBLAS dense vs torch BSR). Prints the table last.
+# Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh [extra bench args]
+# Logs and JSON go to $OUT when set (the device tool returns that folder), else to ./gpu_check_out.
+set -uo pipefail
+OUT_DIR="${OUT:-gpu_check_out}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+step "build (TORCH_CUDA_ARCH_LIST=9.0)"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYSPARSE_CUDA=1
+export PYSPARSE_PTXAS_VERBOSE=1
+if ! python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1; then
+  tail -40 "$OUT_DIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -E "registers|spill" "$OUT_DIR/build.log" | sort | uniq -c | head -20
+python3 -c "import pysparse, pysparse.ops as o; print(pysparse.__version__, o.available_backends())"
+
+step "CUDA tests"
+python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_bsr_linear.py 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+
+step "compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/cuda_sanitize_case.py \
+    > "$OUT_DIR/sanitizer.log" 2>&1
+  san_rc=$?
+  tail -4 "$OUT_DIR/sanitizer.log"
+  echo "sanitizer exit code: $san_rc (0 = clean, 3 = errors found, 124 = timed out)"
+else
+  echo "compute-sanitizer not found"; san_rc=127
+fi
+
+step "benchmark (bf16)"
+python3 benchmarks/bench_cuda_bsr_linear.py --json "$OUT_DIR/bench_cuda.json" "$@" 2>&1 | tee "$OUT_DIR/bench.log" \
+  | grep -v "^ *[0-9]*x[0-9]* M=" 
+echo
+echo "tests rc=$tests_rc sanitizer rc=$san_rc"
