@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,7 @@ def main():
     ap.add_argument("--json", default="bench_cuda.json")
     ap.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR path")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)  # torch's "BSR is beta" / Triton meta notices
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     dtype = torch.bfloat16
     props = torch.cuda.get_device_properties(0)
