@@ -32,7 +32,7 @@ bool launch_tensor_core(const BsrLinearArgs& a, at::Tensor& y, cudaStream_t stre
     launch_bsr_linear_tc_small<CudaT>(x, values, crow, col, bias, out, p, stream);
     return true;
   }
-  if (p.bw != 16 && p.bw != 32 && p.bw != 64) return false;
+  if (p.bw > 64) return false;
   switch (p.bh) {
     case 16: launch_bsr_linear_tc_large<CudaT, 16>(x, values, crow, col, bias, out, p, stream); return true;
     case 32: launch_bsr_linear_tc_large<CudaT, 32>(x, values, crow, col, bias, out, p, stream); return true;

@@ -2,14 +2,13 @@
 //
 // Parallel strategy: one CTA (4 warps) owns a tile of kTileM = 128 tokens x one block row of BH outputs
 // (BH in {16, 32, 64}); warp w owns tokens [32w, 32w + 32) x all BH outputs, so every output is written by
-// one thread and no reduction is needed. The CTA's "K loop" walks the nonzero blocks of its block row as
-// one compressed K axis: each pipeline stage holds 64 of its columns (64 / bw consecutive kept blocks): the
-// x slices [128 tokens x 64] and the weight blocks [BH x 64], copied with cp.async kStages deep while the
-// tensor cores (mma.sync m16n8k16 fed by ldmatrix) consume an earlier stage. Every stage is the same size
-// and its 4 k16 steps unroll at compile time, whatever bw is. Shared rows are 64 elements (128 bytes) wide
-// with the 16-byte chunks XOR-swizzled by row, so the 8 rows an ldmatrix reads fall in 8 bank groups. blockIdx.x runs over block rows so CTAs that
+// one thread and no reduction is needed. The CTA's "K loop" walks the nonzero blocks of its block row: for
+// each block it copies the x slice [128 tokens x bw] and the weight block [BH x bw] into shared memory with
+// cp.async, kStages deep, while the tensor cores (mma.sync m16n8k16 fed by ldmatrix) consume an earlier
+// stage. Shared rows are 64 elements (128 bytes) wide with the 16-byte chunks XOR-swizzled by row, so the
+// 8 rows an ldmatrix reads fall in 8 different bank groups. blockIdx.x runs over block rows so CTAs that
 // run together share one token tile of x in L2 (x traffic dominates: each kept block re-reads M x bw of x).
-// Requirements (checked by the dispatcher): bw in {16, 32, 64}, K and the row stride of x
+// Requirements (checked by the dispatcher): bw a multiple of 16 and <= 64, K and the row stride of x
 // multiples of 8, 16-byte aligned x and values.
 #pragma once
 #include <c10/cuda/CUDAException.h>
@@ -23,8 +22,7 @@ namespace tc_large {
 constexpr int kTileM = 128;
 constexpr int kThreads = 128;
 constexpr int kRowElems = 64;  // smem row pitch in elements: one 64-wide block column, 128 bytes
-constexpr int kStages = 3;
-constexpr int kColCache = 512;  // column indices of one block row kept in shared memory  // 72 KB for BH = 64: three CTAs (12 warps) fit on an SM
+constexpr int kStages = 4;
 
 template <int BH>
 constexpr int stage_elems() {
@@ -35,7 +33,7 @@ __device__ __forceinline__ int swz(int row, int chunk) { return row * kRowElems 
 }  // namespace tc_large
 
 template <typename T, int BH>
-__global__ void __launch_bounds__(tc_large::kThreads, 3)
+__global__ void __launch_bounds__(tc_large::kThreads)
     bsr_linear_tc_large_kernel(const T* __restrict__ x, const T* __restrict__ values,
                                const int32_t* __restrict__ crow, const int32_t* __restrict__ col,
                                const T* __restrict__ bias, T* __restrict__ y, BsrProblem p) {
@@ -48,46 +46,29 @@ __global__ void __launch_bounds__(tc_large::kThreads, 3)
   const int64_t block_row = blockIdx.x;
   const int64_t t0 = int64_t(blockIdx.y) * kTileM;
   const int bw = int(p.bw);
-  const int chunks_per_block = bw >> 3;         // 16-byte chunks in one bw-wide row of a block
-  const int blocks_per_stage = kRowElems / bw;  // bw divides 64 (dispatcher)
+  const int chunks_per_row = bw >> 3;  // 16-byte chunks in one block row of bw elements
   // Indices were validated at pack/load; clamping keeps even a malformed call inside its buffers.
   const int64_t begin = max(int64_t(crow[block_row]), int64_t(0));
   const int64_t end = min(int64_t(crow[block_row + 1]), p.nnz);
-  const int64_t n_blocks = max(end - begin, int64_t(0));
-  const int n_stages_total = int((n_blocks + blocks_per_stage - 1) / blocks_per_stage);
+  const int n_blocks = int(max(end - begin, int64_t(0)));
 
-  // The row's column indices, staged once in shared memory so that issuing a stage's copies never waits
-  // on a global load (rows longer than the cache read them from global memory instead).
-  __shared__ int32_t s_col[kColCache];
-  for (int64_t j = tid; j < min(n_blocks, int64_t(kColCache)); j += kThreads) s_col[j] = col[begin + j];
-  const int32_t* cols = n_blocks <= kColCache ? s_col : col + begin;
-  __syncthreads();
-
-  // Stage s holds blocks begin + s*blocks_per_stage + j at columns [j*bw, (j+1)*bw) of its 64-wide rows;
-  // missing blocks at the end of the row are zero-filled. A thread always copies the same 16-byte chunk
-  // column (tid % 8) of rows tid / 8 + 16 r, so the block and column it reads are fixed per stage.
-  const int chunk = tid & 7, row0 = tid >> 3;
-  const int block_in_stage = chunk / chunks_per_block;
-  const int k_in_block = (chunk % chunks_per_block) * 8;
-  auto load_stage = [&](int slot, int s) {
-    T* sx = smem + slot * stage_elems<BH>();
+  auto load_stage = [&](int stage, int64_t b) {
+    T* sx = smem + stage * stage_elems<BH>();
     T* sw = sx + kTileM * kRowElems;
-    const int64_t j = int64_t(s) * blocks_per_stage + block_in_stage;
-    const int64_t c = j < n_blocks ? int64_t(cols[j]) : -1;
-    const int64_t k = c * bw + k_in_block;
-    // Zero the padding columns past K in both operands: 0 * inf in the padding must not reach the output.
-    const bool col_ok = c >= 0 && c < p.n_block_cols && k < p.K;
-#pragma unroll
-    for (int r = 0; r < kTileM / 16; ++r) {
-      const int row = row0 + 16 * r;
-      const bool ok = col_ok && t0 + row < p.M;
-      cp_async_16(sx + swz(row, chunk), ok ? x + (t0 + row) * p.ldx + k : x, ok);
+    const int64_t c = col[b];
+    const bool col_ok = c >= 0 && c < p.n_block_cols;
+    const int64_t k0 = c * bw;
+    for (int i = tid; i < kTileM * chunks_per_row; i += kThreads) {
+      const int row = i / chunks_per_row, chunk = i % chunks_per_row;
+      const int64_t t = t0 + row, k = k0 + chunk * 8;
+      const bool ok = col_ok && t < p.M && k < p.K;
+      cp_async_16(sx + swz(row, chunk), ok ? x + t * p.ldx + k : x, ok);
     }
-    const T* wb = values + ((begin + j) * BH) * bw + k_in_block;
-#pragma unroll
-    for (int r = 0; r < BH / 16; ++r) {
-      const int row = row0 + 16 * r;
-      cp_async_16(sw + swz(row, chunk), col_ok ? wb + row * bw : values, col_ok);
+    const T* wb = values + b * int64_t(BH) * bw;
+    for (int i = tid; i < BH * chunks_per_row; i += kThreads) {
+      const int row = i / chunks_per_row, chunk = i % chunks_per_row;
+      const bool ok = col_ok && k0 + chunk * 8 < p.K;  // zero the padding columns: 0 * inf must not happen
+      cp_async_16(sw + swz(row, chunk), ok ? wb + row * bw + chunk * 8 : values, ok);
     }
   };
 
@@ -101,21 +82,20 @@ __global__ void __launch_bounds__(tc_large::kThreads, 3)
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_stages_total) load_stage(s, s);
+    if (s < n_blocks) load_stage(s, begin + s);
     cp_async_commit();
   }
 
-  for (int i = 0; i < n_stages_total; ++i) {
+  for (int i = 0; i < n_blocks; ++i) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage i landed for every thread; stage i-1 is no longer read by anyone
     const int next = i + kStages - 1;
-    if (next < n_stages_total) load_stage(next % kStages, next);
+    if (next < n_blocks) load_stage(next % kStages, begin + next);
     cp_async_commit();
 
     const T* sx = smem + (i % kStages) * stage_elems<BH>();
     const T* sw = sx + kTileM * kRowElems;
-#pragma unroll
-    for (int kk = 0; kk < kRowElems / 16; ++kk) {
+    for (int kk = 0; kk < bw / 16; ++kk) {
       uint32_t a[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
