@@ -10,9 +10,14 @@ SHAPES = [(10, 13), (32, 48), (7, 3, 3, 3)]   # odd Linear, even Linear, Conv [O
 BLOCK = (4, 5)                                 # divides none of the shapes above
 
 
+def matrix(weight):
+    """The [out, in] view patterns are defined on: Conv [O, I, kh, kw] is tap-major [O, kh*kw*I]."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1) if weight.dim() == 4 else weight
+
+
 def group_norms(weight, pattern, norm, block_size=BLOCK):
-    """Independent reference: per-group norms by explicit loops over the [O, -1] view."""
-    mat = weight.reshape(weight.shape[0], -1).abs().double()
+    """Independent reference: per-group norms by explicit loops over the matrix view."""
+    mat = matrix(weight).abs().double()
     p = 1 if norm == "l1" else 2
     rows, cols = mat.shape
     if pattern == "block":
@@ -26,7 +31,7 @@ def group_norms(weight, pattern, norm, block_size=BLOCK):
 
 def group_keep(mask, pattern, block_size=BLOCK):
     """Per-group keep flags read back from an entry mask, checking the mask is constant within each group."""
-    mat = mask.reshape(mask.shape[0], -1)
+    mat = matrix(mask)
     rows, cols = mat.shape
     if pattern == "block":
         bh, bw = block_size
@@ -109,11 +114,13 @@ def test_ties_broken_by_position(pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_conv_weight_uses_out_by_in_times_kernel_view(pattern):
+def test_conv_weight_uses_tap_major_view(pattern):
+    # Conv patterns are drawn on [O, kh*kw*I], the view SparseConv2d packs, so block masks pack exactly.
     torch.manual_seed(3)
     w = torch.randn(8, 4, 3, 3)
     kwargs = dict(sparsity=0.5, pattern=pattern, block_size=(4, 6), nm=(2, 4))
-    assert torch.equal(magnitude_mask(w, **kwargs), magnitude_mask(w.reshape(8, 36), **kwargs).reshape(w.shape))
+    on_matrix = magnitude_mask(matrix(w), **kwargs)
+    assert torch.equal(magnitude_mask(w, **kwargs), on_matrix.reshape(8, 3, 3, 4).permute(0, 3, 1, 2))
 
 
 def test_block_ragged_edges_cover_whole_weight():

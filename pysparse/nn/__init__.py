@@ -1,4 +1,5 @@
 """Drop-in layers that hold packed sparse weights and run pysparse kernels."""
+from .sparse_conv import SparseConv2d, conv_weight_from_matrix, conv_weight_matrix
 from .sparse_linear import SparseLinear
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseConv2d", "SparseLinear", "conv_weight_from_matrix", "conv_weight_matrix"]

@@ -1,7 +1,7 @@
 """Masks from importance scores: group scores per pattern (unstructured, block, N:M, channel) and exact selection.
 
-A weight of any rank >= 2 is seen as its ``[out, in]`` matrix view: ``[N, K]`` for Linear, ``[O, I*kh*kw]`` for
-Conv (the flattening order of ``weight.reshape(O, -1)``). Groups are single entries (unstructured, nm), ``(bh, bw)``
+A weight of any rank >= 2 is seen as its ``[out, in]`` matrix view: ``[N, K]`` for Linear, ``[O, kh*kw*I]`` for
+Conv (tap-major, pysparse._weight_layout: the view SparseConv2d packs, so block masks pack exactly). Groups are single entries (unstructured, nm), ``(bh, bw)``
 tiles of that view with ragged tiles at the edges (block), or whole output rows / conv filters (channel).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from numbers import Real
 import torch
 
 from .._validate import as_pair, check_tensor
+from .._weight_layout import weight_from_matrix, weight_matrix
 
 PATTERNS = ("unstructured", "block", "nm", "channel")
 NORMS = ("l1", "l2")
@@ -59,8 +60,8 @@ def check_pattern(pattern: str, block_size, nm) -> tuple[tuple[int, int], tuple[
 
 
 def matrix_view(weight: torch.Tensor) -> torch.Tensor:
-    """The ``[out, in]`` view every pattern is defined on (Conv ``[O, I, kh, kw]`` -> ``[O, I*kh*kw]``)."""
-    return weight.reshape(weight.shape[0], -1)
+    """The ``[out, in]`` view every pattern is defined on (Conv ``[O, I, kh, kw]`` -> ``[O, kh*kw*I]``)."""
+    return weight_matrix(weight)
 
 
 def pattern_fits(shape: torch.Size, pattern: str, block_size: tuple[int, int], nm: tuple[int, int]) -> bool:
@@ -98,7 +99,7 @@ class Groups:
             keep = grid.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
         elif self.pattern == "channel":
             keep = keep[:, None].expand(rows, cols)
-        return keep.reshape(self.shape).contiguous()
+        return weight_from_matrix(keep.reshape(rows, cols), self.shape).contiguous()
 
 
 def group_scores(scores: torch.Tensor, *, norm: str, pattern: str, block_size: tuple[int, int],
