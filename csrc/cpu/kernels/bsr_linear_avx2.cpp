@@ -27,16 +27,19 @@ namespace {
 struct Isa {
   using V = __m256;
   static constexpr int L = 8;
-  // 4 outputs x 3 vectors (24 tokens): 12 accumulators + 3 x vectors + 1 broadcast = 16 registers.
-  static constexpr int kRows = 4, kVecs = 3;
-  // Small-M register tile: outputs per tile for MT tokens (R * MT accumulators + MT x vectors <= 16).
-  static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : mt == 2 ? 4 : mt == 3 ? 3 : 2; }
+  // 4 outputs x 3 vectors (24 tokens): 12 accumulators + 3 x vectors + 1 broadcast = 16 registers. A one-vector
+  // tile takes 8 outputs: with 4 it would need 5 loads per 4 multiply-adds (load-bound).
+  static constexpr int kVecs = 3;
+  static constexpr int outer_rows(int vecs) { return vecs == 1 ? 8 : 4; }
+  // Small-M register tile: outputs per tile for MT <= 3 tokens (R * MT accumulators + MT x vectors <= 16).
+  static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static __m256 half(V v, int) { return v; }  // 256-bit half h of a vector
+  static __m256 fold(V v) { return v; }        // a vector whose lane sum is v's, in 256 bits
   static float hsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

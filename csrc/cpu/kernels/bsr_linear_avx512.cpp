@@ -38,14 +38,16 @@ struct Isa {
   using V = __m512;
   static constexpr int L = 16;
   // 8 outputs x 3 vectors (48 tokens): 24 accumulators + 3 x vectors + 1 broadcast of the 32 registers.
-  static constexpr int kRows = 8, kVecs = 3;
-  static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : mt == 2 ? 8 : mt == 3 ? 6 : 4; }
+  static constexpr int kVecs = 3;
+  static constexpr int outer_rows(int) { return 8; }
+  static constexpr int dot_rows(int) { return 8; }  // 8 x 3 accumulators at most
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static __m256 half(V v, int h) { return h ? _mm512_extractf32x8_ps(v, 1) : _mm512_castps512_ps256(v); }
+  static __m256 fold(V v) { return _mm256_add_ps(half(v, 0), half(v, 1)); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static V load_cvt(const float* p) { return load(p); }
   static V load_cvt(const bfloat16_t* p) {
