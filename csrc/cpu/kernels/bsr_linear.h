@@ -25,7 +25,8 @@ struct BsrProblem {
 // O(n_block_rows + nnz); every kernel relies on it (or on a format that ran it) for memory safety.
 std::string check_bsr_indices(const int32_t* crow, const int32_t* col, const BsrProblem& p);
 
-// Instruction-set paths of the CPU kernels. kAvx512Bf16 is kAvx512 plus vdpbf16ps for bfloat16 (AVX512-BF16).
+// Instruction-set paths of the CPU kernels. kAvx512Bf16 is kAvx512 plus vdpbf16ps for bfloat16 (AVX512-BF16);
+// it is chosen where it is faster than widening bfloat16 to float32 (see dispatch.cpp).
 enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic"). Chosen once,

@@ -27,8 +27,20 @@ bool supported(CpuIsa isa) {
   return false;
 }
 
+// vdpbf16ps does two multiply-adds per lane. On AMD Zen 4 that doubles the float32 rate (oneDNN's bf16 GEMM runs
+// at ~2x its fp32 GEMM there); on Intel Sapphire Rapids it issues on one port where float32 FMAs use two, and
+// measured 1.3-1.7x slower than widening bf16 to float32 (benchmarks/NOTES_cpu.md), so Intel widens.
+bool prefer_native_bf16() {
+#if PYSPARSE_X86 && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 CpuIsa best_supported() {
-  for (CpuIsa isa : {CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2}) {
+  if (supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16()) return CpuIsa::kAvx512Bf16;
+  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2}) {
     if (supported(isa)) return isa;
   }
   return CpuIsa::kGeneric;
@@ -44,8 +56,7 @@ CpuIsa choose_isa() {
   } else if (std::strcmp(env, "avx2") == 0) {
     want = CpuIsa::kAvx2;
   } else if (std::strcmp(env, "avx512") == 0) {
-    // AVX-512 with the bf16 dot-product instructions where the CPU has them.
-    want = supported(CpuIsa::kAvx512Bf16) ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+    want = supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
   } else {
     std::fprintf(stderr, "pysparse: PYSPARSE_CPU_ISA must be generic, avx2 or avx512, got '%s'; using %s\n", env,
                  best == CpuIsa::kGeneric ? "generic" : best == CpuIsa::kAvx2 ? "avx2" : "avx512");
