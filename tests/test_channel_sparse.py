@@ -16,7 +16,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 
 def rel_err(y, ref):
-    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    y, ref = y.detach().double().cpu(), ref.detach().double().cpu()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def random_index(n, keep, gen):

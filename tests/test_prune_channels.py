@@ -303,6 +303,15 @@ def test_record_round_trip_on_fresh_model():
     fresh.load_state_dict(pruned.state_dict())
     torch.testing.assert_close(run_eval(fresh, x), run_eval(pruned, x), rtol=0, atol=0)
     assert channel_surgery_record(fresh) == record
+    # undo (for a loader that fails later) restores the dense model exactly
+    other = ResidualFlatten()
+    dense_state = copy.deepcopy(other.state_dict())
+    _, undo = apply_channel_surgery(other, record, return_undo=True)
+    assert other.stem[0].out_channels == pruned.stem[0].out_channels
+    undo()
+    assert other.stem[0].out_channels == 32 and channel_surgery_record(other) is None
+    assert all(torch.equal(dense_state[k], v) for k, v in other.state_dict().items())
+    run_eval(other, x)
 
 
 def test_bad_record_raises_and_leaves_model_unchanged():

@@ -261,13 +261,7 @@ class _Surgery:
         self.record = {"params": params_rec, "modules": modules_rec}
 
     def revert(self) -> None:
-        for kind, a, b in reversed(self.undo):
-            if kind == "tensor":
-                for mod, name, is_param in a:
-                    (mod._parameters if is_param else mod._buffers)[name] = b
-            else:
-                for k, v in b.items():
-                    setattr(a, k, v)
+        _undo(self.undo)
         self.undo = []
         self.record = {}
 
@@ -538,11 +532,13 @@ def channel_surgery_record(model: nn.Module) -> dict | None:
     return copy.deepcopy(rec) if rec is not None else None
 
 
-def apply_channel_surgery(model: nn.Module, record: dict) -> nn.Module:
+def apply_channel_surgery(model: nn.Module, record: dict, *, return_undo: bool = False):
     """Re-apply a :func:`channel_surgery_record` to a freshly built dense ``model`` (in place; returned).
 
     The record is validated against the model first (names, shapes, index ranges, attribute names); a record
-    that does not fit raises ValueError naming what did not match, and leaves the model unchanged.
+    that does not fit raises ValueError naming what did not match, and leaves the model unchanged. With
+    ``return_undo=True`` returns ``(model, undo)``: calling ``undo()`` restores the model as it was (for a loader
+    that must leave the model unchanged when a later step of loading fails).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -551,22 +547,37 @@ def apply_channel_surgery(model: nn.Module, record: dict) -> nn.Module:
         raise ValueError(f"record must be a channel surgery record of version {_RECORD_VERSION} with a 'steps' "
                          f"list, got {type(record).__name__} "
                          f"{record.get('version') if isinstance(record, dict) else ''}")
-    undo = []
+    undo_list = []
     try:
         for i, step in enumerate(record["steps"]):
-            undo.extend(_apply_step(model, step, i))
+            undo_list.extend(_apply_step(model, step, i))
     except Exception:
-        for kind, a, b in reversed(undo):
-            if kind == "tensor":
-                for mod, name, is_param in a:
-                    (mod._parameters if is_param else mod._buffers)[name] = b
-            else:
-                _set_attrs(a, b)
+        _undo(undo_list)
         raise
-    steps = copy.deepcopy(getattr(model, _RECORD_ATTR, {"version": _RECORD_VERSION, "steps": []}))
+    previous = getattr(model, _RECORD_ATTR, None)
+    steps = copy.deepcopy(previous) if previous is not None else {"version": _RECORD_VERSION, "steps": []}
     steps["steps"].extend(copy.deepcopy(record["steps"]))
     setattr(model, _RECORD_ATTR, steps)
-    return model
+    if not return_undo:
+        return model
+
+    def undo():
+        _undo(undo_list)
+        if previous is None:
+            delattr(model, _RECORD_ATTR)
+        else:
+            setattr(model, _RECORD_ATTR, previous)
+
+    return model, undo
+
+
+def _undo(undo_list):
+    for kind, a, b in reversed(undo_list):
+        if kind == "tensor":
+            for mod, name, is_param in a:
+                (mod._parameters if is_param else mod._buffers)[name] = b
+        else:
+            _set_attrs(a, b)
 
 
 def _apply_step(model, step, i):
