@@ -368,7 +368,7 @@ def test_ratio_zero_changes_nothing():
 # ---- torchvision: the CI handful --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,size,exact", [
     ("resnet18", 64, True), ("mobilenet_v2", 64, True), ("densenet121", 64, True), ("efficientnet_b0", 64, True),
-    ("convnext_tiny", 64, False), ("vit_b_16", 224, False),
+    ("convnext_tiny", 64, False), ("vit_b_16", 224, False), ("shufflenet_v2_x0_5", 64, True),
 ])
 def test_torchvision_models(name, size, exact):
     torch.manual_seed(0)

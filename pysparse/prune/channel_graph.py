@@ -8,7 +8,9 @@ every parameter slice attached to it goes, and every tensor dimension carrying i
 is consistent by construction. Dimensions that must keep their size (the model's inputs and outputs, batch and
 spatial dims, anything touched by an op this module does not understand) are *pinned*, and the first reason
 is kept for the report. Classes linked through any coupling form a *family* (Torch-Pruning's "group"): the
-unit that is ranked, rounded and, if pruning it breaks the model, rolled back.
+unit that is ranked, rounded and, if pruning it breaks the model, rolled back. Only classes that some weight
+computes (a conv/linear output row) are removable: a class made only of, say, a kernel's spatial positions
+never is.
 
 Labels are int64 numpy arrays, one per tensor dim. Non-negative ids are classes (union-find); negative ids are
 fixed positions, each negative id naming why (``-1`` = batch or spatial dimension).
@@ -78,7 +80,6 @@ class ChannelGraph:
         self._parent = np.zeros(1024, dtype=np.int64)   # class union-find (numpy: vectorised finds)
         self._fparent = np.zeros(1024, dtype=np.int64)  # family union-find over the same ids
         self.reason: list[str | None] = []     # at roots: why the class is pinned (None = free)
-        self.produced: list[bool] = []         # at roots: some conv/linear/attention computes these channels
         self.producer_dims: dict[int, np.ndarray] = {}  # id(labels) -> labels of a weight dim that makes channels
         self.fixed_reasons: list[str] = []
         self._fixed_ids: dict[str, int] = {}
@@ -111,7 +112,6 @@ class ChannelGraph:
         self._fparent[start:start + n] = start  # classes made together (one param dim) start as one family
         self._n += n
         self.reason.extend([None] * n)
-        self.produced.extend([False] * n)
         return ids
 
     def fixed(self, reason: str) -> int:
@@ -175,7 +175,6 @@ class ChannelGraph:
             ra, rb = rb, ra
         self._parent[rb] = ra
         self.reason[ra] = self.reason[ra] or self.reason[rb]
-        self.produced[ra] = self.produced[ra] or self.produced[rb]
         fa, fb = self.ffind(ra), self.ffind(rb)
         if fa != fb:
             self._fparent[max(fa, fb)] = min(fa, fb)
@@ -208,10 +207,8 @@ class ChannelGraph:
                 self.reason[c] = reason
 
     def produce(self, arr: np.ndarray) -> None:
+        """Mark a weight dim whose entries compute channels (conv/linear output rows): only such classes prune."""
         self.producer_dims[id(arr)] = arr
-        for c in np.unique(self.roots(arr)).tolist():
-            if c >= 0:
-                self.produced[c] = True
 
     def free_mask(self, arr: np.ndarray) -> np.ndarray:
         r = self.roots(arr)
