@@ -434,3 +434,34 @@ def test_digits_cnn_channel_pruning_50pct_stays_within_2_points():
           f"{report.flops_after}")
     assert pruned.features[0].out_channels == 16 and pruned.features[3].out_channels == 32
     assert dense_acc > 0.95 and tuned_acc >= dense_acc - 0.02
+
+
+class TrainOnlyAux(nn.Module):
+    """An auxiliary head used only in training (as GoogLeNet / Inception): a consumer of pruned channels that an
+    eval-mode trace never sees. Its 5x5 kernel does not fit the small example input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                                  nn.ReLU())
+        self.aux = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 5), nn.Flatten(1),
+                                 nn.LazyLinear(3))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(32, 3))
+
+    def forward(self, x):
+        h = self.body(x)
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_train_only_branch_is_coupled_even_when_it_cannot_run_at_the_example_size():
+    torch.manual_seed(10)
+    model = TrainOnlyAux()
+    model.train()(torch.randn(2, 3, 6, 6))  # materialise the lazy layer at the training size
+    pruned, report = prune_channels(model.eval(), torch.randn(1, 3, 4, 4), ratio=0.5, round_to=1,
+                                    return_report=True)
+    assert report.ran and pruned.body[0].out_channels < 32
+    assert pruned.aux[0].in_channels == pruned.body[2].out_channels       # the train-only consumer followed
+    assert any("train mode" in n for n in report.notes)
+    with torch.no_grad():
+        out, aux = pruned.train()(torch.randn(2, 3, 6, 6))
+    assert out.shape == (2, 3) and aux.shape == (2, 3)

@@ -396,12 +396,28 @@ class _LabelInterpreter(fx.Interpreter):
         self.labels: dict[fx.Node, object] = {}
 
     def run_node(self, n):
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            result = getattr(self, n.op)(n.target, args, kwargs)
         la = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
         lk = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
         self.where = f"{n.meta.get('pysparse_module') or 'model'} ({n.name})"
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            failed = _has_failed((args, kwargs))
+            if not failed:
+                try:
+                    result = getattr(self, n.op)(n.target, args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - e.g. an auxiliary head too small for this input
+                    if n.op in ("placeholder", "output"):
+                        raise
+                    failed = f"{type(exc).__name__}: {str(exc)[:100]}"
+        if failed:
+            # This graph (train mode) cannot run at the example size past here: keep what feeds the rest of it.
+            if failed is not True:
+                self.g.notes.append(f"{self.where}: does not run on the example inputs in train mode ({failed}); "
+                                    "channels feeding it are kept")
+            self.pin_all(la, f"feeds {self.where}, which does not run on the example inputs in train mode")
+            self.pin_all(lk, f"feeds {self.where}, which does not run on the example inputs in train mode")
+            self.labels[n] = None
+            return _FAILED
         try:
             labels = self.rule(n, args, kwargs, la, lk, result)
         except _Opaque as why:
@@ -1111,6 +1127,19 @@ class _LabelInterpreter(fx.Interpreter):
             return None
         mod_name = name.rpartition(".")[0]
         return self.g.model.get_submodule(mod_name)
+
+
+_FAILED = object()  # the value of a node that could not run (and of everything computed from it)
+
+
+def _has_failed(obj) -> bool:
+    if obj is _FAILED:
+        return True
+    if isinstance(obj, (tuple, list)):
+        return any(_has_failed(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_failed(o) for o in obj.values())
+    return False
 
 
 class _Opaque(Exception):
