@@ -6,75 +6,24 @@ For each shape x sparsity x block x M it first checks pysparse against the dense
   torch_bsr F.linear(x, W_bsr) / bsr_dense_mm    (torch's Triton BSR kernels, when they run)
   pysparse  torch.ops.pysparse.bsr_linear
 Timing: CUDA events around a captured CUDA graph of R back-to-back calls (launch gaps amortised), median of
-several replays. Each call reads a different copy of the weight (rotating through enough copies to exceed L2
-several times), so small-M numbers measure HBM streaming, not the L2 cache.
+several replays (pysparse.bench.timing, shared with `python -m pysparse bench --device cuda`). Each call reads a
+different copy of the weight (rotating through enough copies to exceed L2 several times), so small-M numbers
+measure HBM streaming, not the L2 cache.
 Writes JSON (all numbers) to --json and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from pysparse import ops
+from pysparse.bench.sweep import block_mask
+from pysparse.bench.timing import copies_for, time_calls
 from pysparse.formats import BlockSparseWeight
-
-
-def block_mask(n, k, block, sparsity, gen):
-    bh, bw = block
-    nbr, nbc = n // bh, k // bw
-    total = nbr * nbc
-    keep = total - round(sparsity * total)
-    order = torch.randperm(total, generator=gen, device="cuda")[:keep]
-    grid = torch.zeros(total, dtype=torch.bool, device="cuda")
-    grid[order] = True
-    grid = grid.view(nbr, nbc)
-    return grid.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-
-
-def time_calls(fns, reps, replays=7, use_graph=True):
-    """Median milliseconds per call of running fns[i % len(fns)] for i in range(reps)."""
-    for f in fns[:3]:
-        f()
-    torch.cuda.synchronize()
-    graph = None
-    if use_graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for f in fns[:2]:
-                    f()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(reps):
-                    fns[i % len(fns)]()
-        except Exception:  # a path that synchronises or allocates on the host cannot be captured
-            graph = None
-            torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        if graph is not None:
-            graph.replay()
-        else:
-            for i in range(reps):
-                fns[i % len(fns)]()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / reps)
-    return statistics.median(times), graph is not None
-
-
-def copies_for(nbytes, l2_bytes):
-    return max(2, min(64, math.ceil(4 * l2_bytes / max(nbytes, 1))))
 
 
 def main():

@@ -1,4 +1,5 @@
 #include "bsr_linear_args.h"
+#include <c10/util/accumulate.h>
 
 namespace pysparse {
 namespace {
@@ -57,7 +58,9 @@ BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& valu
                       out_features, "], got ", b.sizes());
     args.bias = b.contiguous();
   }
-  at::Tensor x = input.reshape({-1, K});
+  // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous and reshape throws.
+  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  at::Tensor x = input.reshape({M, K});
   if (K > 1 && x.stride(1) != 1) x = x.contiguous();
   if (x.size(0) > 1 && x.stride(0) < K) x = x.contiguous();  // broadcast (stride 0) rows
   args.x = x;

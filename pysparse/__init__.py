@@ -6,7 +6,9 @@ from ._runtime_check import check_runtime_matches_build
 
 check_runtime_matches_build()
 
-from . import formats, nn, ops, prune  # noqa: E402
+from . import analysis, formats, nn, ops, prune  # noqa: E402
 from ._build_info import VERSION as __version__  # noqa: E402
+from .convert import sparsify  # noqa: E402
+from .io import load, save  # noqa: E402
 
-__all__ = ["formats", "nn", "ops", "prune", "__version__"]
+__all__ = ["analysis", "formats", "nn", "ops", "prune", "sparsify", "save", "load", "__version__"]

@@ -6,6 +6,8 @@ reference implementation that doubles as the test oracle.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
@@ -48,9 +50,20 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    # Checked here so a bad value is named as such, not reported as a wrong crow_indices length.
+    if isinstance(out_features, bool) or not isinstance(out_features, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
+    if out_features < 0:
+        raise ValueError(f"out_features must be >= 0, got {out_features}")
     limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
     crow = _to_int32_indices("crow_indices", crow_indices, limit)
     col = _to_int32_indices("col_indices", col_indices, limit)
+    if values.dim() == 3 and col.dim() == 1 and col.numel() != values.shape[0]:
+        # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.
+        raise ValueError(f"col_indices must have one entry per block ({values.shape[0]} blocks in values), "
+                         f"got {col.numel()}")
     if check_indices and values.dim() == 3 and input.dim() >= 1:
         bh, bw = int(values.shape[1]), int(values.shape[2])
         if bh >= 1 and bw >= 1:
@@ -79,12 +92,15 @@ def available_backends() -> dict:
         "cuda_built": bool(WITH_CUDA),
     }
 
+from . import autograd  # noqa: E402,F401  (registers bsr_linear's backward with torch.library)
+
 
 # ---- channel-sparse ops ---------------------------------------------------------------------------------------
 from ._validate import as_pair  # noqa: E402
 
 __all__ += ["channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
             "channel_sparse_conv2d_reference"]
+
 
 def _channel_index(name: str, t, limit: int, check: bool) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):

@@ -75,12 +75,13 @@ class BlockSparseWeight:
         return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
 
     def to_torch_sparse(self) -> torch.Tensor:
-        """``torch.sparse_bsr`` tensor of the same matrix (padded shapes are densified and re-blocked by torch)."""
+        """``torch.sparse_bsr`` tensor of the same matrix; ValueError for a padded weight, which torch cannot hold."""
         n, k = self.shape
         bh, bw = self.block_size
         if n % bh == 0 and k % bw == 0:
+            # Explicit: the indices were validated at construction (and torch warns when this is left implicit).
             return torch.sparse_bsr_tensor(self.crow_indices.to(torch.int64), self.col_indices.to(torch.int64),
-                                           self.values, size=self.shape)
+                                           self.values, size=self.shape, check_invariants=False)
         raise ValueError(f"torch.sparse_bsr needs the shape {self.shape} to be a multiple of the block size "
                          f"{self.block_size}; this weight is padded")
 

@@ -16,12 +16,16 @@ class SparseLinear(nn.Module):
     the buffers after validating them.
     """
 
-    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False):
         super().__init__()
         if not isinstance(weight, BlockSparseWeight):
             raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("values", weight.values)
+        if trainable:
+            # A Parameter (same state_dict key) so optimizers train the kept blocks; the pattern stays fixed.
+            self.values = nn.Parameter(weight.values)
+        else:
+            self.register_buffer("values", weight.values)
         self.register_buffer("crow_indices", weight.crow_indices)
         self.register_buffer("col_indices", weight.col_indices)
         if bias is not None:
@@ -33,13 +37,17 @@ class SparseLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, block_size=(32, 32), mask: torch.Tensor | None = None) -> "SparseLinear":
-        """Pack ``linear``'s weight (keeping blocks with a nonzero, or the blocks ``mask`` keeps)."""
+    def from_dense(cls, linear: nn.Linear, block_size=(32, 32), mask: torch.Tensor | None = None, *,
+                   trainable: bool = False) -> "SparseLinear":
+        """Pack ``linear``'s weight (keeping blocks with a nonzero, or the blocks ``mask`` keeps).
+
+        ``trainable=True`` holds ``values`` as an ``nn.Parameter`` (fine-tuning the kept blocks), else a buffer.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(weight, bias)
+        return cls(weight, bias, trainable=trainable)
 
     @property
     def weight(self) -> BlockSparseWeight:
@@ -67,6 +75,10 @@ class SparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
+        # the padded weight and return a wrong result instead of failing.
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
         return ops.bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                               check_indices=False)
@@ -85,7 +97,15 @@ class SparseLinear(nn.Module):
             except (TypeError, ValueError) as exc:
                 error_msgs.append(f"invalid packed weight for {prefix or 'SparseLinear'}: {exc}")
                 return
-            self.values, self.crow_indices, self.col_indices = w.values, w.crow_indices, w.col_indices
+            values = w.values
+            if isinstance(self.values, nn.Parameter):
+                # Keep the Parameter object that optimizers hold when the pattern size allows it.
+                if self.values.shape == values.shape:
+                    with torch.no_grad():
+                        values = self.values.copy_(values)
+                else:
+                    values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+            self.values, self.crow_indices, self.col_indices = values, w.crow_indices, w.col_indices
             state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in names}}
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)

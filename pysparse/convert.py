@@ -1,0 +1,273 @@
+"""sparsify(): swap the block-sparse nn.Linear / nn.Conv2d layers of any model for pysparse layers.
+
+It packs each candidate's weight, keeps the layer dense when its blocks are not sparse enough (or the layer
+cannot be swapped safely), and records why in a report attached to the returned model. With ``autotune=True``
+it runs the model once on ``example_inputs`` to get each layer's real input, times the dense and the sparse
+layer on it, and keeps whichever is faster.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from ._validate import as_pair
+from .formats import BlockSparseWeight
+from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
+from .ops import available_backends
+
+__all__ = ["sparsify", "LayerReport", "SparsifyReport"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Parents whose forward reads a child Linear's .weight directly (fused attention / encoder fast paths):
+# swapping the child would break them.
+_FUSED_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_AUTOTUNE_MIN_RUN_S = 0.05
+
+
+@dataclass
+class LayerReport:
+    """What sparsify did with one nn.Linear / nn.Conv2d."""
+    name: str
+    kind: str                          # "Linear" or "Conv2d"
+    shape: tuple                       # the dense weight's shape
+    swapped: bool
+    reason: str
+    density: float | None = None       # fraction of (bh, bw) blocks kept, in the layout the layer packs
+    dense_bytes: int = 0               # the dense weight
+    packed_bytes: int | None = None    # values + indices of the packed weight
+    dense_ms: float | None = None      # autotune: median time of the dense layer on the sample input
+    sparse_ms: float | None = None     # autotune: median time of the sparse layer on the same input
+
+
+class SparsifyReport:
+    """Per-layer decisions of :func:`sparsify` (``model.sparsify_report``); ``str()`` gives a table."""
+
+    def __init__(self, layers: list[LayerReport], block_size: tuple[int, int], min_sparsity: float):
+        self.layers = layers
+        self.block_size = block_size
+        self.min_sparsity = min_sparsity
+
+    @property
+    def swapped(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.swapped]
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(f"no layer named {name!r} in the report")
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict:
+        return {"block_size": list(self.block_size), "min_sparsity": self.min_sparsity,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "shape", "kept", "density", "packed/dense", "reason")
+        rows = []
+        for r in self.layers:
+            ratio = f"{r.packed_bytes / r.dense_bytes:.3f}" if r.packed_bytes is not None and r.dense_bytes else "-"
+            rows.append((r.name or "<root>", r.kind, "x".join(map(str, r.shape)), "sparse" if r.swapped else "dense",
+                         "-" if r.density is None else f"{r.density:.3f}", ratio, r.reason))
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+        dense = sum(r.dense_bytes for r in self.layers)
+        after = sum(r.packed_bytes if r.swapped else r.dense_bytes for r in self.layers)
+        lines.append(f"{len(self.swapped)}/{len(self.layers)} layers sparse; weight bytes of these layers "
+                     f"{dense / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SparsifyReport({len(self.swapped)}/{len(self.layers)} layers sparse, block_size={self.block_size})"
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return conv_weight_matrix(w) if isinstance(module, nn.Conv2d) else w
+
+
+def _why_not(module: nn.Module, parents: list[nn.Module | None], shared: bool) -> str | None:
+    """Why ``module`` cannot be swapped whatever its sparsity, or None."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return "lazy module not initialised yet"
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides {base.__name__}.forward"
+    fused = [p for p in parents if isinstance(p, _FUSED_PARENTS)]
+    if fused:
+        return f"parent {type(fused[0]).__name__} reads its .weight directly"
+    if shared:
+        return "weight is shared with another module (tied)"
+    if module.weight.numel() == 0:
+        return "empty weight"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"groups={module.groups}: grouped/depthwise convolutions have no block-sparse kernel"
+    if module.weight.dtype not in _KERNEL_DTYPES:
+        return f"dtype {module.weight.dtype} has no kernel (float32, bfloat16, float16)"
+    dev = module.weight.device
+    if dev.type == "cuda" and not available_backends()["cuda"]:
+        return "on CUDA but this build has no CUDA kernels"
+    if dev.type not in ("cpu", "cuda"):
+        return f"device {dev} has no kernel"
+    return None
+
+
+def _sparse_module(module: nn.Module, weight: BlockSparseWeight, trainable: bool) -> nn.Module:
+    bias = module.bias.detach() if module.bias is not None else None
+    if isinstance(module, nn.Conv2d):
+        new = SparseConv2d(weight, bias, in_channels=module.in_channels, kernel_size=module.kernel_size,
+                           stride=module.stride, padding=module.padding, dilation=module.dilation,
+                           padding_mode=module.padding_mode, trainable=trainable)
+    else:
+        new = SparseLinear(weight, bias, trainable=trainable)
+    return new.train(module.training)
+
+
+def _as_call(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(f"example_inputs must be a Tensor, a tuple/list of positional inputs or a dict of keyword "
+                    f"inputs, got {type(example_inputs).__name__}")
+
+
+def _capture_inputs(model: nn.Module, modules: dict[str, nn.Module], example_inputs) -> dict[str, torch.Tensor]:
+    """The first input each of ``modules`` sees when ``model`` runs on ``example_inputs``."""
+    args, kwargs = _as_call(example_inputs)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in modules.items():
+        def hook(mod, inputs, name=name):
+            if name not in seen and inputs and isinstance(inputs[0], torch.Tensor):
+                seen[name] = inputs[0].detach()
+        handles.append(m.register_forward_pre_hook(hook))
+    # Run in eval mode (no batch-norm statistics updated, no dropout), then restore each module's own mode.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    return seen
+
+
+def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        module(x)  # warm-up (first-call allocations, lazy init)
+        timer = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
+
+
+def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,
+             inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False
+             ) -> nn.Module:
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose weight is block-sparse enough for a pysparse layer.
+
+    Args:
+        model: any ``nn.Module`` (a bare Linear/Conv2d is replaced and returned as well).
+        block_size: ``(bh, bw)`` blocks over ``weight`` (Linear) or ``conv_weight_matrix(weight)`` (Conv2d).
+        min_sparsity: swap a layer when at least this fraction of its blocks is all-zero.
+        filter_fn: ``filter_fn(name, module) -> bool``; layers it returns False for stay dense.
+        inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left untouched.
+        autotune: time dense and sparse on each layer's real input (from one run on ``example_inputs``) and
+            keep the faster; layers the example run does not reach stay dense.
+        example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs for ``model``.
+        trainable: make the packed values ``nn.Parameter`` s, for fine-tuning through the sparse layers.
+    Returns:
+        The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
+        swapped and why, block density, packed and dense bytes, and the autotune timings.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    block_size = as_pair("block_size", block_size)
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
+        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(name, module) -> bool or None, got {type(filter_fn).__name__}")
+    if autotune and example_inputs is None:
+        raise ValueError("autotune=True needs example_inputs (the layers are timed on their real input shapes)")
+    if example_inputs is not None:
+        _as_call(example_inputs)  # type check before any work
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    # Every place a module is registered (a module may be reachable under several names).
+    places: dict[int, list[tuple[nn.Module | None, str]]] = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), []).append((parent, child_name))
+    places[id(model)] = [(None, "")]
+    # Parameters owned by more than one distinct module are tied (one module under two names is not).
+    weight_uses: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                weight_uses[id(p)] = weight_uses.get(id(p), 0) + 1
+
+    reports: list[LayerReport] = []
+    packed: dict[str, tuple[nn.Module, BlockSparseWeight, LayerReport]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        w = module.weight
+        lazy = isinstance(w, nn.parameter.UninitializedParameter)
+        report = LayerReport(name=name, kind="Conv2d" if isinstance(module, nn.Conv2d) else "Linear",
+                             shape=() if lazy else tuple(w.shape), swapped=False, reason="",
+                             dense_bytes=0 if lazy else w.numel() * w.element_size())
+        reports.append(report)
+        parents = [parent for parent, _ in places[id(module)]]
+        reason = _why_not(module, parents, weight_uses.get(id(w), 0) > 1)
+        if reason is None and filter_fn is not None and not filter_fn(name, module):
+            reason = "excluded by filter_fn"
+        if reason is not None:
+            report.reason = reason
+            continue
+        weight = BlockSparseWeight.from_dense(_weight_matrix(module), block_size=block_size)
+        report.density = weight.density
+        report.packed_bytes = weight.nbytes
+        sparsity = 1.0 - weight.density
+        if sparsity < min_sparsity and not math.isclose(sparsity, min_sparsity):
+            report.reason = f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+            continue
+        report.reason = f"block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
+        packed[name] = (module, weight, report)
+
+    samples = _capture_inputs(model, {n: m for n, (m, _, _) in packed.items()}, example_inputs) if autotune else {}
+    for name, (module, weight, report) in packed.items():
+        new = _sparse_module(module, weight, trainable)
+        if autotune:
+            if name not in samples:
+                report.reason = "autotune: not reached by example_inputs, kept dense"
+                continue
+            report.dense_ms = _median_ms(module, samples[name])
+            report.sparse_ms = _median_ms(new, samples[name])
+            if report.sparse_ms >= report.dense_ms:
+                report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms >= dense {report.dense_ms:.3f} ms"
+                continue
+            report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
+        report.swapped = True
+        for parent, child_name in places[id(module)]:
+            if parent is None:
+                model = new
+            else:
+                setattr(parent, child_name, new)
+    model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
+    return model

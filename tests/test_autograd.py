@@ -1,0 +1,205 @@
+"""Backward of pysparse::bsr_linear (pysparse/autograd.py).
+
+Which precision checks what:
+* float64 gradcheck: the kernels have no float64, so the *same* setup_context/backward formulas are registered on
+  a test-only custom op whose forward (and W^T product) is ``bsr_linear_reference``; gradcheck runs on it in float64.
+* float32 gradcheck on the real op ``torch.ops.pysparse.bsr_linear``: the op is linear in each input taken alone,
+  so central differences are exact up to rounding and a large step (eps=0.1) keeps the rounding error ~1e-6.
+* Gradients of the real op against autograd through the dense masked ``F.linear``: float32 rel. err < 1e-5,
+  bf16 / fp16 < 1e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pysparse  # noqa: F401  (registers the op and its backward)
+from pysparse import autograd as ps_autograd
+from pysparse.formats import BlockSparseWeight
+from pysparse.nn import SparseLinear
+from pysparse.ops import bsr_linear_reference
+
+# (out_features, in_features, block_size, leading dims of the input, density)
+CASES = [
+    (29, 37, (8, 16), (2, 3), 0.5),     # neither dimension divisible by the block size
+    (48, 40, (16, 8), (5,), 0.3),
+    (17, 9, (4, 4), (), 0.6),           # 1-D input
+    (40, 24, (8, 8), (3,), 0.0),        # no blocks kept at all
+]
+
+
+def _block_sparse(n, k, block_size, density, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bh, bw = block_size
+    keep = torch.rand(-(-n // bh), -(-k // bw), generator=g) < density
+    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
+    w = torch.randn(n, k, generator=g) * mask
+    return BlockSparseWeight.from_dense(w.to(dtype), block_size=block_size, mask=mask)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# Small cases for gradcheck (it perturbs every input entry): ragged edges, 1-D input, no kept block.
+GRADCHECK_CASES = [
+    (11, 13, (4, 8), (2,), 0.5),
+    (9, 12, (4, 4), (), 0.6),
+    (12, 8, (4, 4), (3,), 0.0),
+]
+
+_setup_ref, _backward_ref = ps_autograd.bsr_linear_autograd(bsr_linear_reference)
+
+
+@torch.library.custom_op("pysparse_test::bsr_linear_ref", mutates_args=())
+def _ref_op(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+            bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features)
+
+
+torch.library.register_autograd("pysparse_test::bsr_linear_ref", _backward_ref, setup_context=_setup_ref)
+
+
+@pytest.mark.parametrize("n,k,block_size,lead,density", GRADCHECK_CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_float64_formulas(n, k, block_size, lead, density, with_bias):
+    w = _block_sparse(n, k, block_size, density, torch.float64)
+    x = torch.randn(*lead, k, dtype=torch.float64, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, values, w.crow_indices, w.col_indices, bias, n)
+    assert torch.autograd.gradcheck(_ref_op, inputs, fast_mode=True)
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+@pytest.mark.parametrize("n,k,block_size,lead,density", GRADCHECK_CASES)
+def test_gradcheck_float32_real_op(n, k, block_size, lead, density):
+    w = _block_sparse(n, k, block_size, density)
+    x = torch.randn(*lead, k, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(n, requires_grad=True)
+    inputs = (x, values, w.crow_indices, w.col_indices, bias, n)
+    assert torch.autograd.gradcheck(torch.ops.pysparse.bsr_linear, inputs, eps=0.1, atol=1e-4, rtol=1e-3,
+                                    fast_mode=True)
+
+
+def _dense_grads(w: BlockSparseWeight, x, bias, grad_out):
+    """Gradients through the masked dense F.linear: input, dense weight, bias."""
+    wd = w.to_dense().detach().requires_grad_()
+    xd = x.detach().requires_grad_()
+    bd = bias.detach().requires_grad_()
+    F.linear(xd, wd, bd).backward(grad_out)
+    return xd.grad, wd.grad, bd.grad
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("n,k,block_size,lead,density", CASES[:3])
+def test_grads_match_masked_dense(n, k, block_size, lead, density, dtype, tol, device):
+    w = _block_sparse(n, k, block_size, density, dtype).to(device)
+    x = torch.randn(*lead, 3, k).to(device, dtype).requires_grad_()
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(n).to(device, dtype).requires_grad_()
+    y = torch.ops.pysparse.bsr_linear(x, values, w.crow_indices, w.col_indices, bias, n)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    # Reference in float64 from the same (rounded) inputs.
+    w64 = BlockSparseWeight(w.values.double(), w.crow_indices, w.col_indices, w.shape)
+    gx, gw, gb = _dense_grads(w64, x.double(), bias.double(), grad_out.double())
+    assert _rel(x.grad, gx) < tol
+    assert _rel(bias.grad, gb) < tol
+    # Gradient of every kept block = the dense weight gradient on that block; entries of a block that overhang
+    # the matrix get 0.
+    bh, bw = block_size
+    rows = torch.repeat_interleave(torch.arange(len(w.crow_indices) - 1, device=device),
+                                   torch.diff(w.crow_indices.long()))
+    padded = gw.new_zeros(-(-n // bh) * bh, -(-k // bw) * bw)
+    padded[:n, :k] = gw
+    blocks = padded.reshape(-(-n // bh), bh, -1, bw).permute(0, 2, 1, 3)[rows, w.col_indices.long()]
+    assert values.grad.shape == w.values.shape
+    assert _rel(values.grad, blocks) < tol
+
+
+def test_values_grad_chunks(monkeypatch):
+    """The kept-block gradient is built in chunks when the gathered slices exceed the budget: same result."""
+    w = _block_sparse(64, 96, (16, 16), 0.6)
+    x = torch.randn(7, 96)
+    g = torch.randn(7, 64)
+    args = (g, x, w.crow_indices, w.col_indices, w.block_size, w.nnz_blocks)
+    whole = ps_autograd._values_grad(*args)
+    monkeypatch.setattr(ps_autograd, "_GATHER_BYTES", 7 * 32 * 4 * 3)  # 3 blocks per chunk
+    chunked = ps_autograd._values_grad(*args)
+    assert torch.equal(whole, chunked)
+
+
+def test_transpose_bsr_is_the_transpose():
+    w = _block_sparse(29, 37, (8, 16), 0.5)
+    values_t, crow_t, col_t = ps_autograd.transpose_bsr(w.values, w.crow_indices, w.col_indices, w.n_block_cols)
+    wt = BlockSparseWeight(values_t, crow_t, col_t, (37, 29))   # validates the indices
+    assert torch.equal(wt.to_dense(), w.to_dense().t())
+
+
+def test_only_requested_grads():
+    w = _block_sparse(32, 48, (16, 16), 0.5)
+    x = torch.randn(4, 48, requires_grad=True)
+    y = torch.ops.pysparse.bsr_linear(x, w.values, w.crow_indices, w.col_indices, None, 32)
+    y.sum().backward()
+    assert x.grad is not None and w.values.grad is None
+    values = w.values.clone().requires_grad_()
+    x2 = torch.randn(4, 48)
+    torch.ops.pysparse.bsr_linear(x2, values, w.crow_indices, w.col_indices, None, 32).sum().backward()
+    assert values.grad is not None and x2.grad is None
+
+
+def test_sparse_linear_finetune_step_matches_masked_dense():
+    """One SGD step through a trainable SparseLinear = the masked dense step restricted to the kept blocks."""
+    torch.manual_seed(0)
+    w = _block_sparse(40, 56, (8, 8), 0.4)
+    bias = torch.randn(40)
+    layer = SparseLinear(w, bias, trainable=True)
+    assert isinstance(layer.values, torch.nn.Parameter)
+    assert {n for n, _ in layer.named_parameters()} == {"values", "bias"}
+    dense = torch.nn.Linear(56, 40)
+    with torch.no_grad():
+        dense.weight.copy_(w.to_dense())
+        dense.bias.copy_(bias)
+    x, target = torch.randn(6, 56), torch.randn(6, 40)
+    for module in (layer, dense):
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        F.mse_loss(module(x), target).backward()
+        opt.step()
+    mask = w.to_dense() != 0
+    expected = torch.where(mask, dense.weight.detach(), 0.0)
+    assert _rel(layer.weight.to_dense(), expected) < 1e-5
+    assert _rel(layer.bias.detach(), dense.bias.detach()) < 1e-5
+    assert torch.equal(layer.crow_indices, w.crow_indices) and torch.equal(layer.col_indices, w.col_indices)
+
+
+def test_trainable_state_dict_keeps_parameter():
+    w = _block_sparse(32, 32, (8, 8), 0.5)
+    layer = SparseLinear(w, trainable=True)
+    param = layer.values
+    other = SparseLinear(_block_sparse(32, 32, (8, 8), 0.5, seed=1))   # same nnz is not required
+    layer.load_state_dict(other.state_dict())
+    assert isinstance(layer.values, torch.nn.Parameter)
+    assert torch.equal(layer.weight.to_dense(), other.weight.to_dense())
+    if other.values.shape == w.values.shape:
+        assert layer.values is param   # optimizers keep training the loaded values
+
+
+def test_compiled_backward_matches_eager():
+    torch._dynamo.reset()
+    w = _block_sparse(48, 40, (16, 8), 0.5)
+    layer = SparseLinear(w, torch.randn(48), trainable=True)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+
+    def step(m, inp):
+        return (m(inp) ** 2).sum()
+
+    step(layer, x).backward()
+    eager = [t.grad.clone() for t in (x, layer.values, layer.bias)]
+    for t in (x, layer.values, layer.bias):
+        t.grad = None
+    torch.compile(step, backend="aot_eager", fullgraph=True)(layer, x).backward()
+    for got, want in zip((x.grad, layer.values.grad, layer.bias.grad), eager):
+        assert _rel(got, want) < 1e-6
