@@ -46,7 +46,7 @@ class FamilyResult:
     layers: list[str]           # "module.param[dim]" slices that shrink together (abridged)
     channels: int               # classes in the family (its width in removal units)
     removed: int
-    status: str                 # "pruned" | "kept" | "rolled back"
+    status: str                 # "pruned" | "rolled back"
     reason: str = ""
 
 
@@ -402,7 +402,6 @@ def prune_channels(model: nn.Module, example_inputs, *, ratio: float = 0.5, norm
     surgery = _Surgery(model, g)
     rolled: dict[int, str] = {}
     active = list(families)
-    err = None
     while active:
         surgery.apply({r for f in active for r in f.removed})
         err = _check(model, example_inputs, reference)
@@ -414,23 +413,19 @@ def prune_channels(model: nn.Module, example_inputs, *, ratio: float = 0.5, norm
             bad = {max(active, key=lambda f: len(f.removed)).root: err}
         rolled.update(bad)
         active = [f for f in active if f.root not in bad]
-    else:
-        err = None  # nothing left to prune: the model is the unpruned one, which ran above
-    if not active:
-        surgery.revert()
+    # Either the last surgery ran, or nothing is left to prune and the model is the unpruned one, which ran.
+    report.ran = True
     if surgery.record.get("params"):
-        steps = getattr(model, _RECORD_ATTR, {"version": _RECORD_VERSION, "steps": []})
-        steps = copy.deepcopy(steps)
+        steps = copy.deepcopy(getattr(model, _RECORD_ATTR, {"version": _RECORD_VERSION, "steps": []}))
         steps["steps"].append(surgery.record)
         setattr(model, _RECORD_ATTR, steps)
-
-    report.ran = err is None  # the unpruned model ran above (reference), so only a surviving error counts
     report.params_after = _count_params(model)
     report.flops_after = _flops(model, example_inputs)
     active_roots = {f.root for f in active}
-    all_fams = _plan_summary(g, families, active_roots, rolled)
-    report.families = all_fams
-    report.layers = _layer_report(model, before, g, {f.root: f for f in families}, rolled, surgery)
+    report.families = [FamilyResult(f.slices[:8], f.classes, len(f.removed) if f.root in active_roots else 0,
+                                    "pruned" if f.root in active_roots else "rolled back", rolled.get(f.root, ""))
+                       for f in families]
+    report.layers = _layer_report(model, before, g, rolled)
     return (model, report) if return_report else model
 
 
@@ -461,15 +456,6 @@ def _find_bad(model, g, fams, inputs, reference) -> dict[int, str]:
     return bad
 
 
-def _plan_summary(g, families, active_roots, rolled):
-    out = []
-    for f in families:
-        status = "pruned" if f.root in active_roots else "rolled back"
-        out.append(FamilyResult(f.slices[:8], f.classes, len(f.removed) if status == "pruned" else 0,
-                                status, rolled.get(f.root, "")))
-    return out
-
-
 # ---- per-layer report -----------------------------------------------------------------------------------------
 def _layer_shapes(model) -> dict[str, tuple[str, int, int]]:
     out = {}
@@ -483,29 +469,27 @@ def _layer_shapes(model) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def _layer_report(model, before, g, families_by_root, rolled=None, surgery=None) -> list[LayerChange]:
+def _layer_report(model, before, g, rolled) -> list[LayerChange]:
     after = _layer_shapes(model)
     rows = []
     for name, (kind, cin, cout) in before.items():
         _, cin2, cout2 = after.get(name, (kind, cin, cout))
         note = ""
         if cout2 == cout:
-            note = _why_kept(model, name, g, families_by_root, rolled or {}) if g is not None else "not traced"
+            note = _why_kept(name, g, rolled) if g is not None else "model not traced"
         rows.append(LayerChange(name, kind, cin, cin2, cout, cout2, note))
     return rows
 
 
-def _why_kept(model, name, g, families_by_root, rolled) -> str:
-    mod = model.get_submodule(name)
-    w = getattr(mod, "weight", None) if not isinstance(mod, nn.MultiheadAttention) else mod.in_proj_weight
-    info = None
+def _why_kept(name, g, rolled) -> str:
+    info, dim = None, 0
     for i in g.params.values():
-        if any(q == name and nm in ("weight", "in_proj_weight") for q, nm in i.holders):
-            info = i
-            break
+        for q, nm in i.holders:
+            if q == name and nm in ("weight", "in_proj_weight"):
+                info, dim = i, 1 if nm == "in_proj_weight" else 0  # attention: its outer (embed) dim
     if info is None:
         return "not reached by the trace (or inside an opaque block)"
-    lab = info.labels[0 if not isinstance(mod, nn.MultiheadAttention) else 1]
+    lab = info.labels[dim]
     reasons = []
     for c in dict.fromkeys(lab.tolist()):
         r = g.why(c)
@@ -516,8 +500,6 @@ def _why_kept(model, name, g, families_by_root, rolled) -> str:
     fam = g.ffind(int(lab[lab >= 0][0])) if (lab >= 0).any() else None
     if fam in rolled:
         return f"rolled back: {rolled[fam]}"
-    if fam not in families_by_root:
-        return "nothing to remove at this ratio / round_to" if w is not None else ""
     return "nothing to remove at this ratio / round_to"
 
 
