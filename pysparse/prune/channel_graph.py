@@ -189,17 +189,31 @@ class ChannelGraph:
         diff = ra != rb
         if not diff.any():
             return
-        for x, y in zip(ra[diff].tolist(), rb[diff].tolist()):
-            if x < 0 and y < 0:
-                continue
-            if x < 0:
-                x, y = y, x
-            x = self.find(x)
-            if y < 0:
-                if self.reason[x] is None:
-                    self.reason[x] = self.fixed_reasons[-1 - y]
-            else:
-                self._union_roots(x, self.find(y))
+        x, y = ra[diff], rb[diff]
+        fixed = (x < 0) | (y < 0)
+        for u, v in zip(x[fixed].tolist(), y[fixed].tolist()):
+            if u >= 0 or v >= 0:
+                c, f = (u, v) if u >= 0 else (v, u)
+                c = self.find(c)
+                if self.reason[c] is None:
+                    self.reason[c] = self.fixed_reasons[-1 - f]
+        x, y = x[~fixed], y[~fixed]
+        lo, hi = np.minimum(x, y), np.maximum(x, y)
+        if len(np.unique(hi)) == len(hi) and not np.isin(hi, lo).any():
+            # A matching between distinct roots (the common case: one dim's channels onto another's): link
+            # all at once, then merge the (few, distinct) family pairs and carry pin reasons over.
+            self._parent[hi] = lo
+            for h, l in zip(hi.tolist(), lo.tolist()):
+                if self.reason[h] is not None and self.reason[l] is None:
+                    self.reason[l] = self.reason[h]
+            fl, fh = self._vfind(self._fparent, lo), self._vfind(self._fparent, hi)
+            for u, v in set(zip(fl.tolist(), fh.tolist())):
+                u, v = self.ffind(u), self.ffind(v)
+                if u != v:
+                    self._fparent[max(u, v)] = min(u, v)
+            return
+        for u, v in zip(x.tolist(), y.tolist()):
+            self._union_roots(self.find(u), self.find(v))
 
     def pin(self, arr: np.ndarray, reason: str) -> None:
         for c in np.unique(self.roots(arr)).tolist():
@@ -674,18 +688,14 @@ class _LabelInterpreter(fx.Interpreter):
             mode = "dense"
         elif c_in // groups == 1:
             # Every group reads one input channel: removing an input channel removes its whole group.
-            cout_g = c_out // groups
-            for k in range(groups):
-                g.union_arrays(np.full(cout_g, xc[k]), w[0][k * cout_g:(k + 1) * cout_g])
+            g.union_arrays(np.repeat(xc, c_out // groups), w[0])
             g.pin(w[1], "input dim of a depthwise kernel (one channel per group)")
             mode = "depthwise"
         else:
             # Grouped: keep the group count and remove the same positions in every group.
-            cin_g, cout_g = c_in // groups, c_out // groups
-            for k in range(groups):
-                g.union_arrays(xc[k * cin_g:(k + 1) * cin_g], w[1])
-                if k:
-                    g.union_arrays(w[0][k * cout_g:(k + 1) * cout_g], w[0][:cout_g])
+            cout_g = c_out // groups
+            g.union_arrays(xc, np.tile(w[1], groups))
+            g.union_arrays(w[0][cout_g:], np.tile(w[0][:cout_g], groups - 1))
             mode = "grouped"
         if b is not None:
             g.union_arrays(w[0], b[0])
@@ -733,8 +743,7 @@ class _LabelInterpreter(fx.Interpreter):
         g = self.g
         c = x[1]
         cg = len(c) // groups
-        for k in range(1, groups):  # same positions in every group keep the groups equal
-            g.union_arrays(c[k * cg:(k + 1) * cg], c[:cg])
+        g.union_arrays(c[cg:], np.tile(c[:cg], groups - 1))  # same positions in every group: groups stay equal
         for t in (weight, bias):
             lab = g.param(t)
             if lab is not None:
@@ -843,8 +852,7 @@ class _LabelInterpreter(fx.Interpreter):
         # across the others, so every slice keeps the same positions and the split stays regular.
         j = max(i for i, s in enumerate(sizes) if s > 1)
         moved = np.moveaxis(grid, j, -1).reshape(-1, sizes[j])
-        for row in moved[1:]:
-            g.union_arrays(moved[0], row)
+        g.union_arrays(moved[1:].reshape(-1), np.tile(moved[0], len(moved) - 1))
         return [moved[0].copy() if i == j else g.fixed_array(s) for i, s in enumerate(sizes)]
 
     def reshape(self, x, result, sizes=None):
