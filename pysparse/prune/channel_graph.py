@@ -404,9 +404,10 @@ def _reshape_groups(a, b):
 class _LabelInterpreter(fx.Interpreter):
     """Runs the traced graph on real inputs and computes, node by node, the labels of every output."""
 
-    def __init__(self, gm: fx.GraphModule, g: ChannelGraph):
+    def __init__(self, gm: fx.GraphModule, g: ChannelGraph, mode: str):
         super().__init__(gm, garbage_collect_values=True)
         self.g = g
+        self.mode = mode  # "eval" or "train": which traced graph this is
         self.labels: dict[fx.Node, object] = {}
 
     def run_node(self, n):
@@ -424,12 +425,13 @@ class _LabelInterpreter(fx.Interpreter):
                         raise
                     failed = f"{type(exc).__name__}: {str(exc)[:100]}"
         if failed:
-            # This graph (train mode) cannot run at the example size past here: keep what feeds the rest of it.
+            # This graph cannot run at the example size past here: keep what feeds the rest of it.
+            reason = f"feeds {self.where}, which does not run on the example inputs in {self.mode} mode"
             if failed is not True:
-                self.g.notes.append(f"{self.where}: does not run on the example inputs in train mode ({failed}); "
-                                    "channels feeding it are kept")
-            self.pin_all(la, f"feeds {self.where}, which does not run on the example inputs in train mode")
-            self.pin_all(lk, f"feeds {self.where}, which does not run on the example inputs in train mode")
+                self.g.notes.append(f"{self.where}: does not run on the example inputs in {self.mode} mode "
+                                    f"({failed}); channels feeding it are kept")
+            self.pin_all(la, reason)
+            self.pin_all(lk, reason)
             self.labels[n] = None
             return _FAILED
         try:
@@ -1226,8 +1228,8 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
             g.notes.append(f"could not trace in {msg}; using the other mode's graph only")
         model.eval()
         with torch.no_grad():
-            for _, gm in traced:
-                _LabelInterpreter(gm, g).run(*_clone_inputs(example_inputs))
+            for mode, gm in traced:
+                _LabelInterpreter(gm, g, "train" if mode else "eval").run(*_clone_inputs(example_inputs))
     finally:
         model.train(was_training)
     return g
