@@ -9,6 +9,15 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz_blocks, bh, bw], crow_indices [ceil(out_features / bh) + 1] and col_indices [nnz_blocks], int32.
   m.def("bsr_linear(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features) -> Tensor");
+  // y = F.linear(input, W, bias) with W [out_features, in_features] zero outside the kept rows out_index and
+  // kept columns in_index (int32, strictly increasing); values [len(out_index), len(in_index)] holds the kept part.
+  // bias covers all out_features: dropped outputs equal their bias (or 0).
+  m.def("channel_sparse_linear(Tensor input, Tensor values, Tensor out_index, Tensor in_index, Tensor? bias, "
+        "int out_features) -> Tensor");
+  // y = F.conv2d(input, W, bias, stride, padding, dilation) with W [out_channels, in_channels, kh, kw] zero
+  // outside the kept output channels out_index and input channels in_index; values [len(out), len(in), kh, kw].
+  m.def("channel_sparse_conv2d(Tensor input, Tensor values, Tensor out_index, Tensor in_index, Tensor? bias, "
+        "int out_channels, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
 }
 
 namespace {
