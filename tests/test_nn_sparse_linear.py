@@ -89,7 +89,7 @@ def test_state_dict_loads_across_block_sizes_and_devices(device):
 
 
 def test_corrupted_state_dict_is_refused_and_the_layer_kept():
-    _, _, layer = random_layer("corrupt", 24, 24, (8, 8), 0.5)
+    _, _, layer = random_layer("corrupt", 24, 24, (8, 8), 1.0)  # every block kept: col_indices[0] exists
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     state = layer.state_dict()
     state["col_indices"] = state["col_indices"].clone()

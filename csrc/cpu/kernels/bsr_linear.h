@@ -25,12 +25,26 @@ struct BsrProblem {
 // O(n_block_rows + nnz); every kernel relies on it (or on a format that ran it) for memory safety.
 std::string check_bsr_indices(const int32_t* crow, const int32_t* col, const BsrProblem& p);
 
-// Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic").
+// Instruction-set paths of the CPU kernels. kAvx512Bf16 is kAvx512 plus vdpbf16ps for bfloat16 (AVX512-BF16);
+// it is chosen where it is faster than widening bfloat16 to float32 (see dispatch.cpp).
+enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic"). Chosen once,
+// at load, from cpuid: the best path the CPU and OS support, unless the environment variable PYSPARSE_CPU_ISA
+// (generic, avx2 or avx512) asks for a lower one. A request the CPU cannot run falls back to the best it can.
 const char* active_cpu_isa();
+CpuIsa active_cpu_isa_id();
+// Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
+bool cpu_isa_supported(CpuIsa isa);
 
 // Runs the kernel with `num_threads` OpenMP threads. bias may be null. Accumulates in float32.
 template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads);
+
+// Same, on a given path (tests force every path the machine can run); `isa` must be supported.
+template <typename T>
+void bsr_linear_cpu_isa(CpuIsa isa, const T* x, const T* values, const int32_t* crow, const int32_t* col,
+                        const T* bias, T* y, const BsrProblem& p, int num_threads);
 
 }  // namespace pysparse

@@ -1,4 +1,5 @@
-// Portable block-sparse linear kernel (any block size, any dtype, float32 accumulation).
+// Portable block-sparse linear kernel (any block size, any dtype, float32 accumulation): the path for CPUs
+// without AVX2 (and non-x86 builds), and the reference the SIMD paths are tested against in C++.
 //
 // Parallel strategy: x is packed once per call into float32 token tiles laid out [K][kTile] (zero padded),
 // so the inner loop is a contiguous axpy over kTile tokens that the compiler vectorises. Work items are
@@ -10,9 +11,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "bsr_linear.h"
+#include "isa_kernels.h"
 
 namespace pysparse {
+namespace generic {
 namespace {
 
 constexpr int64_t kTile = 32;  // tokens per tile: 32 floats = two AVX-512 or four AVX2 vectors per row
@@ -41,10 +43,12 @@ void block_row_tile(const float* x_tile, const T* values, const int32_t* crow, c
   for (int64_t b = crow[block_row]; b < crow[block_row + 1]; ++b) {
     const T* w = values + b * block_elems;
     const float* xb = x_tile + int64_t(col[b]) * bw * kTile;
+    // Weights over padding columns (past K) are skipped: a non-finite padding value must not reach y.
+    const int64_t jn = std::min(bw, p.K - int64_t(col[b]) * bw);
     for (int64_t i = 0; i < bh; ++i) {
       float* __restrict a = acc + i * kTile;
       const T* wrow = w + i * bw;
-      for (int64_t j = 0; j < bw; ++j) {
+      for (int64_t j = 0; j < jn; ++j) {
         const float wij = to_float(wrow[j]);
         const float* __restrict xr = xb + j * kTile;
 #pragma omp simd
@@ -66,10 +70,8 @@ void block_row_tile(const float* x_tile, const T* values, const int32_t* crow, c
 
 }  // namespace
 
-const char* active_cpu_isa() { return "generic"; }
-
 template <typename T>
-void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t k_padded = p.n_block_cols * p.bw;
@@ -89,11 +91,12 @@ void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int3
   }
 }
 
-template void bsr_linear_cpu<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
-                                    const BsrProblem&, int);
-template void bsr_linear_cpu<bfloat16_t>(const bfloat16_t*, const bfloat16_t*, const int32_t*, const int32_t*,
-                                         const bfloat16_t*, bfloat16_t*, const BsrProblem&, int);
-template void bsr_linear_cpu<float16_t>(const float16_t*, const float16_t*, const int32_t*, const int32_t*,
-                                        const float16_t*, float16_t*, const BsrProblem&, int);
+template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
+                                const BsrProblem&, int);
+template void bsr_linear<bfloat16_t>(const bfloat16_t*, const bfloat16_t*, const int32_t*, const int32_t*,
+                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int);
+template void bsr_linear<float16_t>(const float16_t*, const float16_t*, const int32_t*, const int32_t*,
+                                    const float16_t*, float16_t*, const BsrProblem&, int);
 
+}  // namespace generic
 }  // namespace pysparse

@@ -1,0 +1,178 @@
+"""Sweep of pysparse's CPU ``bsr_linear`` against dense ``F.linear`` and torch ``sparse_bsr``, in one process.
+
+For every point (shape x block x sparsity x M) it checks pysparse's result against the dense masked weight,
+then times the three implementations interleaved (round-robin batches, median per call), so load from other
+processes hits all three alike. It prints, per point, the speedup over dense and over torch ``sparse_bsr``
+beside the ideal 1/density, and the GFLOP/s of useful work (2 * M * kept weights); at M <= 4 also the GB/s of
+kept weight bytes (values + indices), the bound in that regime.
+
+    python benchmarks/bench_cpu_bsr_linear.py                 # the full sweep of issue 7 (long: ~30-60 min)
+    python benchmarks/bench_cpu_bsr_linear.py --targets       # the issue's target cases only (~2 min)
+    python benchmarks/bench_cpu_bsr_linear.py --shapes 768x3072 --blocks 32 --sparsity 0.9 --m 1 128
+    python benchmarks/bench_cpu_bsr_linear.py --targets --threads 1 --dtype bfloat16 --no-torch-bsr
+
+Shapes are ``in->out`` (K x N). Run it on an idle machine; the load average is printed with the table.
+OpenMP threads spin between calls (OMP_WAIT_POLICY=ACTIVE unless the environment says otherwise) for every
+implementation alike: on a busy shared VM, libgomp's default of sleeping idle threads made a woken thread wait
+~30 ms for a CPU, which measured the scheduler, not the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch loads libgomp
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import pysparse  # noqa: E402
+from pysparse.formats import BlockSparseWeight  # noqa: E402
+from pysparse.ops import bsr_linear  # noqa: E402
+
+SHAPES = ((768, 3072), (3072, 768), (4096, 4096))
+BLOCKS = (16, 32, 64)
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+MS = (1, 8, 32, 128, 512)
+# Issue 7's target cases: (K, N, block, sparsity, M).
+TARGETS = (
+    (768, 3072, 32, 0.9, 128),
+    (768, 3072, 32, 0.9, 1),
+    (768, 3072, 32, 0.5, 32),
+    (768, 3072, 32, 0.5, 128),
+    (768, 3072, 16, 0.9, 128),
+    (768, 3072, 64, 0.9, 128),
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def block_sparse_weight(n: int, k: int, block: int, sparsity: float, dtype=torch.float32, seed: int = 0):
+    """Dense masked weight [n, k] with exactly round((1 - sparsity) * blocks) random (block x block) blocks kept,
+    and its packed form."""
+    gen = torch.Generator().manual_seed(seed)
+    n_br, n_bc = -(-n // block), -(-k // block)
+    kept = max(1, round((1.0 - sparsity) * n_br * n_bc))
+    keep = torch.zeros(n_br * n_bc, dtype=torch.bool)
+    keep[torch.randperm(n_br * n_bc, generator=gen)[:kept]] = True
+    mask = keep.view(n_br, n_bc).repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5 * mask).to(dtype)
+    return weight, BlockSparseWeight.from_dense(weight, block_size=(block, block), mask=mask)
+
+
+def time_interleaved(fns: dict, min_time: float = 0.4, rounds: int = 15) -> dict:
+    """Median seconds per call of each function, timed in round-robin batches of about min_time / rounds."""
+    per_call = {}
+    for name, fn in fns.items():  # warm up and size the batches (from the fastest of a few calls: one call
+        fn()                      # delayed by the OS would otherwise shrink the batches to a single call)
+        calls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            calls.append(time.perf_counter() - t0)
+        per_call[name] = max(min(calls), 1e-7)
+    batch = {name: max(1, int(min_time / rounds / t)) for name, t in per_call.items()}
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / batch[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.float32, torch_bsr: bool = True,
+            min_time: float = 0.4, weights=None) -> dict:
+    """Times one point; returns a row of the table (raises if pysparse's result is wrong)."""
+    weight, packed = weights or block_sparse_weight(n, k, block, sparsity, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    v, crow, col = packed.values, packed.crow_indices, packed.col_indices
+    fns = {
+        "pysparse": lambda: bsr_linear(x, v, crow, col, bias, n, check_indices=False),
+        "dense": lambda: F.linear(x, weight, bias),
+    }
+    ref = F.linear(x.double(), weight.double(), bias.double())
+    err = rel_err(fns["pysparse"](), ref)
+    if err > (1e-5 if dtype == torch.float32 else 1e-2):
+        raise AssertionError(f"pysparse result is wrong for {k}->{n} block {block} sparsity {sparsity} M={m}: "
+                             f"rel err {err:.3g}")
+    if torch_bsr:
+        w_bsr = weight.to_sparse_bsr((block, block))
+        fns["torch_bsr"] = lambda: F.linear(x, w_bsr, bias)
+        err_bsr = rel_err(fns["torch_bsr"](), ref)
+        if err_bsr > (1e-4 if dtype == torch.float32 else 1e-2):
+            raise AssertionError(f"torch sparse_bsr result is wrong: rel err {err_bsr:.3g}")
+    t = time_interleaved(fns, min_time=min_time)
+    nnz = v.shape[0]
+    useful_flops = 2.0 * m * nnz * block * block
+    kept_bytes = v.numel() * v.element_size() + (crow.numel() + col.numel()) * 4
+    row = dict(shape=f"{k}->{n}", block=block, sparsity=sparsity, m=m, dtype=str(dtype).replace("torch.", ""),
+               ideal=n * k / (nnz * block * block), t_pysparse_us=t["pysparse"] * 1e6, t_dense_us=t["dense"] * 1e6,
+               vs_dense=t["dense"] / t["pysparse"], gflops=useful_flops / t["pysparse"] / 1e9,
+               weight_gbs=kept_bytes / t["pysparse"] / 1e9, err=err)
+    if torch_bsr:
+        row["t_torch_bsr_us"] = t["torch_bsr"] * 1e6
+        row["vs_torch_bsr"] = t["torch_bsr"] / t["pysparse"]
+    return row
+
+
+def format_table(rows: list) -> str:
+    head = ("| shape | block | sparsity | M | ideal | pysparse us | dense us | vs dense | torch_bsr us | vs torch_bsr "
+            "| GFLOP/s useful | GB/s kept weights |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        bsr_t = f"{r['t_torch_bsr_us']:.0f}" if "t_torch_bsr_us" in r else "-"
+        bsr_x = f"{r['vs_torch_bsr']:.1f}x" if "vs_torch_bsr" in r else "-"
+        gbs = f"{r['weight_gbs']:.1f}" if r["m"] <= 4 else ""
+        lines.append(f"| {r['shape']} | {r['block']}x{r['block']} | {r['sparsity']:.2f} | {r['m']} | "
+                     f"{r['ideal']:.1f}x | {r['t_pysparse_us']:.1f} | {r['t_dense_us']:.1f} | {r['vs_dense']:.1f}x | "
+                     f"{bsr_t} | {bsr_x} | {r['gflops']:.1f} | {gbs} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", action="store_true", help="only issue 7's target cases")
+    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN (in x out)")
+    ap.add_argument("--blocks", nargs="*", type=int, default=list(BLOCKS))
+    ap.add_argument("--sparsity", nargs="*", type=float, default=list(SPARSITIES))
+    ap.add_argument("--m", nargs="*", type=int, default=list(MS))
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--no-torch-bsr", action="store_true", help="skip torch sparse_bsr (slow at large M)")
+    ap.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per implementation and point")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    if args.targets:
+        points = list(TARGETS)
+    else:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        points = [(k, n, b, s, m) for (k, n) in shapes for b in args.blocks for s in args.sparsity for m in args.m]
+    print(f"# pysparse {pysparse.__version__} CPU path {pysparse.ops.available_backends()['cpu']}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"dtype {args.dtype}, "
+          f"load average before {os.getloadavg()[0]:.2f}")
+    rows, weights_key, weights = [], None, None
+    for k, n, b, s, m in points:
+        if (k, n, b, s) != weights_key:
+            weights_key, weights = (k, n, b, s), block_sparse_weight(n, k, b, s, dtype)
+        row = measure(k, n, b, s, m, dtype, torch_bsr=not args.no_torch_bsr, min_time=args.min_time,
+                      weights=weights)
+        rows.append(row)
+        print(format_table([row]).splitlines()[-1], flush=True)
+    print(f"\n# load average after {os.getloadavg()[0]:.2f}\n")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+// AVX2 + FMA (+ F16C) path: 8 floats per vector, 16 vector registers.
+// Compiled with function-level target attributes (pragma below), so no -mavx2 flag is needed and the library still
+// loads on CPUs without AVX2; dispatch.cpp calls this only where cpuid reports the features.
+#include "isa_kernels.h"
+
+#if PYSPARSE_X86
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace pysparse {
+namespace avx2 {
+namespace {
+
+struct Isa {
+  using V = __m256;
+  static constexpr int L = 8;
+  // 4 outputs x 3 vectors (24 tokens): 12 accumulators + 3 x vectors + 1 broadcast = 16 registers. A one-vector
+  // tile takes 8 outputs: with 4 it would need 5 loads per 4 multiply-adds (load-bound).
+  static constexpr int kVecs = 3;
+  static constexpr int outer_rows(int vecs) { return vecs == 1 ? 8 : 4; }
+  // Small-M register tile: outputs per tile for MT <= 3 tokens (R * MT accumulators + MT x vectors <= 16).
+  static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static __m256 half(V v, int) { return v; }  // 256-bit half h of a vector
+  static __m256 fold(V v) { return v; }        // a vector whose lane sum is v's, in 256 bits
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V load_cvt(const float* p) { return load(p); }
+  static V load_cvt(const bfloat16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V load_cvt(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+
+#define PYSPARSE_ISA_HAS_BF16_DOT 0
+#include "simd_kernels.inc"
+#undef PYSPARSE_ISA_HAS_BF16_DOT
+
+}  // namespace
+
+template <typename T>
+void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                const BsrProblem& p, int num_threads) {
+  bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false);
+}
+
+template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
+                                const BsrProblem&, int);
+template void bsr_linear<bfloat16_t>(const bfloat16_t*, const bfloat16_t*, const int32_t*, const int32_t*,
+                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int);
+template void bsr_linear<float16_t>(const float16_t*, const float16_t*, const int32_t*, const int32_t*,
+                                    const float16_t*, float16_t*, const BsrProblem&, int);
+
+}  // namespace avx2
+}  // namespace pysparse
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif  // PYSPARSE_X86

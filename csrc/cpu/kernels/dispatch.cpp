@@ -1,0 +1,125 @@
+// Chooses the CPU kernel path once, at load: the best instruction set that cpuid (and the OS's saved register
+// state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests and users can force any path.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "isa_kernels.h"
+
+namespace pysparse {
+namespace {
+
+bool supported(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kGeneric: return true;
+#if PYSPARSE_X86 && (defined(__GNUC__) || defined(__clang__))
+    // __builtin_cpu_supports also checks XCR0, i.e. that the OS saves the ymm / zmm registers.
+    case CpuIsa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvx512:
+      return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::kAvx512Bf16: return supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+#else
+    default: return false;
+#endif
+  }
+  return false;
+}
+
+// vdpbf16ps does two multiply-adds per lane. On AMD Zen 4 that doubles the float32 rate (oneDNN's bf16 GEMM runs
+// at ~2x its fp32 GEMM there); on Intel Sapphire Rapids it issues on one port where float32 FMAs use two, and
+// measured 1.3-1.7x slower than widening bf16 to float32 (benchmarks/NOTES_cpu.md), so Intel widens.
+bool prefer_native_bf16() {
+#if PYSPARSE_X86 && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
+CpuIsa best_supported() {
+  if (supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16()) return CpuIsa::kAvx512Bf16;
+  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2}) {
+    if (supported(isa)) return isa;
+  }
+  return CpuIsa::kGeneric;
+}
+
+CpuIsa choose_isa() {
+  const CpuIsa best = best_supported();
+  const char* env = std::getenv("PYSPARSE_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best;
+  CpuIsa want;
+  if (std::strcmp(env, "generic") == 0) {
+    want = CpuIsa::kGeneric;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    want = CpuIsa::kAvx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    want = supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+  } else {
+    std::fprintf(stderr, "pysparse: PYSPARSE_CPU_ISA must be generic, avx2 or avx512, got '%s'; using %s\n", env,
+                 best == CpuIsa::kGeneric ? "generic" : best == CpuIsa::kAvx2 ? "avx2" : "avx512");
+    return best;
+  }
+  if (!supported(want)) {
+    std::fprintf(stderr, "pysparse: PYSPARSE_CPU_ISA=%s is not supported by this CPU; using the best it runs\n", env);
+    return best;
+  }
+  return want;
+}
+
+// Read once per process; the static below also runs the choice when the library is loaded.
+CpuIsa chosen_isa() {
+  static const CpuIsa isa = choose_isa();
+  return isa;
+}
+const CpuIsa chosen_at_load = chosen_isa();
+
+}  // namespace
+
+bool cpu_isa_supported(CpuIsa isa) { return supported(isa); }
+
+CpuIsa active_cpu_isa_id() { return chosen_isa(); }
+
+const char* active_cpu_isa() {
+  switch (chosen_isa()) {
+    case CpuIsa::kGeneric: return "generic";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Bf16: return "avx512";
+  }
+  return "generic";
+}
+
+template <typename T>
+void bsr_linear_cpu_isa(CpuIsa isa, const T* x, const T* values, const int32_t* crow, const int32_t* col,
+                        const T* bias, T* y, const BsrProblem& p, int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  switch (isa) {
+#if PYSPARSE_X86
+    case CpuIsa::kAvx2: avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads); return;
+    case CpuIsa::kAvx512: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, false); return;
+    case CpuIsa::kAvx512Bf16: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, true); return;
+#endif
+    default: generic::bsr_linear(x, values, crow, col, bias, y, p, num_threads); return;
+  }
+}
+
+template <typename T>
+void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                    const BsrProblem& p, int num_threads) {
+  bsr_linear_cpu_isa(chosen_isa(), x, values, crow, col, bias, y, p, num_threads);
+}
+
+#define PYSPARSE_INSTANTIATE(T)                                                                                  \
+  template void bsr_linear_cpu<T>(const T*, const T*, const int32_t*, const int32_t*, const T*, T*,              \
+                                  const BsrProblem&, int);                                                       \
+  template void bsr_linear_cpu_isa<T>(CpuIsa, const T*, const T*, const int32_t*, const int32_t*, const T*, T*, \
+                                      const BsrProblem&, int);
+PYSPARSE_INSTANTIATE(float)
+PYSPARSE_INSTANTIATE(bfloat16_t)
+PYSPARSE_INSTANTIATE(float16_t)
+#undef PYSPARSE_INSTANTIATE
+
+}  // namespace pysparse

@@ -1,0 +1,36 @@
+// Internal: the per-instruction-set entry points behind bsr_linear_cpu (see dispatch.cpp).
+// Each SIMD path lives in its own translation unit compiled with function-level target attributes, so the
+// library builds with plain flags and runs on any x86-64; only the dispatcher decides which path is called.
+#pragma once
+#include "bsr_linear.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define PYSPARSE_X86 1
+#else
+#define PYSPARSE_X86 0
+#endif
+
+namespace pysparse {
+
+namespace generic {
+template <typename T>
+void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                const BsrProblem& p, int num_threads);
+}  // namespace generic
+
+#if PYSPARSE_X86
+namespace avx2 {
+template <typename T>
+void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                const BsrProblem& p, int num_threads);
+}  // namespace avx2
+
+namespace avx512 {
+// native_bf16: use vdpbf16ps for bfloat16 (needs AVX512-BF16); otherwise bfloat16 is widened to float32.
+template <typename T>
+void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
+                const BsrProblem& p, int num_threads, bool native_bf16);
+}  // namespace avx512
+#endif
+
+}  // namespace pysparse

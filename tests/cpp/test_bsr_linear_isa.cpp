@@ -1,0 +1,212 @@
+// Every CPU kernel path this machine can run (generic, AVX2, AVX-512, AVX-512 with BF16), every storage type,
+// against a double-precision reference: ragged shapes, block sizes that do not divide the matrix, the shapes the
+// SIMD kernels specialise (multiples of 8 / 16), empty rows, fully dense and fully empty weights, strided x,
+// non-finite values in the padding, NaN-poisoned outputs, 1..3 threads and concurrent callers.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bsr_linear.h"
+#include "check.h"
+
+using namespace pysparse;
+
+namespace {
+
+struct Case {
+  int64_t M, K, N, bh, bw;
+  double density;  // fraction of blocks kept; 0 = empty, 1 = dense
+  int64_t x_pad = 0;  // extra elements per row of x (ldx = K + x_pad)
+};
+
+struct Bsr {
+  BsrProblem p;
+  std::vector<int32_t> crow, col;
+  std::vector<float> values;  // float32 master copy, [nnz][bh][bw]
+};
+
+Bsr make_bsr(const Case& c, std::mt19937& rng) {
+  Bsr w;
+  BsrProblem& p = w.p;
+  p.M = c.M, p.K = c.K, p.N = c.N, p.bh = c.bh, p.bw = c.bw;
+  p.n_block_rows = (c.N + c.bh - 1) / c.bh;
+  p.n_block_cols = (c.K + c.bw - 1) / c.bw;
+  p.ldx = c.K + c.x_pad;
+  std::uniform_real_distribution<double> u01(0.0, 1.0);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  w.crow.push_back(0);
+  for (int64_t r = 0; r < p.n_block_rows; ++r) {
+    // Every third row of a sparse weight is left empty: its outputs are the bias alone.
+    const bool empty_row = c.density < 1.0 && r % 3 == 1;
+    for (int64_t cb = 0; cb < p.n_block_cols; ++cb) {
+      if (!empty_row && u01(rng) < c.density) w.col.push_back(int32_t(cb));
+    }
+    w.crow.push_back(int32_t(w.col.size()));
+  }
+  p.nnz = int64_t(w.col.size());
+  w.values.resize(size_t(p.nnz * p.bh * p.bw));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < p.n_block_rows; ++r) {
+    for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
+      for (int64_t i = 0; i < p.bh; ++i) {
+        for (int64_t j = 0; j < p.bw; ++j) {
+          const bool padding = r * p.bh + i >= p.N || w.col[b] * p.bw + j >= p.K;
+          // Padding must be ignored by every kernel: fill it with values that would poison any sum.
+          w.values[size_t((b * p.bh + i) * p.bw + j)] = padding ? ((i + j) % 2 ? inf : std::nanf("")) : normal(rng);
+        }
+      }
+    }
+  }
+  return w;
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
+  return out;
+}
+
+// y = x @ W^T + bias in double, from the values as stored in T.
+template <typename T>
+std::vector<double> reference(const Bsr& w, const std::vector<T>& x, const std::vector<T>& values,
+                              const std::vector<T>& bias) {
+  const BsrProblem& p = w.p;
+  std::vector<double> y(size_t(p.M * p.N));
+  for (int64_t t = 0; t < p.M; ++t)
+    for (int64_t n = 0; n < p.N; ++n) y[size_t(t * p.N + n)] = bias.empty() ? 0.0 : to_float(bias[size_t(n)]);
+  for (int64_t r = 0; r < p.n_block_rows; ++r) {
+    for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
+      for (int64_t i = 0; i < p.bh && r * p.bh + i < p.N; ++i) {
+        for (int64_t j = 0; j < p.bw && w.col[b] * p.bw + j < p.K; ++j) {
+          const double wv = to_float(values[size_t((b * p.bh + i) * p.bw + j)]);
+          for (int64_t t = 0; t < p.M; ++t) {
+            y[size_t(t * p.N + r * p.bh + i)] += wv * to_float(x[size_t(t * p.ldx + w.col[b] * p.bw + j)]);
+          }
+        }
+      }
+    }
+  }
+  return y;
+}
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kGeneric: return "generic";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx512Bf16: return "avx512_bf16";
+  }
+  return "?";
+}
+
+template <typename T>
+void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt19937& rng, const char* dtype,
+              double tol) {
+  const Bsr w = make_bsr(c, rng);
+  const BsrProblem& p = w.p;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> xf(size_t(p.M * p.ldx)), bf;
+  for (int64_t t = 0; t < p.M; ++t)
+    for (int64_t k = 0; k < p.ldx; ++k) xf[size_t(t * p.ldx + k)] = k < p.K ? normal(rng) : std::nanf("");
+  if (with_bias) {
+    bf.resize(size_t(p.N));
+    for (auto& v : bf) v = normal(rng);
+  }
+  const std::vector<T> x = cast<T>(xf), values = cast<T>(w.values), bias = cast<T>(bf);
+  const std::vector<double> ref = reference(w, x, values, bias);
+  std::vector<T> y = cast<T>(std::vector<float>(size_t(p.M * p.N), std::nanf("")));  // poisoned
+  bsr_linear_cpu_isa<T>(isa, x.data(), values.data(), w.crow.data(), w.col.data(), with_bias ? bias.data() : nullptr,
+                        y.data(), p, threads);
+  double max_err = 0.0, max_ref = 0.0;
+  bool finite = true;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double got = to_float(y[i]);
+    finite = finite && std::isfinite(got);
+    max_err = std::max(max_err, std::fabs(got - ref[i]));
+    max_ref = std::max(max_ref, std::fabs(ref[i]));
+  }
+  const double rel = max_err / std::max(max_ref, 1e-30);
+  CHECK(finite && rel < tol, isa_name(isa) << " " << dtype << " M=" << c.M << " K=" << c.K << " N=" << c.N
+                                           << " block=" << c.bh << "x" << c.bw << " density=" << c.density
+                                           << " threads=" << threads << " bias=" << with_bias
+                                           << ": rel err " << rel << (finite ? "" : " (non-finite output)"));
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  // Shapes the SIMD kernels specialise, with ragged M (register-tile and dot-product tails) and ragged K / N.
+  const int64_t blocks[][2] = {{16, 16}, {32, 32}, {64, 64}, {8, 8}, {16, 32}, {32, 16}, {8, 24}, {48, 16}};
+  const int64_t ms[] = {1, 2, 3, 4, 5, 8, 17, 50, 97};
+  int i = 0;
+  for (const auto& b : blocks) {
+    for (int64_t m : ms) {
+      const int64_t k = 3 * b[1] + (i % 2 ? 0 : b[1] / 2 + 1);  // every other case overhangs K
+      const int64_t n = 4 * b[0] + (i % 3 ? 0 : 5);               // every third overhangs N
+      out.push_back({m, k, n, b[0], b[1], i % 4 == 0 ? 1.0 : 0.45, i % 5 == 0 ? 3 : 0});
+      ++i;
+    }
+  }
+  // Block sizes no kernel specialises, odd widths (bf16 pairs with padding), 1x1, fully empty weights.
+  const int64_t odd[][2] = {{3, 5}, {1, 1}, {7, 9}, {5, 16}, {16, 3}, {13, 1}};
+  for (const auto& b : odd) {
+    for (int64_t m : {int64_t(1), int64_t(4), int64_t(6), int64_t(33)}) {
+      out.push_back({m, 5 * b[1] + 2, 3 * b[0] + 1, b[0], b[1], 0.6, m % 2});
+    }
+  }
+  out.push_back({7, 64, 64, 16, 16, 0.0});
+  out.push_back({2, 64, 64, 16, 16, 0.0});
+  out.push_back({9, 0, 40, 8, 8, 0.0});  // K = 0: y is the bias
+  out.push_back({130, 200, 300, 32, 32, 0.3});
+  return out;
+}
+
+template <typename T>
+void run_all(CpuIsa isa, const char* dtype, double tol) {
+  std::mt19937 rng(1234);
+  int i = 0;
+  for (const Case& c : cases()) {
+    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol);
+    ++i;
+  }
+}
+
+// Several caller threads at once (each call uses 2 OpenMP threads): per-call buffers must not be shared.
+void concurrent(CpuIsa isa) {
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([isa, c] {
+      std::mt19937 rng(77 + c);
+      for (int rep = 0; rep < 3; ++rep) {
+        run_case<float>(isa, {int64_t(40 + 13 * c), 96 + 7 * c, 128, 32, 32, 0.5}, 2, true, rng, "float32", 1e-5);
+        run_case<float>(isa, {int64_t(1 + c), 96, 130, 16, 16, 0.5}, 2, true, rng, "float32", 1e-5);
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+}
+
+}  // namespace
+
+int main() {
+  int paths = 0;
+  for (CpuIsa isa : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+    if (!cpu_isa_supported(isa)) {
+      std::printf("skip %s: not supported by this CPU\n", isa_name(isa));
+      continue;
+    }
+    ++paths;
+    run_all<float>(isa, "float32", 1e-5);
+    run_all<bfloat16_t>(isa, "bfloat16", 1e-2);
+    run_all<float16_t>(isa, "float16", 1e-2);
+    concurrent(isa);
+    std::printf("%s: checked\n", isa_name(isa));
+  }
+  std::printf("active path: %s\n", active_cpu_isa());
+  CHECK(paths >= 1, "no kernel path ran");
+  return check::report("test_bsr_linear_isa");
+}
