@@ -98,11 +98,12 @@ def main():
         r = resnet50_table(args.ratio, args.min_run_time)
         out["resnet50"] = r
         lines += [f"ResNet-50, batch 8, 224x224, float32, {args.threads} threads, prune_channels(ratio={args.ratio})",
-                  f"{'':10} {'GFLOPs':>8} {'params (M)':>11} {'latency (ms)':>13}",
-                  f"{'dense':10} {r['flops_before'] / 1e9:8.2f} {r['params_before'] / 1e6:11.2f} {r['ms_before']:13.1f}",
-                  f"{'pruned':10} {r['flops_after'] / 1e9:8.2f} {r['params_after'] / 1e6:11.2f} {r['ms_after']:13.1f}",
-                  f"FLOPs kept {r['flops_after'] / r['flops_before']:.1%}, speed-up {r['ms_before'] / r['ms_after']:.2f}x",
-                  ""]
+                  f"{'':10} {'GFLOPs':>8} {'params (M)':>11} {'latency (ms)':>13}"]
+        for tag, key in (("dense", "before"), ("pruned", "after")):
+            lines.append(f"{tag:10} {r['flops_' + key] / 1e9:8.2f} {r['params_' + key] / 1e6:11.2f} "
+                         f"{r['ms_' + key]:13.1f}")
+        lines += [f"FLOPs kept {r['flops_after'] / r['flops_before']:.1%}, "
+                  f"speed-up {r['ms_before'] / r['ms_after']:.2f}x", ""]
     rows = layer_rows(args.min_run_time)
     out["layers"] = rows
     lines += [f"Channel-sparse layers, 50% of output and input channels kept, float32, {args.threads} threads",

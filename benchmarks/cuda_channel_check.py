@@ -33,7 +33,8 @@ def time_ms(fn, reps=50):
 def main():
     gen = torch.Generator().manual_seed(0)
     if "--tiny" in sys.argv:
-        csw = ChannelSparseWeight.from_dense(torch.randn(70, 45, generator=gen), half_index(70, gen), half_index(45, gen))
+        csw = ChannelSparseWeight.from_dense(torch.randn(70, 45, generator=gen), half_index(70, gen),
+                                             half_index(45, gen))
         x = torch.randn(33, 45, generator=gen).cuda()
         y = ops.channel_sparse_linear(x, csw.values.cuda(), csw.out_index.cuda(), csw.in_index.cuda(), None, 70)
         c = ChannelSparseWeight.from_dense(torch.randn(9, 6, 3, 3, generator=gen), [0, 4, 8], [1, 5])

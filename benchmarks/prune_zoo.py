@@ -2,8 +2,9 @@
 
 For each constructor in ``torchvision.models.list_models(module=torchvision.models)`` (random init, the smallest
 of 64/128/224/299 px the model accepts, batch 1): prune 30% of channels with ``pysparse.prune.prune_channels``
-and, when it is installed, with Torch-Pruning's MagnitudePruner (L2, round_to=8, classifier ignored). Reports per
-model: ran (the pruned model runs, output shape kept), params and FLOPs before/after, and the totals.
+and, when it is installed, with Torch-Pruning's MagnitudePruner (L2, round_to=8, classifier ignored; retried without
+round_to if that raises). Reports per model: ran (the pruned model runs, output shape kept), params and FLOPs
+before/after, and the totals.
 
 Slow (the full list takes tens of minutes on 2 cores): a script, not a test. Each model runs in its own
 subprocess with a time limit, so one crash or hang costs one row.
@@ -13,6 +14,7 @@ subprocess with a time limit, so one crash or hang costs one row.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -72,9 +74,15 @@ def _measure(model, x, ref_shape):
     return {"ran": ran, "params": sum(p.numel() for p in model.parameters()), "flops": _flops(model, x)}
 
 
-def run_one(name: str, tool: str, ratio: float) -> dict:
+def run_one(name: str, tool: str, ratio: float, max_gb: float = 0.0) -> dict:
     import torch
     from torch import nn
+
+    if max_gb > 0:  # a runaway tool fails with MemoryError instead of starving a shared machine
+        import resource
+
+        limit = int(max_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "1")))
     model = _fresh(name)
@@ -99,10 +107,21 @@ def run_one(name: str, tool: str, ratio: float) -> dict:
                        if (isinstance(m, nn.Linear) and m.out_features == 1000)
                        or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)]
             heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-            pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                               pruning_ratio=ratio, ignored_layers=ignored, round_to=8,
-                                               num_heads=heads)
-            pruner.step()
+            pristine = copy.deepcopy(model)
+            try:
+                tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=ratio, ignored_layers=ignored, round_to=8,
+                                          num_heads=heads).step()
+            except Exception as exc:  # noqa: BLE001 - give Torch-Pruning a second chance without round_to
+                row["note"] = f"round_to=8 raised {type(exc).__name__}: {str(exc)[:80]}; retried without it"
+                model = pristine
+                ignored = [m for m in model.modules()
+                           if (isinstance(m, nn.Linear) and m.out_features == 1000)
+                           or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)]
+                heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+                tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                          pruning_ratio=ratio, ignored_layers=ignored,
+                                          num_heads=heads).step()
     except Exception as exc:  # noqa: BLE001 - a tool that raises is a row that did not prune
         row.update({"ran": False, "error": f"prune raised {type(exc).__name__}: {str(exc)[:200]}"})
         return row
@@ -119,10 +138,11 @@ def main():
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model and tool")
     ap.add_argument("--tools", default="pysparse,torch_pruning")
     ap.add_argument("--json", default="bench_out/prune_zoo.json")
+    ap.add_argument("--max-gb", type=float, default=0.0, help="address-space limit per model and tool (0: none)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("ROW " + json.dumps(run_one(args.one[0], args.one[1], args.ratio)), flush=True)
+        print("ROW " + json.dumps(run_one(args.one[0], args.one[1], args.ratio, args.max_gb)), flush=True)
         return
 
     import torchvision
@@ -147,8 +167,9 @@ def main():
             if (name, tool) in done:
                 continue
             try:
-                proc = subprocess.run([sys.executable, __file__, "--one", name, tool, "--ratio", str(args.ratio)],
-                                      capture_output=True, text=True, timeout=args.timeout)
+                proc = subprocess.run([sys.executable, __file__, "--one", name, tool, "--ratio", str(args.ratio),
+                                       "--max-gb", str(args.max_gb)], capture_output=True, text=True,
+                                      timeout=args.timeout)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 row = json.loads(lines[-1][4:]) if lines else {
                     "model": name, "tool": tool, "ran": False, "error": (proc.stderr or "no output")[-300:]}

@@ -15,8 +15,8 @@ void check_common(const char* op, const at::Tensor& input, const at::Tensor& val
   TORCH_CHECK_TYPE(out_index.scalar_type() == at::kInt && in_index.scalar_type() == at::kInt, op,
                    ": out_index and in_index must be int32 (the Python wrapper converts int64), got ",
                    out_index.scalar_type(), " and ", in_index.scalar_type());
-  TORCH_CHECK_VALUE(out_index.dim() == 1 && in_index.dim() == 1, op, ": out_index and in_index must be 1-D, got shapes ",
-                    out_index.sizes(), " and ", in_index.sizes());
+  TORCH_CHECK_VALUE(out_index.dim() == 1 && in_index.dim() == 1, op,
+                    ": out_index and in_index must be 1-D, got shapes ", out_index.sizes(), " and ", in_index.sizes());
   TORCH_CHECK_VALUE(values.dim() == value_dims, op, ": values must be ", value_dims, "-D, got shape ", values.sizes());
   TORCH_CHECK_VALUE(values.size(0) == out_index.numel() && values.size(1) == in_index.numel(), op,
                     ": values must have shape [len(out_index)=", out_index.numel(), ", len(in_index)=",
@@ -47,11 +47,13 @@ ChannelSparseArgs prepare_channel_sparse_linear(const at::Tensor& input, const a
                                                 const std::optional<at::Tensor>& bias, int64_t out_features) {
   const char* op = "channel_sparse_linear";
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least 1 dimension [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_VALUE(input.dim() >= 1, op,
+                    ": input must have at least 1 dimension [..., in_features], got a 0-d tensor");
   check_common(op, input, values, out_index, in_index, bias, out_features, 2);
   ChannelSparseArgs a;
   const int64_t K = input.size(-1);
-  TORCH_CHECK_VALUE(in_index.numel() <= K, op, ": in_index keeps ", in_index.numel(), " inputs, more than in_features=", K);
+  TORCH_CHECK_VALUE(in_index.numel() <= K, op, ": in_index keeps ", in_index.numel(),
+                    " inputs, more than in_features=", K);
   at::Tensor x = input.reshape({-1, K});
   if (K > 1 && x.stride(1) != 1) x = x.contiguous();
   if (x.size(0) > 1 && x.stride(0) < K) x = x.contiguous();  // broadcast (stride 0) rows

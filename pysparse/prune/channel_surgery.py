@@ -210,6 +210,18 @@ def _module_attrs(mod: nn.Module, conv_mode: str | None, old: dict) -> dict:
     return {}
 
 
+def _keep_attention_temperature(mha: nn.MultiheadAttention, old_head_dim: int) -> None:
+    """Scores are divided by sqrt(head_dim): scale the query projection by sqrt(new / old) so the kept dims give
+    the scores the dense model gives with the removed dims zeroed, instead of sharper ones. (The tensors are the
+    surgery's fresh copies: the originals, kept for undo, are untouched.)"""
+    e = mha.embed_dim
+    scale = math.sqrt(mha.head_dim / old_head_dim)
+    with torch.no_grad():
+        mha.in_proj_weight[:e].mul_(scale)
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias[:e].mul_(scale)
+
+
 def _set_attrs(mod, attrs):
     for k, v in attrs.items():
         setattr(mod, k, tuple(v) if k == "normalized_shape" else v)
@@ -246,7 +258,8 @@ class _Surgery:
                        for q, nm in info.holders]
             _replace(model, old, new.contiguous(), holders)
             self.undo.append(("tensor", holders, old))
-            params_rec[info.name] = {"shape": list(old.shape), "keep": {str(d): idx.tolist() for d, idx in keep.items()}}
+            params_rec[info.name] = {"shape": list(old.shape),
+                                     "keep": {str(d): idx.tolist() for d, idx in keep.items()}}
             for q, _ in info.holders:
                 touched[q] = model.get_submodule(q)
         modules_rec = {}
@@ -258,6 +271,8 @@ class _Surgery:
                 self.undo.append(("attrs", mod, {k: old_attrs[k] for k in attrs if k in old_attrs}))
                 _set_attrs(mod, attrs)
                 modules_rec[q] = attrs
+            if isinstance(mod, nn.MultiheadAttention) and attrs.get("head_dim", mod.head_dim) != old_attrs["head_dim"]:
+                _keep_attention_temperature(mod, old_attrs["head_dim"])
         self.record = {"params": params_rec, "modules": modules_rec}
 
     def revert(self) -> None:
