@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
-from torch.utils import benchmark
 
+from pysparse.analysis.timing import alternating_medians
 from pysparse.convert import sparsify
 from pysparse.prune import magnitude_mask
 
@@ -80,16 +79,6 @@ def encoder_call(model, batch):
     return captured["args"], captured["kwargs"]
 
 
-def median_ms(fns: dict, threads: int, rounds: int, min_time: float) -> dict:
-    """Median ms per call for each function, measured in alternating rounds (drift hits all alike)."""
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
-            times[k].append(t.blocked_autorange(min_run_time=min_time).median * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -125,10 +114,11 @@ def main():
         cos_pruned_dense = (e_masked * e_dense).sum(-1)
 
         enc_args, enc_kwargs = encoder_call(dense, batch)
-        times = median_ms({
+        seconds = alternating_medians({
             "dense": lambda: dense.encoder(*enc_args, **enc_kwargs),
             "sparse": lambda: sparse.encoder(*enc_args, **enc_kwargs),
-        }, args.threads, args.rounds, args.min_time)
+        }, rounds=args.rounds, min_run_time=args.min_time)
+        times = {name: s * 1e3 for name, s in seconds.items()}  # ms
 
     print(report)
     print()

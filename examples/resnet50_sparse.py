@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-from torch.utils import benchmark
 
+from pysparse.analysis.timing import alternating_medians
 from pysparse.convert import sparsify
 from pysparse.nn import conv_weight_from_matrix, conv_weight_matrix
 from pysparse.prune import magnitude_mask
@@ -33,16 +32,6 @@ def prune_convs_(model, sparsity: float, block: int, min_in_channels: int) -> in
                 m.weight.mul_(conv_weight_from_matrix(mask, m.weight.shape))
             n += 1
     return n
-
-
-def median_ms(fns: dict, threads: int, rounds: int, min_time: float) -> dict:
-    """Median ms per call for each function, measured in alternating rounds (drift hits all alike)."""
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
-            times[k].append(t.blocked_autorange(min_run_time=min_time).median * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -73,8 +62,9 @@ def main():
         ref = model(x)
         out = sparse(x_cl)
         rel_err = ((out - ref).abs().max() / ref.abs().max()).item()
-        times = median_ms({"dense_nchw": lambda: model(x), "dense_channels_last": lambda: model_cl(x_cl),
-                           "sparse": lambda: sparse(x_cl)}, args.threads, args.rounds, args.min_time)
+        seconds = alternating_medians({"dense_nchw": lambda: model(x), "dense_channels_last": lambda: model_cl(x_cl),
+                                       "sparse": lambda: sparse(x_cl)}, rounds=args.rounds, min_run_time=args.min_time)
+        times = {name: s * 1e3 for name, s in seconds.items()}  # ms
     report = sparse.sparsify_report
     best_dense = min(times["dense_nchw"], times["dense_channels_last"])
     print(report)
