@@ -5,11 +5,12 @@ import torch
 
 from .._validate import as_pair, check_tensor
 from .bsr import bsr_to_dense, check_bsr_indices
+from .packed import PackedWeight
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class BlockSparseWeight:
+class BlockSparseWeight(PackedWeight):
     """Block-sparse weight ``W [N, K]`` stored as kept ``(bh, bw)`` blocks.
 
     ``values [nnz, bh, bw]`` holds the kept blocks row-major, ``crow_indices [ceil(N / bh) + 1]`` and
@@ -17,6 +18,8 @@ class BlockSparseWeight:
     last block row / column overhangs the matrix; the overhang is stored as zeros and never read or written
     by the kernels. Construct with :meth:`from_dense` or :meth:`from_torch_sparse`; the constructor validates.
     """
+
+    _index_names = ("crow_indices", "col_indices")
 
     def __init__(self, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                  shape: tuple[int, int]):
@@ -107,25 +110,6 @@ class BlockSparseWeight:
         """Fraction of the block grid that is stored (1.0 = all blocks kept)."""
         total = self.n_block_rows * self.n_block_cols
         return self.nnz_blocks / total if total else 0.0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed form: values plus both index arrays."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.crow_indices, self.col_indices))
-
-    def to(self, *args, **kwargs) -> "BlockSparseWeight":
-        """Move / cast the values like ``Tensor.to``; indices follow the device and stay int32."""
-        values = self.values.to(*args, **kwargs)
-        return BlockSparseWeight(values, self.crow_indices.to(values.device), self.col_indices.to(values.device),
-                                 self.shape)
 
     def __repr__(self) -> str:
         return (f"BlockSparseWeight(shape={self.shape}, block_size={self.block_size}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_tensor
+from .packed import PackedWeight
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -40,13 +41,15 @@ def _check_index(name: str, index: torch.Tensor, size: int) -> None:
         raise ValueError(f"{name} must be strictly increasing (sorted, no repeats)")
 
 
-class ChannelSparseWeight:
+class ChannelSparseWeight(PackedWeight):
     """Weight ``W [N, K, *kernel]`` (a Linear's ``[N, K]`` or a Conv2d's ``[N, K, kh, kw]``) that is zero outside
     the kept output rows ``out_index`` and the kept input columns ``in_index``.
 
     ``values [len(out_index), len(in_index), *kernel]`` holds the kept block; both indices are int32, strictly
     increasing. Construct with :meth:`from_dense`; the constructor validates.
     """
+
+    _index_names = ("out_index", "in_index")
 
     def __init__(self, values: torch.Tensor, out_index: torch.Tensor, in_index: torch.Tensor, shape):
         self.values = values
@@ -88,24 +91,6 @@ class ChannelSparseWeight:
         """Fraction of the dense weight's entries that are stored."""
         n, k = self.shape[0], self.shape[1]
         return self.out_index.numel() * self.in_index.numel() / (n * k) if n * k else 0.0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.out_index, self.in_index))
-
-    def to(self, *args, **kwargs) -> "ChannelSparseWeight":
-        """Move / cast the values like ``Tensor.to``; indices follow the device and stay int32."""
-        values = self.values.to(*args, **kwargs)
-        return ChannelSparseWeight(values, self.out_index.to(values.device), self.in_index.to(values.device),
-                                   self.shape)
 
     def __repr__(self) -> str:
         return (f"ChannelSparseWeight(shape={self.shape}, kept_out={self.out_index.numel()}, "
