@@ -11,12 +11,18 @@ from torch import nn
 from .. import ops
 from .._validate import as_pair
 from ..formats.channel_sparse import ChannelSparseWeight
+from .packed_module import PackedWeightModule
 
 __all__ = ["ChannelSparseLinear", "ChannelSparseConv2d"]
 
 
-class _ChannelSparseBase(nn.Module):
+class _ChannelSparseBase(PackedWeightModule):
     """Shared storage: buffers ``values``, ``out_index``, ``in_index`` (a ChannelSparseWeight) and a ``bias``."""
+
+    _weight_class = ChannelSparseWeight
+
+    def _packed_shape(self) -> tuple:
+        return self._shape
 
     def _init_storage(self, weight: ChannelSparseWeight, bias: torch.Tensor | None, n_out: int):
         self.register_buffer("values", weight.values)
@@ -38,30 +44,6 @@ class _ChannelSparseBase(nn.Module):
     @property
     def density(self) -> float:
         return self.weight.density
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A checkpoint may keep other channels (other sizes): adopt its buffers after validating them.
-        names = ("values", "out_index", "in_index")
-        if all(prefix + n in state_dict for n in names):
-            parts = [state_dict[prefix + n] for n in names]
-            dev = self.values.device
-            try:
-                w = ChannelSparseWeight(parts[0].to(dev, self.values.dtype), parts[1].to(dev), parts[2].to(dev),
-                                        self._shape)
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(f"invalid channel-sparse weight for {prefix or type(self).__name__}: {exc}")
-                return
-            self.values, self.out_index, self.in_index = w.values, w.out_index, w.in_index
-            state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in names}}
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-            for n in names:
-                if prefix + n in missing_keys:
-                    missing_keys.remove(prefix + n)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 
 class ChannelSparseLinear(_ChannelSparseBase):

@@ -6,15 +6,18 @@ from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
+from .packed_module import PackedWeightModule
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(PackedWeightModule):
     """``y = x @ W^T + b`` with ``W [out_features, in_features]`` held as a :class:`BlockSparseWeight`.
 
     The packed parts are buffers (``values``, ``crow_indices``, ``col_indices``), so ``.to()``, ``state_dict``
     and ``load_state_dict`` work as for any module; loading a state dict of another sparsity pattern replaces
     the buffers after validating them.
     """
+
+    _weight_class = BlockSparseWeight
 
     def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False):
         super().__init__()
@@ -83,38 +86,8 @@ class SparseLinear(nn.Module):
         return ops.bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
                               check_indices=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A checkpoint may hold another sparsity pattern (different number of blocks): adopt its buffers after
-        # validating them, instead of failing on the shape mismatch.
-        names = ("values", "crow_indices", "col_indices")
-        if all(prefix + n in state_dict for n in names):
-            parts = [state_dict[prefix + n] for n in names]
-            dev = self.values.device
-            try:
-                w = BlockSparseWeight(parts[0].to(dev, self.values.dtype), parts[1].to(dev), parts[2].to(dev),
-                                      (self.out_features, self.in_features))
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(f"invalid packed weight for {prefix or 'SparseLinear'}: {exc}")
-                return
-            values = w.values
-            if isinstance(self.values, nn.Parameter):
-                # Keep the Parameter object that optimizers hold when the pattern size allows it.
-                if self.values.shape == values.shape:
-                    with torch.no_grad():
-                        values = self.values.copy_(values)
-                else:
-                    values = nn.Parameter(values, requires_grad=self.values.requires_grad)
-            self.values, self.crow_indices, self.col_indices = values, w.crow_indices, w.col_indices
-            state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in names}}
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-            for n in names:  # they were loaded above, not missing
-                if prefix + n in missing_keys:
-                    missing_keys.remove(prefix + n)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _packed_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         bh, bw = self.block_size

@@ -1,0 +1,49 @@
+"""Base of the layers that hold a packed weight: ``values`` plus the format's two index buffers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PackedWeightModule(nn.Module):
+    """Loads a checkpoint holding another sparsity pattern (other tensor sizes): the packed parts are validated by
+    building the format from them, then adopted, instead of failing on the size mismatch. A subclass names its
+    format in ``_weight_class`` and returns the dense weight shape from ``_packed_shape()``."""
+
+    _weight_class: type
+
+    def _packed_shape(self) -> tuple:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = ("values", *self._weight_class._index_names)
+        if not all(prefix + n in state_dict for n in names):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            return
+        values, *indices = (state_dict[prefix + n] for n in names)
+        dev = self.values.device
+        try:
+            w = self._weight_class(values.to(dev, self.values.dtype), *(i.to(dev) for i in indices),
+                                   self._packed_shape())
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"invalid packed weight for {prefix or type(self).__name__}: {exc}")
+            return
+        values = w.values
+        if isinstance(self.values, nn.Parameter):
+            # Keep the Parameter object that optimizers hold when the pattern size allows it.
+            if self.values.shape == values.shape:
+                with torch.no_grad():
+                    values = self.values.copy_(values)
+            else:
+                values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        self.values = values
+        for n in names[1:]:
+            setattr(self, n, getattr(w, n))
+        state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + n for n in names}}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for n in names:  # they were loaded above, not missing
+            if prefix + n in missing_keys:
+                missing_keys.remove(prefix + n)
