@@ -141,7 +141,7 @@ std::vector<Case> cases() {
   std::vector<Case> out;
   // Shapes the SIMD kernels specialise, with ragged M (register-tile and dot-product tails) and ragged K / N.
   const int64_t blocks[][2] = {{16, 16}, {32, 32}, {64, 64}, {8, 8}, {16, 32}, {32, 16}, {8, 24}, {48, 16}};
-  const int64_t ms[] = {1, 2, 3, 4, 5, 8, 17, 50, 97};
+  const int64_t ms[] = {1, 2, 3, 4, 5, 8, 17, 50, 64, 97, 203};
   int i = 0;
   for (const auto& b : blocks) {
     for (int64_t m : ms) {
@@ -162,6 +162,7 @@ std::vector<Case> cases() {
   out.push_back({2, 64, 64, 16, 16, 0.0});
   out.push_back({9, 0, 40, 8, 8, 0.0});  // K = 0: y is the bias
   out.push_back({130, 200, 300, 32, 32, 0.3});
+  out.push_back({300, 130, 96, 8, 8, 0.5, 5});  // broadcast kernel with one-vector tiles and strided x
   return out;
 }
 

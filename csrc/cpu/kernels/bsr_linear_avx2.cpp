@@ -33,11 +33,15 @@ struct Isa {
   static constexpr int outer_rows(int vecs) { return vecs == 1 ? 8 : 4; }
   // Small-M register tile: outputs per tile for MT <= 3 tokens (R * MT accumulators + MT x vectors <= 16).
   static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
+  // Broadcast kernel: tokens x vectors of outputs per tile (T*NVO accumulators + NVO weights + 1 broadcast <= 16).
+  static constexpr bool kBcastKernel = true;
+  static constexpr int bcast_tokens(int nvo) { return nvo == 2 ? 6 : 12; }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static __m256 half(V v, int) { return v; }  // 256-bit half h of a vector
   static __m256 fold(V v) { return v; }        // a vector whose lane sum is v's, in 256 bits
   static float hsum(V v) {

@@ -41,11 +41,16 @@ struct Isa {
   static constexpr int kVecs = 3;
   static constexpr int outer_rows(int) { return 8; }
   static constexpr int dot_rows(int) { return 8; }  // 8 x 3 accumulators at most
+  // Broadcast kernel: off until it is measured on an AVX-512 machine (this path keeps the outer-product kernel).
+  // Its tile would be T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32).
+  static constexpr bool kBcastKernel = false;
+  static constexpr int bcast_tokens(int nvo) { return nvo == 2 ? 12 : 16; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static __m256 half(V v, int h) { return h ? _mm512_extractf32x8_ps(v, 1) : _mm512_castps512_ps256(v); }
   static __m256 fold(V v) { return _mm256_add_ps(half(v, 0), half(v, 1)); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
