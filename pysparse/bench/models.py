@@ -128,6 +128,16 @@ def _resnet50(gen, device, image_size, **_):
 _BUILDERS = {"mlp": _mlp, "minilm": _minilm, "resnet50": _resnet50}
 
 
+def flops(model: nn.Module, *inputs) -> int:
+    """Floating-point operations of one ``model(*inputs)`` without grad (``torch.utils.flop_counter``: 2 per
+    multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
 def build(model: str, *, dtype, device: str, gen: torch.Generator, seq: int = 128, image_size: int = 224
           ) -> Workload:
     """The dense ``model`` in eval mode on ``device``/``dtype``; its inputs come in ``dtype`` too."""
