@@ -126,10 +126,10 @@ class DeepSparse:
         self._dir.cleanup()
 
     def measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], want: torch.Tensor, *, tolerance: float,
-                scale: float | None = None):
+                min_run_time: float, scale: float | None = None):
         """Export ``module`` (called as ``module(*inputs)``), compile and run it; compare its output with ``want``
-        (:func:`~pysparse.bench.check.rel_err` with ``scale``). Returns the row's ``deepsparse_*`` fields and a
-        timer (``min_run_time -> ms`` on the same inputs) when the result is right, else None (not timed)."""
+        (:func:`~pysparse.bench.check.rel_err` with ``scale``). Returns the row's ``deepsparse_*`` fields and, when
+        the result is right, a timer (no arguments; milliseconds per call on the same inputs), else None."""
         fields = dict(deepsparse_ms=None, deepsparse_rel_err=None, deepsparse_note="")
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in inputs):
             fields["deepsparse_note"] = "DeepSparse runs float32 models only here"
@@ -144,12 +144,16 @@ class DeepSparse:
             return fields, None
         finally:
             path.unlink(missing_ok=True)  # the engine holds the model now; a ResNet-50 file is ~100 MB
-        err = rel_err(torch.from_numpy(np.asarray(got)).reshape(want.shape), want, scale)
+        got = np.asarray(got)
+        if got.size != want.numel():
+            fields["deepsparse_note"] = f"output of shape {got.shape}, expected {tuple(want.shape)}; not timed"
+            return fields, None
+        err = rel_err(torch.from_numpy(got).reshape(want.shape), want, scale)
         fields["deepsparse_rel_err"] = err
         if not err < tolerance:
             fields["deepsparse_note"] = f"wrong result (rel. err {err:.1e} >= {tolerance:g}), not timed"
             return fields, None
-        return fields, lambda min_run_time: self._runner.time(min_run_time) * 1e3
+        return fields, lambda: self._runner.time(min_run_time) * 1e3
 
 
 def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path) -> None:
