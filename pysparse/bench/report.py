@@ -20,8 +20,11 @@ COLUMNS = {
               ("MiB params", "param_bytes", "mib"), ("MiB packed", "packed_bytes", "mib"),
               ("rel err", "rel_err", "{:.1e}")],
 }
+# With --compare deepsparse, after torch's ratio: DeepSparse's time, its speedup over dense and its error.
+_DEEPSPARSE = [("DS ms", "deepsparse_ms", "{:.4g}"), ("DeepSparse", "deepsparse_ratio_vs_dense", "{:.2f}x"),
+               ("DS err", "deepsparse_rel_err", "{:.1e}")]
 # Environment fields repeated in every CSV row, so that a CSV alone still says where it was measured.
-_CSV_ENV = ("date", "cpu", "cpu_isa", "threads", "torch", "pysparse", "gpu", "cuda", "load_average")
+_CSV_ENV = ("date", "cpu", "cpu_isa", "threads", "torch", "pysparse", "deepsparse", "gpu", "cuda", "load_average")
 
 
 def _cell(value, fmt: str) -> str:
@@ -32,25 +35,48 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(value)
 
 
+def columns_of(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(header, key, format) of the table of ``rows`` (all of one mode)."""
+    columns = list(COLUMNS[rows[0]["mode"]])
+    if any("deepsparse_ms" in row for row in rows):
+        at = [key for _, key, _ in columns].index("torch_sparse_ratio_vs_dense") + 1
+        columns[at:at] = _DEEPSPARSE
+    return columns
+
+
+def _verdict(row: dict) -> str:
+    if row["correct"]:
+        return ""
+    return " UNCHECKED" if row.get("check_note") else " WRONG"
+
+
 def format_table(rows: list[dict], env: dict) -> str:
     """A fixed-width table of ``rows`` (all of one mode) with a header line naming the machine."""
-    columns = COLUMNS[rows[0]["mode"]]
+    columns = columns_of(rows)
     cells = [[h for h, _, _ in columns]]
     for row in rows:
-        cells.append([_cell(row.get(key), fmt) + ("" if key != "rel_err" or row["correct"] else " WRONG")
+        cells.append([_cell(row.get(key), fmt) + (_verdict(row) if key == "rel_err" else "")
                       for _, key, fmt in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = [f"{rows[0]['dtype']} on {rows[0]['device']}: {describe(env)}"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.append("pysparse / torch: speedup over dense PyTorch (dense time / its time, median after warm-up, same "
-                 "process); > 1 is faster. ideal: 1 / density, the work that is left"
-                 + (" in the pruned layers (an upper bound: the rest of the model is not pruned)."
-                    if rows[0]["mode"] == "model" else "."))
-    notes = sorted({r["torch_sparse_note"] for r in rows if r.get("torch_sparse_note")})
-    lines += [f"torch '-': {note}" for note in notes]
-    wrong = sum(not r["correct"] for r in rows)
+    model = rows[0]["mode"] == "model"
+    lines.append(f"pysparse / torch{' / DeepSparse' if 'DS ms' in cells[0] else ''}: speedup over dense PyTorch "
+                 "(dense time / its time, median after warm-up, same process); > 1 is faster. ideal: 1 / density, "
+                 "the work that is left" + (" in the pruned layers (an upper bound: the rest of the model is not "
+                                            "pruned)." if model else "."))
+    if model:
+        lines.append("rel err: max |sparse - dense| / max |dense(x) - dense(x')|, x' other inputs: the error "
+                     "against the part of the output the input decides.")
+    for name, key in (("torch", "torch_sparse_note"), ("DeepSparse", "deepsparse_note")):
+        lines += [f"{name} '-': {note}" for note in sorted({r[key] for r in rows if r.get(key)})]
+    wrong = sum(not r["correct"] and not r.get("check_note") for r in rows)
     if wrong:
         lines.append(f"{wrong} of {len(rows)} points gave a WRONG pysparse result (not timed)")
+    unchecked = [r for r in rows if r.get("check_note")]
+    if unchecked:
+        lines.append(f"{len(unchecked)} of {len(rows)} points UNCHECKED (pysparse not timed): "
+                     + "; ".join(sorted({r["check_note"] for r in unchecked})))
     return "\n".join(lines)
 
 

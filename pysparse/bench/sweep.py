@@ -3,6 +3,8 @@
 dense       ``F.linear(x, W, b)`` with the masked dense weight (PyTorch's dense GEMM: MKL/oneDNN, cuBLAS)
 pysparse    ``pysparse.ops.bsr_linear`` on the packed weight, as :class:`pysparse.nn.SparseLinear` calls it
 torch       ``F.linear(x, W_bsr, b)`` with ``W`` as a ``torch.sparse_bsr`` tensor (torch's own sparse path)
+deepsparse  with ``--compare deepsparse``: an ``nn.Linear`` holding the masked weight, exported to ONNX and run by
+            DeepSparse (see :mod:`pysparse.bench.deepsparse_compare`)
 
 Each point first checks pysparse (and torch's path) against the dense masked reference computed in float64, and
 is timed only when the result is right. The mask keeps exactly ``total - round(sparsity * total)`` blocks at
@@ -11,17 +13,17 @@ random positions, so the density is what was asked for (up to rounding on small 
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
 from .check import LAYER_TOLERANCE, rel_err
-from .timing import copies_for, l2_bytes, median_ms
+from .timing import alternate, copies_for, l2_bytes, median_ms
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ def _torch_sparse(bsw: BlockSparseWeight, copies: list[torch.Tensor]) -> tuple[l
 
 
 def run_case(case: LayerCase, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, *, gen: torch.Generator,
-             min_run_time: float, rounds: int = 1, torch_sparse: bool = True) -> dict:
-    """Check and time one point; ``weight [n, k]``, ``bias [n]`` and ``x [m, k]`` are dense random inputs."""
+             min_run_time: float, rounds: int = 1, torch_sparse: bool = True, deepsparse=None) -> dict:
+    """Check and time one point; ``weight [n, k]``, ``bias [n]`` and ``x [m, k]`` are dense random inputs;
+    ``deepsparse``: a :class:`~pysparse.bench.deepsparse_compare.DeepSparse` to compare with, or None."""
     device, dtype = x.device.type, x.dtype
     n, k = weight.shape
     mask = block_mask(n, k, case.block, case.sparsity, gen)
@@ -105,13 +108,20 @@ def run_case(case: LayerCase, weight: torch.Tensor, bias: torch.Tensor, x: torch
         row["torch_sparse_note"] = "skipped (--no-torch-sparse)"
 
     reps = 20 if case.m >= 1024 else 100
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):  # alternate the variants so that drift in the machine's load hits all of them alike
-        for name, calls in fns.items():
-            times[name].append(median_ms(calls, device, min_run_time=min_run_time,
-                                         reps=max(reps // 5, 4) if name == "torch_sparse" else reps))
-    for name, ts in times.items():
-        row[f"{name}_ms"] = statistics.median(ts)
+    timers = {name: (lambda calls=calls, r=max(reps // 5, 4) if name == "torch_sparse" else reps:
+                     median_ms(calls, device, min_run_time=min_run_time, reps=r))
+              for name, calls in fns.items()}
+    if deepsparse is not None:
+        linear = nn.Linear(k, n, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dense_w)
+            linear.bias.copy_(bias)
+        fields, ds_timer = deepsparse.measure(linear.eval(), (x,), want, tolerance=tol, min_run_time=min_run_time)
+        row.update(fields)
+        if ds_timer is not None:
+            timers["deepsparse"] = ds_timer
+    for name, ms in alternate(timers, rounds).items():
+        row[f"{name}_ms"] = ms
     add_ratios(row)
     return row
 
@@ -125,11 +135,13 @@ def add_ratios(row: dict) -> None:
 
     row["ratio_vs_dense"] = ratio(row["pysparse_ms"])
     row["torch_sparse_ratio_vs_dense"] = ratio(row["torch_sparse_ms"])
+    if "deepsparse_ms" in row:
+        row["deepsparse_ratio_vs_dense"] = ratio(row["deepsparse_ms"])
     row["ideal"] = 1.0 / row["density"] if row["density"] else None
 
 
 def run_sweep(case_list: list[LayerCase], *, dtype=torch.float32, device: str = "cpu", min_run_time: float = 0.2,
-              rounds: int = 1, torch_sparse: bool = True, seed: int = 0, progress=None) -> list[dict]:
+              rounds: int = 1, torch_sparse: bool = True, seed: int = 0, progress=None, deepsparse=None) -> list[dict]:
     """Run ``case_list`` and return one row per case (see :func:`run_case`); ``progress`` wraps the iteration
     (e.g. ``tqdm``)."""
     gen = torch.Generator(device).manual_seed(seed)
@@ -146,5 +158,5 @@ def run_sweep(case_list: list[LayerCase], *, dtype=torch.float32, device: str = 
             if case.m not in xs:
                 xs[case.m] = torch.randn(case.m, case.k, generator=gen, device=device).to(dtype)
             rows.append(run_case(case, weight, bias, xs[case.m], gen=gen, min_run_time=min_run_time, rounds=rounds,
-                                 torch_sparse=torch_sparse))
+                                 torch_sparse=torch_sparse, deepsparse=deepsparse))
     return rows

@@ -61,6 +61,16 @@ def l2_bytes() -> int:
     return getattr(props, "L2_cache_size", 50 * 2**20)
 
 
+def alternate(timers: dict, rounds: int) -> dict:
+    """The median over ``rounds`` of what each ``timers[name]()`` returns (milliseconds), the timers called in turn
+    in every round, so that drift in the machine's load hits all variants alike."""
+    times = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def median_ms(fns, device: str, *, min_run_time: float, reps: int = 100) -> float:
     """Median milliseconds per call: ``fns[0]`` on the CPU (the copies buy nothing there and cost memory), the
     rotation over ``fns`` on CUDA (``reps`` calls per timed replay)."""
