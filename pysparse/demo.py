@@ -2,15 +2,22 @@
 
 Train an MLP 64-256-256-10, then for block pruning (L1 and L2 norms, one-shot and gradual) and channel pruning:
 prune, measure the one-shot accuracy, fine-tune with the masks held, measure again on the held-out test split,
-pack the pruned layers into :class:`pysparse.nn.SparseLinear`, check the packed model's outputs equal the masked
+pack the pruned layers into :class:`pysparse.nn.SparseLinear` (channel masks into
+:class:`pysparse.nn.ChannelSparseLinear`), check the packed model's outputs equal the masked
 dense model's, and time both against the dense model in the same run.
+
+Then structural channel pruning of a small CNN: train it, remove half of its channels physically with
+:func:`pysparse.prune.prune_channels`, fine-tune, save the pruned model and load it into a freshly built dense
+CNN (:func:`pysparse.save` / :func:`pysparse.load` replay the surgery), and time it against the dense CNN.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import os
 import sys
+import tempfile
 from collections import OrderedDict
 
 import torch
@@ -20,8 +27,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import ops
 from .analysis import median_seconds, pack_block_size, sensitivity, sparsity_report
-from .nn import SparseLinear
-from .prune import GradualSchedule, fine_tune, get_masks, prune_, remove_masks
+from .analysis.timing import alternating_medians
+from .io import load, save
+from .nn import ChannelSparseLinear, SparseLinear
+from .prune import GradualSchedule, fine_tune, get_masks, prune_, prune_channels, remove_masks
 
 # Global scope (LAMP scores, see prune_) lets the 64-input first layer keep more blocks than the 256-input second.
 BLOCK = dict(pattern="block", block_size=(16, 16), scope="global")
@@ -40,6 +49,9 @@ VARIANTS = [
 SMOKE_VARIANTS = [VARIANTS[0], VARIANTS[6]]
 COLUMNS = ("method", "sparsity", "zeros", "one-shot", "fine-tuned", "vs dense", "packed err", "KiB packed",
            "speed b=360", "speed b=1")
+
+
+CNN_RATIO = 0.5   # prune_channels' ratio: the fraction of each coupled channel family removed
 
 
 def load_data(seed: int):
@@ -62,6 +74,51 @@ def mlp() -> nn.Sequential:
                                      act2=nn.ReLU(), out=nn.Linear(256, 10)))
 
 
+class DigitsCNN(nn.Module):
+    """conv32-conv64-pool-conv64-pool(2)-fc64-fc10 with BatchNorm, on digits as ``[B, 1, 8, 8]`` images."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, seed: int, batch_size: int = 32) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def cnn_channel_pruning(x_train, y_train, x_test, y_test, *, dense_epochs: int = 15, tune_epochs: int = 8,
+                        seed: int = 0, progress: bool = False) -> dict:
+    """Train a :class:`DigitsCNN` on ``x_train`` (``[N, 1, 8, 8]``), remove ``CNN_RATIO`` of its channels with
+    ``prune_channels``, fine-tune it.
+
+    Returns the two models (``dense``, ``pruned``), their test accuracies (``dense_accuracy``, ``one_shot``
+    right after pruning, ``fine_tuned``) and the ``prune_channels`` report (params and FLOPs per image).
+    """
+    torch.manual_seed(seed)
+    dense = DigitsCNN()
+    steps = len(loader(x_train, y_train, seed, 64))
+    with threads(1):
+        fine_tune(dense, loader(x_train, y_train, seed, 64), F.cross_entropy,
+                  torch.optim.Adam(dense.parameters(), lr=3e-3), steps=dense_epochs * steps, progress=progress,
+                  desc="train dense CNN")
+        dense_acc = accuracy(dense, x_test, y_test)
+        pruned, report = prune_channels(copy.deepcopy(dense).eval(), x_train[:1], ratio=CNN_RATIO, return_report=True)
+        one_shot = accuracy(pruned, x_test, y_test)
+        fine_tune(pruned, loader(x_train, y_train, seed + 1, 64), F.cross_entropy,
+                  torch.optim.Adam(pruned.parameters(), lr=1e-3), steps=tune_epochs * steps, progress=progress,
+                  desc="fine-tune pruned CNN")
+    return dict(dense=dense.eval(), pruned=pruned.eval(), dense_accuracy=dense_acc, one_shot=one_shot,
+                fine_tuned=accuracy(pruned, x_test, y_test), report=report)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
@@ -69,13 +126,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def pack(model: nn.Module, masks: dict[str, torch.Tensor], pattern: str, block_size) -> nn.Module:
-    """A copy of ``model`` whose masked Linear layers are SparseLinear (from_dense with their masks)."""
+    """A copy of ``model`` whose masked Linear layers are SparseLinear (from_dense with their masks), or
+    ChannelSparseLinear for channel masks (whole output rows)."""
     packed = copy.deepcopy(model)
     remove_masks(packed)
     for name, mask in masks.items():
         linear = packed.get_submodule(name)
-        packed.set_submodule(name, SparseLinear.from_dense(linear, pack_block_size(pattern, block_size,
-                                                                                   linear.weight.shape), mask))
+        if pattern == "channel":
+            layer = ChannelSparseLinear.from_dense(linear, out_index=mask.any(1), in_index=mask.any(0))
+        else:
+            layer = SparseLinear.from_dense(linear, pack_block_size(pattern, block_size, linear.weight.shape), mask)
+        packed.set_submodule(name, layer)
     return packed.eval()
 
 
@@ -106,21 +167,18 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
     min_run_time = 0.05 if smoke else 0.2
     x_train, y_train, x_test, y_test = load_data(seed)
 
-    def loader(salt: int) -> DataLoader:
-        return DataLoader(TensorDataset(x_train, y_train), batch_size=32, shuffle=True,
-                          generator=torch.Generator().manual_seed(seed + salt))
-
     def median_times(model: nn.Module) -> dict[str, float]:
         with threads(timing_threads):
             return {b: median_seconds(model, x, min_run_time=min_run_time) for b, x in batches.items()}
 
-    steps = tune_epochs * len(loader(0))
+    batches_per_epoch = len(loader(x_train, y_train, seed))
+    steps = tune_epochs * batches_per_epoch
     batches = {"b=360": x_test, "b=1": x_test[:1]}
     torch.manual_seed(seed)
     dense = mlp()
     with threads(1):
-        fine_tune(dense, loader(0), F.cross_entropy, torch.optim.Adam(dense.parameters(), lr=1e-3),
-                  steps=dense_epochs * len(loader(0)), progress=progress, desc="train dense")
+        fine_tune(dense, loader(x_train, y_train, seed), F.cross_entropy, torch.optim.Adam(dense.parameters(), lr=1e-3),
+                  steps=dense_epochs * batches_per_epoch, progress=progress, desc="train dense")
     dense_acc = accuracy(dense, x_test, y_test)
     dense_s = median_times(dense)
 
@@ -129,6 +187,8 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
     out(f"dense test accuracy {dense_acc:.2%} after {dense_epochs} epochs (Adam); each pruned model below is "
         f"fine-tuned {tune_epochs} epochs (Adam, cosine lr) with its masks held")
     results = {"dense_accuracy": dense_acc, "variants": []}
+    rows = [dict(method="dense", sparsity=0.0, fine_tuned=dense_acc, packed_bytes=state_bytes(dense),
+                 speed=dict.fromkeys(batches, 1.0))]
     for salt, (method, kwargs, sparsity, gradual) in enumerate(SMOKE_VARIANTS if smoke else VARIANTS, start=1):
         model = copy.deepcopy(dense)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -139,11 +199,12 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
             if gradual:  # prune 8 times during the first 60% of fine-tuning, then recover at the final sparsity
                 ramp = int(0.6 * steps)
                 schedule = GradualSchedule(0.0, sparsity, start_step=0, end_step=ramp, every=max(1, ramp // 8))
-                fine_tune(model, loader(salt), F.cross_entropy, optimizer, schedule=schedule, **tune, **kwargs)
+                fine_tune(model, loader(x_train, y_train, seed + salt), F.cross_entropy, optimizer,
+                          schedule=schedule, **tune, **kwargs)
             else:
                 prune_(model, sparsity=sparsity, **kwargs)
                 one_shot = accuracy(model, x_test, y_test)
-                fine_tune(model, loader(salt), F.cross_entropy, optimizer, **tune)
+                fine_tune(model, loader(x_train, y_train, seed + salt), F.cross_entropy, optimizer, **tune)
         masks = {n: m.clone() for n, m in get_masks(model).items()}
         weights = [model.get_submodule(n).weight for n in masks]
         zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
@@ -155,12 +216,31 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
         if not err < 1e-5:
             raise RuntimeError(f"{method}: packed model differs from the masked dense model (rel. err {err:.2e})")
         packed_s = median_times(packed)
+        tuned = accuracy(model, x_test, y_test)
         results["variants"].append(dict(
-            method=method, sparsity=sparsity, zeros=zeros, one_shot=one_shot,
-            fine_tuned=accuracy(model, x_test, y_test), packed_err=err, packed_bytes=state_bytes(packed),
+            method=method, sparsity=sparsity, zeros=zeros, one_shot=one_shot, fine_tuned=tuned,
+            vs_dense=100 * (tuned - dense_acc), packed_err=err, packed_bytes=state_bytes(packed),
             speed={b: dense_s[b] / packed_s[b] for b in batches}, model=model))
+    rows += results["variants"]
+
+    cnn_epochs = (3, 2) if smoke else (15, 8)
+    cnn = cnn_channel_pruning(x_train.reshape(-1, 1, 8, 8), y_train, x_test.reshape(-1, 1, 8, 8), y_test,
+                              dense_epochs=cnn_epochs[0], tune_epochs=cnn_epochs[1], seed=seed, progress=progress)
+    cnn.update(cnn_checkpoint_and_time(cnn, {b: x.reshape(-1, 1, 8, 8) for b, x in batches.items()},
+                                       timing_threads, min_run_time))
+    results["cnn"] = cnn
+    rows += [dict(method="CNN dense", sparsity=0.0, fine_tuned=cnn["dense_accuracy"],
+                  packed_bytes=state_bytes(cnn["dense"]), speed=dict.fromkeys(batches, 1.0)),
+             dict(method="CNN prune_channels L2", sparsity=CNN_RATIO, one_shot=cnn["one_shot"],
+                  fine_tuned=cnn["fine_tuned"], vs_dense=100 * (cnn["fine_tuned"] - cnn["dense_accuracy"]),
+                  packed_err=cnn["checkpoint_err"], packed_bytes=state_bytes(cnn["pruned"]), speed=cnn["speed"])]
+    report = cnn["report"]
+    out(f"CNN conv32-conv64-pool-conv64-pool-fc64-fc10 (BatchNorm): trained {cnn_epochs[0]} epochs (Adam), "
+        f"prune_channels(ratio={CNN_RATIO}) removes channels physically, then fine-tuned {cnn_epochs[1]} epochs: "
+        f"params {report.params_before:,} -> {report.params_after:,}, FLOPs per image "
+        f"{report.flops_before / 1e6:.2f}M -> {report.flops_after / 1e6:.2f}M")
     out("")
-    out(format_table(dense_acc, state_bytes(dense), results["variants"]))
+    out(format_table(rows))
 
     if not smoke:
         method, _, sparsity, _ = VARIANTS[0]
@@ -179,26 +259,56 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
     return results
 
 
-def format_table(dense_acc: float, dense_bytes: int, variants: list[dict]) -> str:
+def cnn_checkpoint_and_time(cnn: dict, batches: dict[str, torch.Tensor], timing_threads: int,
+                            min_run_time: float) -> dict:
+    """Save the pruned CNN, load it into a freshly built dense :class:`DigitsCNN` (the checkpoint replays the
+    channel surgery) and check it computes what the pruned model computes; time dense and pruned CNNs in
+    alternating rounds. Returns ``checkpoint_err`` and ``speed`` (dense time / pruned time per batch)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cnn.safetensors")
+        save(cnn["pruned"], path)
+        reloaded = load(DigitsCNN(), path).eval()
+    x = max(batches.values(), key=len)
+    with torch.no_grad():
+        want, got = cnn["pruned"](x), reloaded(x)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if not err < 1e-5:
+        raise RuntimeError(f"the CNN loaded from its checkpoint differs from the pruned CNN (rel. err {err:.2e})")
+    speed = {}
+    with threads(timing_threads):
+        for b, x in batches.items():
+            t = alternating_medians({name: (lambda m=cnn[name], x=x: m(x)) for name in ("dense", "pruned")},
+                                    min_run_time=min_run_time)
+            speed[b] = t["dense"] / t["pruned"]
+    return dict(checkpoint_err=err, speed=speed, reloaded=reloaded)
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per row dict (method, sparsity, fine_tuned, packed_bytes, speed; zeros, one_shot, vs_dense and
+    packed_err print "-" when absent)."""
     widths = (24, 9, 7, 10, 11, 9, 11, 11, 12, 10)
 
     def line(cells):
         return "".join(f"{c:<{w}}" if j == 0 else f"{c:>{w}}" for j, (c, w) in enumerate(zip(cells, widths)))
 
-    lines = [line(COLUMNS),
-             line(("dense", "0.00", "-", "-", f"{dense_acc:.2%}", "-", "-", f"{dense_bytes / 1024:.1f}", "1x", "1x"))]
-    for v in variants:
-        lines.append(line((v["method"], f"{v['sparsity']:.2f}", f"{v['zeros']:.3f}",
-                           "-" if v["one_shot"] is None else f"{v['one_shot']:.2%}", f"{v['fine_tuned']:.2%}",
-                           f"{100 * (v['fine_tuned'] - dense_acc):+.2f}", f"{v['packed_err']:.1e}",
-                           f"{v['packed_bytes'] / 1024:.1f}", *(f"{s:.3g}x" for s in v["speed"].values()))))
+    def cell(row, key, fmt):
+        return "-" if row.get(key) is None else format(row[key], fmt)
+
+    lines = [line(COLUMNS)]
+    for r in rows:
+        lines.append(line((r["method"], f"{r['sparsity']:.2f}", cell(r, "zeros", ".3f"), cell(r, "one_shot", ".2%"),
+                           f"{r['fine_tuned']:.2%}", cell(r, "vs_dense", "+.2f"), cell(r, "packed_err", ".1e"),
+                           f"{r['packed_bytes'] / 1024:.1f}", *(f"{s:.3g}x" for s in r["speed"].values()))))
     lines += [
-        "sparsity: target over the pruned layers (fc1, fc2; global scope, the output layer stays dense); zeros: the",
-        "measured fraction of zero weights in them after fine-tuning; vs dense: accuracy points; packed err:",
-        "max |packed - masked dense| / max |masked dense| on the test set; KiB packed: state_dict of the packed model;",
-        "speed: dense model time / packed model time, median of repeated runs after warm-up (torch.utils.benchmark),",
-        "same process; > 1 means the packed model is faster. Channel masks are packed as SparseLinear with one row",
-        "per block (ChannelSparseLinear is not built yet).",
+        "MLP rows: sparsity: target over the pruned layers (fc1, fc2; global scope, the output layer stays dense);",
+        "zeros: the measured fraction of zero weights in them after fine-tuning; vs dense: accuracy points against",
+        "'dense'; packed err: max |packed - masked dense| / max |masked dense| on the test set; block masks are",
+        "packed as SparseLinear, channel masks (whole output rows) as ChannelSparseLinear. CNN rows: sparsity: the",
+        "fraction of each coupled channel family prune_channels removed (a smaller dense model: no zeros); vs dense:",
+        "against 'CNN dense'; packed err: the same relative error between the pruned CNN and the CNN saved",
+        "(pysparse.save) and loaded into a freshly built dense CNN (pysparse.load). KiB packed: state_dict size.",
+        "speed: dense model time / pruned model time, median of repeated runs after warm-up (torch.utils.benchmark),",
+        "same process; > 1 means the pruned model is faster.",
     ]
     return "\n".join(lines)
 

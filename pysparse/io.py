@@ -1,10 +1,13 @@
 """Packed checkpoints: safetensors for every tensor of the model, JSON metadata for its pysparse layers.
 
 ``save(model, path)`` writes the whole state dict (dense parts included) and, under the safetensors metadata
-key ``"pysparse"``, which layers are sparse and their geometry. ``load(model, path)`` takes a freshly built
-dense model of the same architecture, swaps those layers for SparseLinear / SparseConv2d, and loads every
-tensor. Nothing is unpickled; the file is checked completely (header, metadata schema, every index array,
-every shape) before the model is changed or any kernel runs, and a malformed file raises ValueError.
+key ``"pysparse"``, which layers are sparse (block-sparse SparseLinear / SparseConv2d, channel-sparse
+ChannelSparseLinear / ChannelSparseConv2d) with their geometry, and the channel surgery ``prune_channels``
+applied (the kept channels of every tensor it shrank). ``load(model, path)`` takes a freshly built dense model of
+the same architecture, re-applies that surgery, swaps the sparse layers in, and loads every tensor. Nothing is
+unpickled; the file is checked completely (header, metadata schema, surgery record, every index array, every
+shape) before any kernel runs, and a malformed file raises ValueError with the model left as it was (the surgery,
+applied first because the other checks need the pruned shapes, is undone).
 """
 from __future__ import annotations
 
@@ -17,14 +20,19 @@ import torch
 from torch import nn
 
 from ._build_info import VERSION
-from .formats import BlockSparseWeight
-from .nn import SparseConv2d, SparseLinear
+from .formats import BlockSparseWeight, ChannelSparseWeight
+from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
 from .nn.sparse_conv import _padding_spec
+from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
 
 __all__ = ["save", "load"]
 
 _META_KEY = "pysparse"
 _FORMAT_VERSION = 1
+_SURGERY_KEY = "channel_surgery"
+# kind in the metadata -> (the dense layer it replaces, the pysparse layer)
+_KINDS = {"linear": (nn.Linear, SparseLinear), "conv2d": (nn.Conv2d, SparseConv2d),
+          "channel_linear": (nn.Linear, ChannelSparseLinear), "channel_conv2d": (nn.Conv2d, ChannelSparseConv2d)}
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
@@ -32,8 +40,8 @@ def _sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Top-level pysparse layers by name (a SparseConv2d's inner SparseLinear is part of the conv)."""
     modules = dict(model.named_modules())
     inner = {id(m.linear) for m in modules.values() if isinstance(m, SparseConv2d)}
-    layers = {n: m for n, m in modules.items()
-              if isinstance(m, SparseConv2d) or (isinstance(m, SparseLinear) and id(m) not in inner)}
+    packed = tuple(layer for _, layer in _KINDS.values())
+    layers = {n: m for n, m in modules.items() if isinstance(m, packed) and id(m) not in inner}
     if "" in layers:
         raise ValueError(f"model is itself a {type(model).__name__}: save a module that contains it (load swaps "
                          f"layers inside the model it is given)")
@@ -41,6 +49,13 @@ def _sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _layer_meta(name: str, m: nn.Module) -> dict:
+    if isinstance(m, ChannelSparseLinear):
+        return {"name": name, "kind": "channel_linear", "in_features": m.in_features,
+                "out_features": m.out_features, "bias": m.bias is not None}
+    if isinstance(m, ChannelSparseConv2d):
+        return {"name": name, "kind": "channel_conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+                "dilation": list(m.dilation), "bias": m.bias is not None}
     if isinstance(m, SparseConv2d):
         return {"name": name, "kind": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
                 "kernel_size": list(m.kernel_size), "stride": list(m.stride),
@@ -52,13 +67,39 @@ def _layer_meta(name: str, m: nn.Module) -> dict:
             "trainable": isinstance(m.values, nn.Parameter)}
 
 
+def _surgery_record(model: nn.Module) -> dict | None:
+    """The channel surgery applied to ``model``, as one record named from ``model`` (None if none).
+
+    ``prune_channels`` records the surgery on the module it pruned, so a pruned submodule's record is renamed into
+    the model's namespace. Records on two nested modules are refused: the order of their steps is not known.
+    """
+    found = [(n, r) for n, m in model.named_modules() if (r := channel_surgery_record(m)) is not None]
+    for a, _ in found:
+        for b, _ in found:
+            if a != b and (a == "" or b.startswith(f"{a}.")):
+                raise ValueError(f"channel surgery is recorded on {a or 'the model'!r} and on {b!r} inside it "
+                                 f"(prune_channels was called on both): the order of their steps is not known, "
+                                 f"so no checkpoint could replay them; prune channels through one module")
+    if not found:
+        return None
+
+    def rename(prefix: str, names: dict) -> dict:
+        return {f"{prefix}.{q}" if prefix and q else prefix or q: v for q, v in names.items()}
+
+    return {"version": found[0][1]["version"],
+            "steps": [{"params": rename(prefix, step["params"]), "modules": rename(prefix, step["modules"])}
+                      for prefix, record in found for step in record["steps"]]}
+
+
 def save(model: nn.Module, path) -> None:
-    """Write ``model``'s state dict and its pysparse layers' geometry to a safetensors file at ``path``.
+    """Write ``model``'s state dict, its pysparse layers' geometry and its channel surgery (what
+    ``prune_channels`` removed) to a safetensors file at ``path``.
 
     Tensors that share memory (tied weights) are stored once and recorded as aliases.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    surgery = _surgery_record(model)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     views: dict[tuple, str] = {}
@@ -80,6 +121,8 @@ def save(model: nn.Module, path) -> None:
         tensors[key] = t.clone() if shared else t.contiguous()
     meta = {"format_version": _FORMAT_VERSION, "pysparse_version": VERSION,
             "layers": [_layer_meta(n, m) for n, m in _sparse_layers(model).items()], "aliases": aliases}
+    if surgery is not None:
+        meta[_SURGERY_KEY] = surgery
     safetensors.torch.save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta), "format": "pt"})
 
 
@@ -109,23 +152,26 @@ def _check_entry(entry) -> dict:
     if not isinstance(entry, dict):
         raise _Bad(f"each layer entry must be an object, got {type(entry).__name__}")
     _field(entry, "name", lambda v: isinstance(v, str) and v != "", "a non-empty string")
-    kind = _field(entry, "kind", lambda v: v in ("linear", "conv2d"), "'linear' or 'conv2d'")
-    _field(entry, "block_size", _pos_pair, "a pair of ints >= 1")
+    kind = _field(entry, "kind", lambda v: isinstance(v, str) and v in _KINDS, f"one of {sorted(_KINDS)}")
     _field(entry, "bias", lambda v: isinstance(v, bool), "a bool")
-    _field(entry, "trainable", lambda v: isinstance(v, bool), "a bool")
-    if kind == "linear":
+    if kind in ("linear", "conv2d"):
+        _field(entry, "block_size", _pos_pair, "a pair of ints >= 1")
+        _field(entry, "trainable", lambda v: isinstance(v, bool), "a bool")
+    if kind in ("linear", "channel_linear"):
         for key in ("in_features", "out_features"):
             _field(entry, key, lambda v: _is_int(v) and v >= 0, "an int >= 0")
-    else:
-        for key in ("in_channels", "out_channels"):
-            _field(entry, key, lambda v: _is_int(v) and v >= 1, "an int >= 1")
-        for key in ("kernel_size", "stride", "dilation"):
-            _field(entry, key, _pos_pair, "a pair of ints >= 1")
-        _field(entry, "padding", lambda v: v in ("valid", "same") or (
-            isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v)),
-            "'valid', 'same' or a pair of ints >= 0")
-        _field(entry, "padding_mode", lambda v: v in ("zeros", "reflect", "replicate", "circular"),
-               "a padding mode of nn.Conv2d")
+        return entry
+    for key in ("in_channels", "out_channels"):
+        _field(entry, key, lambda v: _is_int(v) and v >= 1, "an int >= 1")
+    for key in ("kernel_size", "stride", "dilation"):
+        _field(entry, key, _pos_pair, "a pair of ints >= 1")
+    pair = lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v)  # noqa: E731
+    if kind == "channel_conv2d":
+        _field(entry, "padding", pair, "a pair of ints >= 0")
+        return entry
+    _field(entry, "padding", lambda v: v in ("valid", "same") or pair(v), "'valid', 'same' or a pair of ints >= 0")
+    _field(entry, "padding_mode", lambda v: v in ("zeros", "reflect", "replicate", "circular"),
+           "a padding mode of nn.Conv2d")
     return entry
 
 
@@ -146,6 +192,9 @@ def _read_meta(f) -> dict:
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in aliases.items()):
         raise _Bad("'aliases' must map tensor names to tensor names")
+    if _SURGERY_KEY in meta and not isinstance(meta[_SURGERY_KEY], dict):
+        raise _Bad(f"{_SURGERY_KEY!r} must be an object (a channel surgery record), got "
+                   f"{type(meta[_SURGERY_KEY]).__name__}")
     meta["layers"] = [_check_entry(e) for e in layers]
     names = [e["name"] for e in meta["layers"]]
     if len(set(names)) != len(names):
@@ -161,55 +210,73 @@ def _expect(cond: bool, msg: str) -> None:
 
 def _target(model: nn.Module, entry: dict) -> nn.Module:
     """The module the entry replaces, checked to have the entry's geometry."""
-    name = entry["name"]
+    name, kind = entry["name"], entry["kind"]
     try:
         target = model.get_submodule(name)
     except AttributeError:
         raise _Bad(f"layer {name!r} is not in the model") from None
-    if entry["kind"] == "linear":
-        _expect(isinstance(target, (nn.Linear, SparseLinear)),
-                f"layer {name!r} is a {type(target).__name__} in the model, the checkpoint has a Linear")
+    dense, packed = _KINDS[kind]
+    _expect(isinstance(target, (dense, packed)),
+            f"layer {name!r} is a {type(target).__name__} in the model, the checkpoint has a {packed.__name__} "
+            f"(in place of a {dense.__name__})")
+    if kind in ("linear", "channel_linear"):
         got = (target.in_features, target.out_features, target.bias is not None)
         want = (entry["in_features"], entry["out_features"], entry["bias"])
         _expect(got == want, f"layer {name!r}: (in_features, out_features, bias) is {got} in the model, "
                              f"{want} in the checkpoint")
-    else:
-        _expect(isinstance(target, (nn.Conv2d, SparseConv2d)),
-                f"layer {name!r} is a {type(target).__name__} in the model, the checkpoint has a Conv2d")
-        _expect(getattr(target, "groups", 1) == 1, f"layer {name!r} has groups={getattr(target, 'groups', 1)}")
-        got = (target.in_channels, target.out_channels, tuple(target.kernel_size), tuple(target.stride),
-               _padding_spec(target.padding), tuple(target.dilation), target.padding_mode, target.bias is not None)
-        pad = entry["padding"]
-        want = (entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]), tuple(entry["stride"]),
-                pad if isinstance(pad, str) else tuple(pad), tuple(entry["dilation"]), entry["padding_mode"],
-                entry["bias"])
-        _expect(got == want, f"layer {name!r}: (in, out, kernel, stride, padding, dilation, padding_mode, bias) is "
-                             f"{got} in the model, {want} in the checkpoint")
+        return target
+    if isinstance(target, nn.Conv2d):
+        _expect(target.groups == 1, f"layer {name!r} has groups={target.groups}")
+        # the channel-sparse conv pads with zeros only, by explicit sizes
+        _expect(kind == "conv2d" or (target.padding_mode == "zeros" and target.padding != "same"),
+                f"layer {name!r} has padding={target.padding!r}, padding_mode={target.padding_mode!r}: a "
+                f"ChannelSparseConv2d needs zero padding of explicit sizes")
+    padding = _padding_spec(target.padding)
+    if kind == "channel_conv2d" and padding == "valid":
+        padding = (0, 0)
+    got = (target.in_channels, target.out_channels, tuple(target.kernel_size), tuple(target.stride), padding,
+           tuple(target.dilation), target.bias is not None)
+    pad = entry["padding"]
+    want = (entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]), tuple(entry["stride"]),
+            pad if isinstance(pad, str) else tuple(pad), tuple(entry["dilation"]), entry["bias"])
+    fields = "(in, out, kernel, stride, padding, dilation, bias)"
+    if kind == "conv2d":
+        got, want = got + (target.padding_mode,), want + (entry["padding_mode"],)
+        fields = "(in, out, kernel, stride, padding, dilation, bias, padding_mode)"
+    _expect(got == want, f"layer {name!r}: {fields} is {got} in the model, {want} in the checkpoint")
     return target
 
 
 def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    name = entry["name"]
-    prefix = f"{name}.linear." if entry["kind"] == "conv2d" else f"{name}."
+    name, kind = entry["name"], entry["kind"]
+    prefix = f"{name}.linear." if kind == "conv2d" else f"{name}."
+    index_names = ChannelSparseWeight._index_names if kind.startswith("channel") else ("crow_indices", "col_indices")
     parts = {}
-    for key in ("values", "crow_indices", "col_indices") + (("bias",) if entry["bias"] else ()):
+    for key in ("values", *index_names) + (("bias",) if entry["bias"] else ()):
         _expect(prefix + key in tensors, f"layer {name!r}: tensor {prefix + key!r} is missing")
         parts[key] = tensors[prefix + key]
-    if entry["kind"] == "linear":
-        shape = (entry["out_features"], entry["in_features"])
-    else:
-        kh, kw = entry["kernel_size"]
-        shape = (entry["out_channels"], entry["in_channels"] * kh * kw)
-    values = parts["values"]
-    _expect(values.dim() == 3 and list(values.shape[1:]) == entry["block_size"],
-            f"layer {name!r}: values must be [nnz, {entry['block_size'][0]}, {entry['block_size'][1]}], "
-            f"got {tuple(values.shape)}")
-    try:
-        weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"], shape)  # validates
-        bias = parts.get("bias")
-        if entry["kind"] == "linear":
+    values, bias = parts["values"], parts.get("bias")
+    if "block_size" in entry:
+        _expect(values.dim() == 3 and list(values.shape[1:]) == entry["block_size"],
+                f"layer {name!r}: values must be [nnz, {entry['block_size'][0]}, {entry['block_size'][1]}], "
+                f"got {tuple(values.shape)}")
+    try:  # the weight formats validate every index array and shape
+        if kind == "channel_linear":
+            weight = ChannelSparseWeight(values, parts["out_index"], parts["in_index"],
+                                         (entry["out_features"], entry["in_features"]))
+            new = ChannelSparseLinear(weight, bias)
+        elif kind == "channel_conv2d":
+            weight = ChannelSparseWeight(values, parts["out_index"], parts["in_index"],
+                                         (entry["out_channels"], entry["in_channels"], *entry["kernel_size"]))
+            new = ChannelSparseConv2d(weight, bias, entry["stride"], entry["padding"], entry["dilation"])
+        elif kind == "linear":
+            weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
+                                       (entry["out_features"], entry["in_features"]))
             new = SparseLinear(weight, bias, trainable=entry["trainable"])
         else:
+            kh, kw = entry["kernel_size"]
+            weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
+                                       (entry["out_channels"], entry["in_channels"] * kh * kw))
             new = SparseConv2d(weight, bias, in_channels=entry["in_channels"], kernel_size=entry["kernel_size"],
                                stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"],
                                padding_mode=entry["padding_mode"], trainable=entry["trainable"])
@@ -241,12 +308,31 @@ def _check_dense_part(model: nn.Module, new_layers: dict[str, nn.Module], tensor
                 f"tensor {k!r} is {got.dtype} in the file, {want.dtype} in the model")
 
 
+def _replay_surgery(model: nn.Module, record: dict):
+    """Apply the checkpoint's channel surgery to ``model``; returns the function that undoes it (None when the model
+    already carries exactly this surgery, e.g. when a checkpoint is loaded twice into one model)."""
+    try:
+        present = _surgery_record(model)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    if present is not None:
+        _expect(present == record, "the model already carries a channel surgery other than the checkpoint's: load "
+                                   "into a freshly built model")
+        return None
+    try:
+        return apply_channel_surgery(model, record, return_undo=True)[1]
+    except ValueError as exc:  # the model is unchanged
+        raise _Bad(f"{_SURGERY_KEY}: {exc}") from None
+
+
 def load(model: nn.Module, path) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (a freshly built dense model), in place.
 
-    The layers that were sparse when saved are replaced by SparseLinear / SparseConv2d (on the device and dtype
-    of the layer they replace), then every tensor is loaded. Returns ``model``. Raises ValueError, leaving the
-    model unchanged, if the file is truncated, tampered with, or does not fit the model.
+    The channel surgery recorded in the file (what ``prune_channels`` removed) is applied first; then the layers
+    that were sparse when saved are replaced by SparseLinear / SparseConv2d / ChannelSparseLinear /
+    ChannelSparseConv2d (on the device and dtype of the layer they replace), and every tensor is loaded. Returns
+    ``model``. Raises ValueError, leaving the model unchanged, if the file is truncated, tampered with, or does
+    not fit the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -259,7 +345,11 @@ def load(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"{path}: invalid pysparse checkpoint: {exc}") from None
     except safetensors.SafetensorError as exc:
         raise ValueError(f"{path}: not a readable safetensors file: {exc}") from None
+    undo = None
     try:
+        # Surgery first: the sparse layers' geometry and the tensors' shapes are those of the pruned model.
+        if _SURGERY_KEY in meta:
+            undo = _replay_surgery(model, meta[_SURGERY_KEY])
         for key, source in meta["aliases"].items():
             _expect(key not in tensors, f"alias {key!r} is also stored as a tensor")
             _expect(source in tensors, f"alias {key!r} points to {source!r}, which is not in the file")
@@ -269,6 +359,8 @@ def load(model: nn.Module, path) -> nn.Module:
                 "sparse layers are nested in one another")
         _check_dense_part(model, new_layers, tensors)
     except _Bad as exc:
+        if undo is not None:
+            undo()
         raise ValueError(f"{path}: invalid pysparse checkpoint: {exc}") from None
     for name, layer in new_layers.items():
         parent_name, _, child = name.rpartition(".")

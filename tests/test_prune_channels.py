@@ -382,61 +382,19 @@ def test_torchvision_models(name, size, exact):
 
 
 # ---- accuracy: prune 50% of a small CNN's channels on load_digits, fine-tune, compare with dense ---------------
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-def _train(model, x, y, epochs, lr, seed):
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model
-
-
-def _accuracy(model, x, y):
-    return (run_eval(model, x).argmax(1) == y).float().mean().item()
-
-
 @pytest.mark.slow
 def test_digits_cnn_channel_pruning_50pct_stays_within_2_points():
-    sklearn = pytest.importorskip("sklearn.datasets")
-    from sklearn.model_selection import train_test_split
+    pytest.importorskip("sklearn")
+    from pysparse import demo  # the demo's CNN rows run this same flow
 
-    digits = sklearn.load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    tr, te = train_test_split(range(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
-    tr, te = torch.tensor(tr), torch.tensor(te)
-    torch.manual_seed(0)
-    with_threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny model: one thread is fastest, and immune to a busy machine
-    try:
-        dense = _train(DigitsCNN(), x[tr], y[tr], epochs=15, lr=3e-3, seed=0)
-        dense_acc = _accuracy(dense, x[te], y[te])
-        pruned, report = prune_channels(copy.deepcopy(dense), x[:1], ratio=0.5, return_report=True)
-        one_shot = _accuracy(pruned, x[te], y[te])
-        tuned_acc = _accuracy(_train(pruned, x[tr], y[tr], epochs=8, lr=1e-3, seed=1), x[te], y[te])
-    finally:
-        torch.set_num_threads(with_threads)
-    print(f"digits CNN: dense {dense_acc:.4f}, 50% channels one-shot {one_shot:.4f}, fine-tuned {tuned_acc:.4f}, "
-          f"params {report.params_before} -> {report.params_after}, FLOPs {report.flops_before} -> "
-          f"{report.flops_after}")
-    assert pruned.features[0].out_channels == 16 and pruned.features[3].out_channels == 32
-    assert dense_acc > 0.95 and tuned_acc >= dense_acc - 0.02
+    x_train, y_train, x_test, y_test = demo.load_data(0)
+    r = demo.cnn_channel_pruning(x_train.reshape(-1, 1, 8, 8), y_train, x_test.reshape(-1, 1, 8, 8), y_test)
+    report = r["report"]
+    print(f"digits CNN: dense {r['dense_accuracy']:.4f}, 50% channels one-shot {r['one_shot']:.4f}, fine-tuned "
+          f"{r['fine_tuned']:.4f}, params {report.params_before} -> {report.params_after}, FLOPs "
+          f"{report.flops_before} -> {report.flops_after}")
+    assert r["pruned"].features[0].out_channels == 16 and r["pruned"].features[3].out_channels == 32
+    assert r["dense_accuracy"] > 0.95 and r["fine_tuned"] >= r["dense_accuracy"] - 0.02
 
 
 class TrainOnlyAux(nn.Module):

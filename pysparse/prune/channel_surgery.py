@@ -588,12 +588,15 @@ def _apply_step(model, step, i):
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"record step {i}: the model has no parameter or buffer {name!r}")
-        if not isinstance(spec, dict) or list(spec.get("shape", [])) != list(t.shape):
+        if not isinstance(spec, dict) or spec.get("shape") != list(t.shape):
             got = spec.get("shape") if isinstance(spec, dict) else spec
             raise ValueError(f"record step {i}: {name} must have shape {list(t.shape)} before the surgery, "
                              f"the record says {got}")
+        if not isinstance(spec.get("keep", {}), dict):
+            raise ValueError(f"record step {i}: {name}: 'keep' must map dims to kept indices, got "
+                             f"{type(spec['keep']).__name__}")
         keep = {}
-        for d, idx in (spec.get("keep") or {}).items():
+        for d, idx in spec.get("keep", {}).items():
             try:
                 d = int(d)
             except (TypeError, ValueError):
@@ -621,8 +624,9 @@ def _apply_step(model, step, i):
                 isinstance(v, list) and all(isinstance(x, int) and x > 0 for x in v)
             if not ok:
                 raise ValueError(f"record step {i}: {q}.{k} has an invalid value {v!r}")
-        mods.append((mod, attrs))
+        mods.append((q, mod, attrs))
     undo = []
+    resized = {}
     for t, keep in plans:
         new = t.detach()
         for d, idx in keep.items():
@@ -630,7 +634,34 @@ def _apply_step(model, step, i):
         holders = _holders(model, t)
         _replace(model, t, new.contiguous(), holders)
         undo.append(("tensor", holders, t))
-    for mod, attrs in mods:
+        resized.update({id(m): m for m, _, _ in holders})
+    for _, mod, attrs in mods:
         undo.append(("attrs", mod, {k: getattr(mod, k) for k in attrs if hasattr(mod, k)}))
         _set_attrs(mod, attrs)
+    # A tampered record could give a module sizes its tensors do not have: the model would fail only when run.
+    why = next((f"module {q!r} gets new sizes but none of its tensors shrinks" for q, mod, _ in mods
+                if id(mod) not in resized), None)
+    for q, mod in model.named_modules():
+        if why is None and id(mod) in resized:
+            mismatch = _size_mismatch(mod)
+            why = mismatch and f"after the surgery {q or 'the model'} does not fit its tensors: {mismatch}"
+    if why:
+        _undo(undo)
+        raise ValueError(f"record step {i}: {why}")
     return undo
+
+
+def _size_mismatch(mod: nn.Module) -> str | None:
+    """Why ``mod``'s size attributes disagree with its (resized) tensors, or None when they agree."""
+    if isinstance(mod, nn.MultiheadAttention):
+        if mod.in_proj_weight is None:
+            return "a MultiheadAttention with separate q/k/v projections is never resized"
+        if mod.in_proj_weight.shape[1] % mod.num_heads:
+            return f"embed_dim {mod.in_proj_weight.shape[1]} is not a multiple of num_heads {mod.num_heads}"
+    if isinstance(mod, nn.modules.conv._ConvNd) and (mod.groups < 1 or mod.weight.shape[0] % mod.groups):
+        return f"{mod.weight.shape[0]} output channels do not split into groups={mod.groups}"
+    if isinstance(mod, nn.GroupNorm) and mod.weight is not None and mod.weight.shape[0] % mod.num_groups:
+        return f"{mod.weight.shape[0]} channels do not split into num_groups={mod.num_groups}"
+    want = _module_attrs(mod, None, {})
+    got = {k: list(getattr(mod, k)) if k == "normalized_shape" else getattr(mod, k, None) for k in want}
+    return None if got == want else f"attributes {got}, tensors give {want}"
