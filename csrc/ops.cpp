@@ -18,14 +18,22 @@ TORCH_LIBRARY(pysparse, m) {
   // outside the kept output channels out_index and input channels in_index; values [len(out), len(in), kh, kw].
   m.def("channel_sparse_conv2d(Tensor input, Tensor values, Tensor out_index, Tensor in_index, Tensor? bias, "
         "int out_channels, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // y [B, Ho, Wo, out_channels] = F.conv2d of a zero-padded NHWC input [B, Hp, Wp, C] (no further padding) with
+  // W [out_channels, kh*kw*C] block-sparse in BSR form, tap-major columns ((tap_h * kw + tap_w) * C + channel):
+  // an implicit im2col, nothing copied. CPU only, float32; see bsr_conv2d_unsupported for what it needs.
+  m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
+        "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation) -> Tensor");
 }
 
 namespace {
 
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(pysparse::active_cpu_isa()); }
 
+PyObject* implicit_conv2d(PyObject*, PyObject*) { return PyBool_FromLong(pysparse::bsr_conv2d_available()); }
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
+    {"implicit_conv2d", implicit_conv2d, METH_NOARGS, "Whether torch.ops.pysparse.bsr_conv2d_nhwc runs on this CPU."},
     {nullptr, nullptr, 0, nullptr},
 };
 

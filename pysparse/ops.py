@@ -12,6 +12,8 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
 from ._build_info import WITH_CUDA
+from ._validate import as_pair
+from ._weight_layout import weight_from_matrix
 from .formats.bsr import bsr_to_dense, check_bsr_indices
 
 __all__ = ["bsr_linear", "bsr_linear_reference", "available_backends"]
@@ -92,11 +94,74 @@ def available_backends() -> dict:
         "cuda_built": bool(WITH_CUDA),
     }
 
+
+# ---- block-sparse convolution (implicit im2col, CPU) ------------------------------------------------------------
+__all__ += ["bsr_conv2d_nhwc", "bsr_conv2d_nhwc_reference", "implicit_conv2d_available"]
+
+
+def implicit_conv2d_available() -> bool:
+    """Whether :func:`bsr_conv2d_nhwc` runs on this CPU (it needs the AVX2 kernel path)."""
+    return bool(_C.implicit_conv2d())
+
+
+def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+                    col_indices: torch.Tensor, bias: torch.Tensor | None, out_channels: int, kernel_size,
+                    stride=1, dilation=1) -> torch.Tensor:
+    """``F.conv2d`` of an already zero-padded channels-last input with a block-sparse weight, no patch copied.
+
+    Args:
+        input: ``[B, Hp, Wp, C]`` float32 on the CPU (padding already applied; the op adds none).
+        values, crow_indices, col_indices: the weight ``[out_channels, kh*kw*C]`` in BSR form, columns tap-major
+            (``pysparse.nn.conv_weight_matrix``); ``bw`` must divide ``C`` and ``bh`` be a multiple of 8.
+        bias: ``[out_channels]`` or None.
+        kernel_size, stride, dilation: ints or pairs.
+    Returns:
+        ``[B, Ho, Wo, out_channels]`` (``permute(0, 3, 1, 2)`` gives the NCHW view, channels-last in memory).
+    The kernel is the broadcast kernel of ``bsr_linear`` reading each output pixel's patch in place; where it
+    cannot run (see :func:`implicit_conv2d_available`) the op raises ValueError and ``SparseConv2d`` uses im2col.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"input and values must be torch.Tensors, got {type(input).__name__} and "
+                        f"{type(values).__name__}")
+    if isinstance(out_channels, bool) or not isinstance(out_channels, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}")
+    limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
+    crow = _to_int32_indices("crow_indices", crow_indices, limit)
+    col = _to_int32_indices("col_indices", col_indices, limit)
+    return torch.ops.pysparse.bsr_conv2d_nhwc(input, values, crow, col, bias, int(out_channels),
+                                              list(as_pair("kernel_size", kernel_size)),
+                                              list(as_pair("stride", stride)), list(as_pair("dilation", dilation)))
+
+
+def _conv_out(size, k, s, d):
+    return (size - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake("pysparse::bsr_conv2d_nhwc")
+def _bsr_conv2d_nhwc_fake(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride,
+                          dilation):
+    torch._check(input.dim() == 4, lambda: f"input must be [B, Hp, Wp, C], got {input.dim()}-D")
+    ho = _conv_out(input.shape[1], kernel_size[0], stride[0], dilation[0])
+    wo = _conv_out(input.shape[2], kernel_size[1], stride[1], dilation[1])
+    return input.new_empty((input.shape[0], ho, wo, out_channels))
+
+
+def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride=1,
+                              dilation=1):
+    """Pure-torch ``bsr_conv2d_nhwc``: densify W, fold it back to ``[O, C, kh, kw]`` and call ``F.conv2d``."""
+    kh, kw = as_pair("kernel_size", kernel_size)
+    c = input.shape[-1]
+    matrix = bsr_to_dense(values, crow_indices, col_indices, (out_channels, kh * kw * c))
+    weight = weight_from_matrix(matrix, (out_channels, c, kh, kw))
+    y = torch.nn.functional.conv2d(input.permute(0, 3, 1, 2), weight, bias, as_pair("stride", stride), 0,
+                                   as_pair("dilation", dilation))
+    return y.permute(0, 2, 3, 1)
+
+
 from . import autograd  # noqa: E402,F401  (registers bsr_linear's backward with torch.library)
 
 
 # ---- channel-sparse ops ---------------------------------------------------------------------------------------
-from ._validate import as_pair  # noqa: E402
 
 __all__ += ["channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
             "channel_sparse_conv2d_reference"]

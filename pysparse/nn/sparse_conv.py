@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .._validate import as_pair, check_tensor
 # Re-exported under conv names: the tap-major [O, kh*kw*I] view that pysparse.prune draws conv patterns on.
 from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
@@ -17,6 +18,8 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # of tokens, small enough to stay cache-resident and below the allocation size that glibc serves with fresh
 # (page-faulting) mmap memory on every call.
 _IM2COL_CHUNK_BYTES = 4 << 20
+# Read once: a C call inside forward would break torch.compile graphs.
+_IMPLICIT_CONV2D = ops.implicit_conv2d_available()
 
 
 def _padding_spec(padding) -> str | tuple[int, int]:
@@ -41,8 +44,10 @@ class SparseConv2d(nn.Module):
     Why tap-major: the GEMM runs on the channels-last (NHWC) view of the input, where the patch of one output
     pixel in (tap, channel) order is kh contiguous runs of kw*I values; im2col in that order is a plain copy,
     measured 5-10x faster here than building F.unfold's (channel, tap) order, which cost more than the dense conv.
-    A 1x1 convolution is a direct ``bsr_linear`` over channels (strided for stride > 1, no im2col); a kxk one
-    copies its patches into ``[*, kh*kw*I]`` chunks of ~4 MB and multiplies each. The output has the values of the
+    A 1x1 stride-1 convolution is a direct ``bsr_linear`` over channels. Others run ``bsr_conv2d_nhwc`` (implicit
+    im2col: the kernel reads each output pixel's patch in place) in inference on the CPU paths that have it;
+    otherwise (CUDA, training, other dtypes or blocks) a kxk one copies its patches into ``[*, kh*kw*I]`` chunks of
+    ~4 MB and multiplies each, and a strided 1x1 one multiplies a strided view. The output has the values of the
     dense convolution and is laid out channels-last (as ``nn.Conv2d`` returns for channels-last input), which the
     next sparse conv reads copy-free.
     The packed weight lives in the child module ``linear`` (a :class:`SparseLinear`), whose buffers
@@ -163,7 +168,13 @@ class SparseConv2d(nn.Module):
         if h < span_h or w < span_w:
             raise ValueError(f"input of {h}x{w} (after padding) is smaller than the dilated kernel "
                              f"{span_h}x{span_w}")
-        if kh == 1 and kw == 1:
+        if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
+            y = self.linear(x)   # a view of the NHWC input: rows of channels, multiplied in place
+        elif self._implicit(x):
+            lin = self.linear
+            y = ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
+                                    self.kernel_size, self.stride, self.dilation)
+        elif kh == 1 and kw == 1:
             y = self.linear(x[:, ::sh, ::sw, :])   # a view; the kernel packs it as it reads it
         else:
             # Patches as views [B, Ho, Wo, kh, kw, C] (thinned by the dilation); im2col copies them chunk by chunk.
@@ -171,6 +182,17 @@ class SparseConv2d(nn.Module):
             y = self._im2col_gemm(patches)
         y = y.permute(0, 3, 1, 2)   # [B, O, Ho, Wo], channels-last in memory
         return y.squeeze(0) if unbatched else y
+
+    def _implicit(self, x: torch.Tensor) -> bool:
+        """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks
+        that do not straddle two taps (bw divides C) with bh a multiple of 8, and no gradient needed (the op has
+        no backward; the im2col path goes through bsr_linear's)."""
+        bh, bw = self.block_size
+        lin = self.linear
+        return (_IMPLICIT_CONV2D and x.device.type == "cpu" and x.dtype == torch.float32
+                and lin.values.dtype == torch.float32 and self.in_channels % bw == 0 and bh % 8 == 0
+                and not (torch.is_grad_enabled() and (x.requires_grad or lin.values.requires_grad
+                                                      or (lin.bias is not None and lin.bias.requires_grad))))
 
     def _im2col_gemm(self, patches: torch.Tensor) -> torch.Tensor:
         """``[B, Ho, Wo, O]`` from patch views ``[B, Ho, Wo, kh, kw, C]``: whole images per chunk when they fit

@@ -37,6 +37,25 @@ CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 
+// Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
+// is [N, kh*kw*c] tap-major: column (tap_h * kw + tap_w) * c + channel. The BsrProblem has M = batch*ho*wo and
+// K = kh*kw*c (ldx is not used).
+struct ConvGeometry {
+  int64_t batch = 0, hp = 0, wp = 0, c = 0, ho = 0, wo = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1;
+};
+
+// "" when bsr_conv2d_nhwc_cpu runs this problem on this machine, else why not: the geometry must be consistent
+// (every patch inside x), bw must divide c (a block never straddles two taps), bh must be a multiple of 8, and the
+// CPU path must have the broadcast kernel (AVX2; not the forced generic path).
+std::string bsr_conv2d_unsupported(const BsrProblem& p, const ConvGeometry& c);
+// Whether this machine's CPU path has the implicit-im2col convolution at all.
+bool bsr_conv2d_available();
+
+// Implicit-im2col convolution through the broadcast kernel (float32): no patch is copied.
+void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* crow, const int32_t* col,
+                         const float* bias, float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
+
 // Runs the kernel with `num_threads` OpenMP threads. bias may be null. Accumulates in float32.
 template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,

@@ -39,6 +39,7 @@ struct Isa {
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -68,6 +69,11 @@ template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                 const BsrProblem& p, int num_threads) {
   bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false);
+}
+
+void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
+                float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads) {
+  bcast_conv2d(x, values, crow, col, bias, y, p, c, num_threads);
 }
 
 template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,

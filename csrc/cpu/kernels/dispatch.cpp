@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "isa_kernels.h"
 
@@ -110,6 +111,32 @@ template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads) {
   bsr_linear_cpu_isa(chosen_isa(), x, values, crow, col, bias, y, p, num_threads);
+}
+
+std::string bsr_conv2d_unsupported(const BsrProblem& p, const ConvGeometry& c) {
+  if (c.batch < 0 || c.c < 1 || c.kh < 1 || c.kw < 1 || c.sh < 1 || c.sw < 1 || c.dh < 1 || c.dw < 1) {
+    return "convolution geometry has a non-positive size";
+  }
+  if (c.ho < 0 || c.wo < 0 || (c.ho > 0 && (c.ho - 1) * c.sh + (c.kh - 1) * c.dh >= c.hp) ||
+      (c.wo > 0 && (c.wo - 1) * c.sw + (c.kw - 1) * c.dw >= c.wp)) {
+    return "output size does not fit the padded input";
+  }
+  if (p.M != c.batch * c.ho * c.wo || p.K != c.kh * c.kw * c.c) return "problem size does not match the geometry";
+  if (c.c % p.bw != 0) return "block width must divide the input channels";
+  if (p.bh % 8 != 0) return "block height must be a multiple of 8";
+  if (!bsr_conv2d_available()) return "needs the AVX2 path";
+  return "";
+}
+
+bool bsr_conv2d_available() { return chosen_isa() != CpuIsa::kGeneric && supported(CpuIsa::kAvx2); }
+
+void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* crow, const int32_t* col,
+                         const float* bias, float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads) {
+#if PYSPARSE_X86
+  avx2::bsr_conv2d(x, values, crow, col, bias, y, p, c, num_threads < 1 ? 1 : num_threads);
+#else
+  (void)x, (void)values, (void)crow, (void)col, (void)bias, (void)y, (void)p, (void)c, (void)num_threads;
+#endif
 }
 
 #define PYSPARSE_INSTANTIATE(T)                                                                                  \

@@ -23,6 +23,8 @@ namespace avx2 {
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                 const BsrProblem& p, int num_threads);
+void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
+                float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
 }  // namespace avx2
 
 namespace avx512 {
