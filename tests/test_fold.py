@@ -1,4 +1,4 @@
-"""fold_batchnorm(): which Conv/Linear -> BatchNorm pairs fold, why the others do not, and that outputs are unchanged."""
+"""fold_batchnorm(): which Conv/Linear -> BatchNorm pairs fold, why the others stay, and that outputs are unchanged."""
 from __future__ import annotations
 
 import copy
