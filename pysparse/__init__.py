@@ -9,6 +9,7 @@ check_runtime_matches_build()
 from . import analysis, formats, nn, ops, prune  # noqa: E402
 from ._build_info import VERSION as __version__  # noqa: E402
 from .convert import sparsify  # noqa: E402
+from .fold import fold_batchnorm  # noqa: E402
 from .io import load, save  # noqa: E402
 
-__all__ = ["analysis", "formats", "nn", "ops", "prune", "sparsify", "save", "load", "__version__"]
+__all__ = ["analysis", "formats", "nn", "ops", "prune", "sparsify", "fold_batchnorm", "save", "load", "__version__"]

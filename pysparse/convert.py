@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from . import fold as _fold
 from ._validate import as_pair
 from .formats import BlockSparseWeight
 from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
@@ -176,8 +177,8 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,
-             inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False
-             ) -> nn.Module:
+             inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False,
+             fold_batchnorm: bool = False) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose weight is block-sparse enough for a pysparse layer.
 
     Args:
@@ -190,9 +191,13 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             keep the faster; layers the example run does not reach stay dense.
         example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs for ``model``.
         trainable: make the packed values ``nn.Parameter`` s, for fine-tuning through the sparse layers.
+        fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
+            (:func:`pysparse.fold.fold_batchnorm`); inference only, so the model must be in eval mode and
+            ``trainable`` False.
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
-        swapped and why, block density, packed and dense bytes, and the autotune timings.
+        swapped and why, block density, packed and dense bytes, and the autotune timings; with
+        ``fold_batchnorm=True`` also ``.fold_report`` (a :class:`pysparse.fold.FoldReport`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -205,8 +210,15 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         raise ValueError("autotune=True needs example_inputs (the layers are timed on their real input shapes)")
     if example_inputs is not None:
         _as_call(example_inputs)  # type check before any work
+    if fold_batchnorm:
+        if trainable:
+            raise ValueError("fold_batchnorm=True is inference-only: trainable must be False, got trainable=True "
+                             "(fine-tuning would need the BatchNorm layers the fold removes)")
+        _fold.check_inference(model, "sparsify(fold_batchnorm=True)")
     if not inplace:
         model = copy.deepcopy(model)
+    if fold_batchnorm:
+        fold_report = _fold.fold_batchnorm(model, inplace=True).fold_report
 
     # Every place a module is registered (a module may be reachable under several names).
     places: dict[int, list[tuple[nn.Module | None, str]]] = {}
@@ -270,4 +282,6 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             else:
                 setattr(parent, child_name, new)
     model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
+    if fold_batchnorm:
+        model.fold_report = fold_report  # again: the root itself may have been swapped
     return model
