@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script a lent GPU runs: build the extension for sm_90, run the CUDA tests, compute-sanitizer memcheck
-# on a small case, then the bf16 benchmark table (pysparse vs cuBLAS dense vs torch BSR). Prints the table last.
+# on a small case, the channel-sparse check, then the bf16 benchmark table (pysparse vs cuBLAS dense vs torch BSR).
+# Prints the table last.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh [extra bench args]
 # Logs and JSON go to $OUT when set (the device tool returns that folder), else to ./gpu_check_out.
 set -uo pipefail
@@ -23,7 +24,8 @@ grep -E "registers|spill" "$OUT_DIR/build.log" | sort | uniq -c | head -20
 python3 -c "import pysparse, pysparse.ops as o; print(pysparse.__version__, o.available_backends())"
 
 step "CUDA tests"
-python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_bsr_linear.py 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
+python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_cuda_bsr_linear.py tests/test_channel_sparse.py \
+  tests/test_bench_cli.py 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 
 step "compute-sanitizer memcheck"
@@ -36,6 +38,9 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "compute-sanitizer not found"; san_rc=127
 fi
+
+step "channel-sparse ops (issue 5): correctness + timing vs dense at 50% kept channels"
+timeout 120 python3 benchmarks/cuda_channel_check.py 2>&1 | tee "$OUT_DIR/channel.log" | tail -12
 
 step "benchmark (bf16)"
 python3 benchmarks/bench_cuda_bsr_linear.py --json "$OUT_DIR/bench_cuda.json" "$@" 2>&1 | tee "$OUT_DIR/bench.log" \

@@ -102,6 +102,23 @@ def test_bad_options_exit_with_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not ops.available_backends()["cuda"], reason="needs a CUDA device and a CUDA build of pysparse")
+def test_tiny_cuda_sweep(tmp_path, capsys):
+    """The GPU half of the command (CUDA events, bf16 default): checked, timed, GPU recorded. Runs in gpu_check.sh."""
+    code, out, err = run_cli(["bench", "--device", "cuda", "--shapes", "256x192", "--sparsities", "0.5,0.9",
+                              "--blocks", "32", "--batch-sizes", "1,64", "--min-time", "0.01", "--rounds", "1",
+                              "--no-progress", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["environment"]["device"] == "cuda" and data["environment"].get("gpu")
+    assert len(data["rows"]) == 4
+    for r in data["rows"]:
+        assert r["correct"], r
+        assert finite(r["dense_ms"]) and finite(r["pysparse_ms"]) and finite(r["ratio_vs_dense"]), r
+    assert (tmp_path / "bench.png").exists() and (tmp_path / "bench.csv").exists()
+
+
 @pytest.mark.skipif(ops.available_backends()["cuda"], reason="CUDA is usable here")
 def test_cuda_without_cuda_exits_with_2(tmp_path, capsys):
     code, _, err = run_cli(["bench", "--device", "cuda", "--out", str(tmp_path)], capsys)
