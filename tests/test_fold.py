@@ -171,7 +171,11 @@ class SmallCNN(nn.Module):
 
 def _zero_blocks_(conv: nn.Conv2d, density: float, g: torch.Generator) -> None:
     mat = conv_weight_matrix(conv.weight)
-    keep = torch.rand(-(-mat.shape[0] // 16), -(-mat.shape[1] // 16), generator=g) < density
+    rows, cols = -(-mat.shape[0] // 16), -(-mat.shape[1] // 16)
+    # Exactly round(density * blocks) kept, so every seed leaves the layer sparse enough for sparsify's default.
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols, generator=g)[:round(density * rows * cols)]] = True
+    keep = keep.view(rows, cols)
     mask = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:mat.shape[0], :mat.shape[1]]
     with torch.no_grad():
         conv.weight.mul_(conv_weight_from_matrix(mask, conv.weight.shape))
