@@ -149,7 +149,10 @@ def test_torch_compile_fullgraph_matches_eager():
     with torch.no_grad():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    # Relative to the largest output (DESIGN.md's convention): inductor generates its own GELU, which differs from
+    # eager's by float32 rounding, so an elementwise rtol fails on outputs near zero.
+    err = (compiled - eager).abs().max() / eager.abs().max()
+    assert err < 1e-5, f"compiled vs eager: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
