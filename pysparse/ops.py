@@ -31,6 +31,13 @@ def _to_int32_indices(name: str, t: torch.Tensor, limit: int) -> torch.Tensor:
     return t.to(torch.int32)
 
 
+def _bsr_int32_indices(values: torch.Tensor, crow_indices, col_indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(crow, col)`` as the kernels take them: int32, range-checked when they come as int64."""
+    limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
+    return (_to_int32_indices("crow_indices", crow_indices, limit),
+            _to_int32_indices("col_indices", col_indices, limit))
+
+
 def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True) -> torch.Tensor:
     """``F.linear(input, W, bias)`` where ``W [out_features, in_features]`` is block-sparse (BSR).
@@ -59,9 +66,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
-    limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
-    crow = _to_int32_indices("crow_indices", crow_indices, limit)
-    col = _to_int32_indices("col_indices", col_indices, limit)
+    crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     if values.dim() == 3 and col.dim() == 1 and col.numel() != values.shape[0]:
         # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.
         raise ValueError(f"col_indices must have one entry per block ({values.shape[0]} blocks in values), "
@@ -125,15 +130,14 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
                         f"{type(values).__name__}")
     if isinstance(out_channels, bool) or not isinstance(out_channels, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}")
-    limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
-    crow = _to_int32_indices("crow_indices", crow_indices, limit)
-    col = _to_int32_indices("col_indices", col_indices, limit)
+    crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     return torch.ops.pysparse.bsr_conv2d_nhwc(input, values, crow, col, bias, int(out_channels),
                                               list(as_pair("kernel_size", kernel_size)),
                                               list(as_pair("stride", stride)), list(as_pair("dilation", dilation)))
 
 
 def _conv_out(size, k, s, d):
+    """Output length of a convolution over ``size`` (padding included) with kernel k, stride s, dilation d."""
     return (size - d * (k - 1) - 1) // s + 1
 
 
@@ -256,7 +260,7 @@ def channel_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, out_index: 
 def _channel_sparse_conv2d_fake(input, values, out_index, in_index, bias, out_channels, stride, padding, dilation):
     torch._check(values.dim() == 4, lambda: f"values must be 4-D, got {values.dim()}-D")
     torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
-    size = [(input.shape[2 + i] + 2 * padding[i] - dilation[i] * (values.shape[2 + i] - 1) - 1) // stride[i] + 1
+    size = [_conv_out(input.shape[2 + i] + 2 * padding[i], values.shape[2 + i], stride[i], dilation[i])
             for i in range(2)]
     return input.new_empty((input.shape[0], out_channels, *size))
 
