@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from conftest import generator_for
 from pysparse import fold_batchnorm, sparsify
+from pysparse.bench.sweep import block_mask
 from pysparse.fold import FoldReport
 from pysparse.nn import SparseConv2d, conv_weight_from_matrix, conv_weight_matrix
 from pysparse.prune import prune_
@@ -170,13 +171,9 @@ class SmallCNN(nn.Module):
 
 
 def _zero_blocks_(conv: nn.Conv2d, density: float, g: torch.Generator) -> None:
-    mat = conv_weight_matrix(conv.weight)
-    rows, cols = -(-mat.shape[0] // 16), -(-mat.shape[1] // 16)
     # Exactly round(density * blocks) kept, so every seed leaves the layer sparse enough for sparsify's default.
-    keep = torch.zeros(rows * cols, dtype=torch.bool)
-    keep[torch.randperm(rows * cols, generator=g)[:round(density * rows * cols)]] = True
-    keep = keep.view(rows, cols)
-    mask = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:mat.shape[0], :mat.shape[1]]
+    mat = conv_weight_matrix(conv.weight)
+    mask = block_mask(*mat.shape, (16, 16), 1 - density, g)
     with torch.no_grad():
         conv.weight.mul_(conv_weight_from_matrix(mask, conv.weight.shape))
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pysparse import ops
+from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.nn import SparseConv2d, conv_weight_from_matrix, conv_weight_matrix
 
@@ -42,14 +43,12 @@ def _case(idx):
     ph, pw = _pair(p)
     weight = torch.randn(o, c, kh, kw, generator=g)
     matrix = conv_weight_matrix(weight)
-    nbr, nbc = -(-o // block[0]), -(-matrix.shape[1] // block[1])
-    keep = torch.rand(nbr, nbc, generator=g) < density
-    mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:o, :matrix.shape[1]]
+    mask = block_mask(o, matrix.shape[1], block, 1 - density, g)
     packed = BlockSparseWeight.from_dense(matrix * mask, block, mask=mask)
     values = packed.values.clone()
     # Rows past out_channels are padding: poison them, the kernel must never store them.
     rows = torch.arange(values.shape[1]).view(1, -1, 1)
-    row_block = torch.repeat_interleave(torch.arange(nbr), packed.crow_indices.diff()).view(-1, 1, 1)
+    row_block = torch.repeat_interleave(torch.arange(packed.n_block_rows), packed.crow_indices.diff()).view(-1, 1, 1)
     values = torch.where(row_block * block[0] + rows >= o, torch.tensor(float("nan")), values)
     x = torch.randn(b, h + 2 * ph, w + 2 * pw, c, generator=g)
     bias = torch.randn(o, generator=g)
@@ -83,10 +82,7 @@ def _layer(idx):
     conv = torch.nn.Conv2d(c, o, k, stride=s, padding=p, dilation=d)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
-        matrix = conv_weight_matrix(conv.weight)
-        nbr, nbc = -(-o // block[0]), -(-matrix.shape[1] // block[1])
-        keep = torch.rand(nbr, nbc, generator=g) < density
-        mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:o, :matrix.shape[1]]
+        mask = block_mask(o, conv_weight_matrix(conv.weight).shape[1], block, 1 - density, g)
         conv.weight.mul_(conv_weight_from_matrix(mask, conv.weight.shape))
     x = torch.randn(b, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     return conv, SparseConv2d.from_dense(conv, block), x
