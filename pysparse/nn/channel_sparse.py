@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from .._validate import as_pair
 from ..formats.channel_sparse import ChannelSparseWeight
-from .packed_module import PackedWeightModule
+from .packed_module import PackedWeightModule, fill_dense
 
 __all__ = ["ChannelSparseLinear", "ChannelSparseConv2d"]
 
@@ -80,11 +80,7 @@ class ChannelSparseLinear(_ChannelSparseBase):
         """An equivalent dense nn.Linear (same device and dtype)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return fill_dense(linear, self.weight.to_dense(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -142,11 +138,7 @@ class ChannelSparseConv2d(_ChannelSparseBase):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, bias=self.bias is not None, device=self.values.device,
                          dtype=self.values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return fill_dense(conv, self.weight.to_dense(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

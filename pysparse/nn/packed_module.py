@@ -47,3 +47,13 @@ class PackedWeightModule(nn.Module):
         for n in names:  # they were loaded above, not missing
             if prefix + n in missing_keys:
                 missing_keys.remove(prefix + n)
+
+
+def fill_dense(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Copy a packed layer's dense ``weight`` (already in ``module.weight``'s shape) and ``bias`` into the freshly
+    built dense ``module``; returns it (the shared tail of every ``to_linear`` / ``to_conv2d``)."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module

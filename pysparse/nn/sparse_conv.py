@@ -11,6 +11,7 @@ from .._validate import as_pair, check_tensor
 from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
 from .._weight_layout import weight_matrix as conv_weight_matrix
 from ..formats import BlockSparseWeight
+from .packed_module import fill_dense
 from .sparse_linear import SparseLinear
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -126,11 +127,7 @@ class SparseConv2d(nn.Module):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
                          padding_mode=self.padding_mode, device=values.device, dtype=values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape))
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return fill_dense(conv, conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape), self.bias)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _pads(self) -> tuple[int, int, int, int]:

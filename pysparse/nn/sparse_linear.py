@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
-from .packed_module import PackedWeightModule
+from .packed_module import PackedWeightModule, fill_dense
 
 
 class SparseLinear(PackedWeightModule):
@@ -71,11 +71,7 @@ class SparseLinear(PackedWeightModule):
         """An equivalent dense nn.Linear (same device and dtype)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return fill_dense(linear, self.weight.to_dense(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
