@@ -10,64 +10,58 @@ bool is_supported_float(at::ScalarType t) {
 
 }  // namespace
 
-BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
-                                 const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                                 int64_t out_features) {
+void check_bsr_dtypes(const char* op, const at::Tensor& input, const at::Tensor& values,
+                      const at::Tensor& crow_indices, const at::Tensor& col_indices) {
   TORCH_CHECK_TYPE(is_supported_float(input.scalar_type()),
-                   "bsr_linear: input must be float32, bfloat16 or float16, got ", input.scalar_type());
-  TORCH_CHECK_TYPE(values.scalar_type() == input.scalar_type(), "bsr_linear: values must have the input's dtype ",
+                   op, ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == input.scalar_type(), op, ": values must have the input's dtype ",
                    input.scalar_type(), ", got ", values.scalar_type());
   TORCH_CHECK_TYPE(crow_indices.scalar_type() == at::kInt && col_indices.scalar_type() == at::kInt,
-                   "bsr_linear: crow_indices and col_indices must be int32 (pysparse.ops.bsr_linear converts "
+                   op, ": crow_indices and col_indices must be int32 (pysparse.ops.", op, " converts "
                    "int64), got ", crow_indices.scalar_type(), " and ", col_indices.scalar_type());
-  TORCH_CHECK_VALUE(input.dim() >= 1, "bsr_linear: input must have at least 1 dimension [..., in_features], got a "
-                    "0-d tensor");
-  TORCH_CHECK_VALUE(values.dim() == 3, "bsr_linear: values must be 3-D [nnz_blocks, bh, bw], got shape ",
+}
+
+BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at::Tensor& values,
+                               const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K) {
+  TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [nnz_blocks, bh, bw], got shape ",
                     values.sizes());
   TORCH_CHECK_VALUE(crow_indices.dim() == 1 && col_indices.dim() == 1,
-                    "bsr_linear: crow_indices and col_indices must be 1-D, got shapes ", crow_indices.sizes(),
+                    op, ": crow_indices and col_indices must be 1-D, got shapes ", crow_indices.sizes(),
                     " and ", col_indices.sizes());
-  TORCH_CHECK_VALUE(out_features >= 0, "bsr_linear: out_features must be >= 0, got ", out_features);
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
   const auto device = input.device();
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
                                 {"crow_indices", &crow_indices},
                                 {"col_indices", &col_indices}}) {
-    TORCH_CHECK_VALUE(t->device() == device, "bsr_linear: ", name, " must be on the input's device ", device,
+    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " must be on the input's device ", device,
                       ", got ", t->device());
   }
   const int64_t bh = values.size(1), bw = values.size(2), nnz = values.size(0);
-  TORCH_CHECK_VALUE(bh >= 1 && bw >= 1, "bsr_linear: block size must be at least 1x1, got ", bh, "x", bw);
-  const int64_t K = input.size(-1);
+  TORCH_CHECK_VALUE(bh >= 1 && bw >= 1, op, ": block size must be at least 1x1, got ", bh, "x", bw);
   const int64_t n_block_rows = (out_features + bh - 1) / bh;
   const int64_t n_block_cols = (K + bw - 1) / bw;
-  TORCH_CHECK_VALUE(crow_indices.numel() == n_block_rows + 1, "bsr_linear: crow_indices must have ceil(out_features / bh) + 1 = ",
+  TORCH_CHECK_VALUE(crow_indices.numel() == n_block_rows + 1, op, ": crow_indices must have ceil(out_features / bh) + 1 = ",
                     n_block_rows + 1, " entries for out_features=", out_features, " and bh=", bh, ", got ",
                     crow_indices.numel());
-  TORCH_CHECK_VALUE(col_indices.numel() == nnz, "bsr_linear: col_indices must have one entry per block (",
+  TORCH_CHECK_VALUE(col_indices.numel() == nnz, op, ": col_indices must have one entry per block (",
                     nnz, " blocks in values), got ", col_indices.numel());
-  TORCH_CHECK_VALUE(nnz <= INT32_MAX, "bsr_linear: at most 2^31-1 blocks are supported, got ", nnz);
+  TORCH_CHECK_VALUE(nnz <= INT32_MAX, op, ": at most 2^31-1 blocks are supported, got ", nnz);
 
   BsrLinearArgs args;
   if (bias.has_value()) {
     const auto& b = *bias;
-    TORCH_CHECK_TYPE(b.scalar_type() == input.scalar_type(), "bsr_linear: bias must have the input's dtype ",
+    TORCH_CHECK_TYPE(b.scalar_type() == input.scalar_type(), op, ": bias must have the input's dtype ",
                      input.scalar_type(), ", got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.device() == device, "bsr_linear: bias must be on the input's device ", device, ", got ",
+    TORCH_CHECK_VALUE(b.device() == device, op, ": bias must be on the input's device ", device, ", got ",
                       b.device());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_features, "bsr_linear: bias must have shape [",
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_features, op, ": bias must have shape [",
                       out_features, "], got ", b.sizes());
     args.bias = b.contiguous();
   }
-  // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous and reshape throws.
-  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
-  at::Tensor x = input.reshape({M, K});
-  if (K > 1 && x.stride(1) != 1) x = x.contiguous();
-  if (x.size(0) > 1 && x.stride(0) < K) x = x.contiguous();  // broadcast (stride 0) rows
-  args.x = x;
   args.values = values.contiguous();
   args.crow = crow_indices.contiguous();
   args.col = col_indices.contiguous();
-  args.problem.M = x.size(0);
   args.problem.K = K;
   args.problem.N = out_features;
   args.problem.bh = bh;
@@ -75,6 +69,24 @@ BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& valu
   args.problem.n_block_rows = n_block_rows;
   args.problem.n_block_cols = n_block_cols;
   args.problem.nnz = nnz;
+  return args;
+}
+
+BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                                 const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                                 int64_t out_features) {
+  check_bsr_dtypes("bsr_linear", input, values, crow_indices, col_indices);
+  TORCH_CHECK_VALUE(input.dim() >= 1, "bsr_linear: input must have at least 1 dimension [..., in_features], got a "
+                    "0-d tensor");
+  const int64_t K = input.size(-1);
+  BsrLinearArgs args = check_bsr_weight("bsr_linear", input, values, crow_indices, col_indices, bias, out_features, K);
+  // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous and reshape throws.
+  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  at::Tensor x = input.reshape({M, K});
+  if (K > 1 && x.stride(1) != 1) x = x.contiguous();
+  if (x.size(0) > 1 && x.stride(0) < K) x = x.contiguous();  // broadcast (stride 0) rows
+  args.x = x;
+  args.problem.M = x.size(0);
   args.problem.ldx = x.size(0) > 1 ? x.stride(0) : K;
   args.out_shape = input.sizes().vec();
   args.out_shape.back() = out_features;

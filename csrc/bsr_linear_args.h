@@ -20,6 +20,16 @@ struct BsrLinearArgs {
   std::vector<int64_t> out_shape;  // input.shape[:-1] + [N]
 };
 
+// The dtype checks shared by the bsr ops (input float32 / bfloat16 / float16, values alike, int32 indices).
+void check_bsr_dtypes(const char* op, const at::Tensor& input, const at::Tensor& values,
+                      const at::Tensor& crow_indices, const at::Tensor& col_indices);
+
+// The rest of the weight checks (dtypes, devices, index shapes, bias) for an op named `op` whose weight is
+// [out_features, K]: fills values / crow / col / bias and every problem field but M and ldx.
+BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at::Tensor& values,
+                               const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K);
+
 BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                  const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                                  int64_t out_features);

@@ -3,7 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/kernels/bsr_linear.h"
+#include "bsr_linear_args.h"
 
 namespace pysparse {
 namespace {
@@ -21,14 +21,7 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
   TORCH_CHECK_VALUE(input.dim() == 4, "bsr_conv2d_nhwc: input must be [B, Hp, Wp, C], got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "bsr_conv2d_nhwc: input must be float32, got ",
                    input.scalar_type());
-  TORCH_CHECK_VALUE(values.dim() == 3, "bsr_conv2d_nhwc: values must be [nnz, bh, bw], got ", values.sizes());
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, "bsr_conv2d_nhwc: values must be float32, got ",
-                   values.scalar_type());
-  TORCH_CHECK_TYPE(crow_indices.scalar_type() == at::kInt && col_indices.scalar_type() == at::kInt,
-                   "bsr_conv2d_nhwc: crow_indices and col_indices must be int32, got ", crow_indices.scalar_type(),
-                   " and ", col_indices.scalar_type());
-  TORCH_CHECK_VALUE(crow_indices.dim() == 1 && col_indices.dim() == 1,
-                    "bsr_conv2d_nhwc: crow_indices and col_indices must be 1-D");
+  check_bsr_dtypes("bsr_conv2d_nhwc", input, values, crow_indices, col_indices);
   TORCH_CHECK_VALUE(out_channels >= 1, "bsr_conv2d_nhwc: out_channels must be >= 1, got ", out_channels);
   const auto [kh, kw] = pair_arg("kernel_size", kernel_size);
   const auto [sh, sw] = pair_arg("stride", stride);
@@ -40,31 +33,19 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
                     "bsr_conv2d_nhwc: input ", input.sizes(), " is smaller than the dilated kernel");
   c.ho = (c.hp - (kh - 1) * dh - 1) / sh + 1;
   c.wo = (c.wp - (kw - 1) * dw - 1) / sw + 1;
-  BsrProblem p;
-  p.M = c.batch * c.ho * c.wo, p.K = kh * kw * c.c, p.N = out_channels;
-  p.bh = values.size(1), p.bw = values.size(2);
-  TORCH_CHECK_VALUE(p.bh >= 1 && p.bw >= 1, "bsr_conv2d_nhwc: blocks must be at least 1x1, got ", values.sizes());
-  p.n_block_rows = (p.N + p.bh - 1) / p.bh, p.n_block_cols = (p.K + p.bw - 1) / p.bw;
-  p.nnz = values.size(0), p.ldx = p.K;
-  TORCH_CHECK_VALUE(crow_indices.numel() == p.n_block_rows + 1, "bsr_conv2d_nhwc: crow_indices must have ",
-                    p.n_block_rows + 1, " entries (ceil(out_channels / bh) + 1), got ", crow_indices.numel());
-  TORCH_CHECK_VALUE(col_indices.numel() == p.nnz, "bsr_conv2d_nhwc: col_indices must have one entry per block (",
-                    p.nnz, "), got ", col_indices.numel());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == p.N && bias->scalar_type() == at::kFloat,
-                      "bsr_conv2d_nhwc: bias must be float32 [", p.N, "], got ", bias->scalar_type(), " ",
-                      bias->sizes());
-  }
-  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
-  const std::string bad = check_bsr_indices(crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), p);
+  // The weight is [out_channels, kh*kw*C]: the same checks as bsr_linear's weight (devices, shapes, bias).
+  BsrLinearArgs a = check_bsr_weight("bsr_conv2d_nhwc", input, values, crow_indices, col_indices, bias,
+                                     out_channels, kh * kw * c.c);
+  BsrProblem& p = a.problem;
+  p.M = c.batch * c.ho * c.wo, p.ldx = p.K;
+  const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(), p);
   TORCH_CHECK_VALUE(bad.empty(), "bsr_conv2d_nhwc: ", bad);
   const std::string unsupported = bsr_conv2d_unsupported(p, c);
   TORCH_CHECK_VALUE(unsupported.empty(), "bsr_conv2d_nhwc: ", unsupported);
-  const at::Tensor x = input.contiguous(), w = values.contiguous();
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({c.batch, c.ho, c.wo, p.N}, input.options());
-  bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), w.const_data_ptr<float>(), crow.const_data_ptr<int32_t>(),
-                      col.const_data_ptr<int32_t>(), b ? b->const_data_ptr<float>() : nullptr,
+  bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), a.values.const_data_ptr<float>(), a.crow.const_data_ptr<int32_t>(),
+                      a.col.const_data_ptr<int32_t>(), a.bias ? a.bias->const_data_ptr<float>() : nullptr,
                       y.mutable_data_ptr<float>(), p, c, at::get_num_threads());
   return y;
 }
