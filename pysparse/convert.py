@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import fold as _fold
+from ._text_table import left_aligned
 from ._validate import as_pair
 from .formats import BlockSparseWeight
 from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
@@ -80,8 +81,7 @@ class SparsifyReport:
             ratio = f"{r.packed_bytes / r.dense_bytes:.3f}" if r.packed_bytes is not None and r.dense_bytes else "-"
             rows.append((r.name or "<root>", r.kind, "x".join(map(str, r.shape)), "sparse" if r.swapped else "dense",
                          "-" if r.density is None else f"{r.density:.3f}", ratio, r.reason))
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+        lines = left_aligned(head, rows)
         dense = sum(r.dense_bytes for r in self.layers)
         after = sum(r.packed_bytes if r.swapped else r.dense_bytes for r in self.layers)
         lines.append(f"{len(self.swapped)}/{len(self.layers)} layers sparse; weight bytes of these layers "

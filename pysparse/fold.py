@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from ._text_table import left_aligned
 from .prune.masking import WeightMask
 
 __all__ = ["fold_batchnorm", "FoldEntry", "FoldReport"]
@@ -75,8 +76,7 @@ class FoldReport:
     def __str__(self) -> str:
         head = ("batchnorm", "layer", "folded", "reason")
         rows = [(e.bn, e.layer or "-", "yes" if e.folded else "no", e.reason) for e in self.entries]
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in (head, *rows)]
+        lines = left_aligned(head, rows)
         if self.error:
             lines.append(f"nothing folded: {self.error}")
         lines.append(f"{len(self.folded)}/{len(self.entries)} BatchNorm layers folded")
