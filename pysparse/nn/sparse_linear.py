@@ -79,8 +79,8 @@ class SparseLinear(PackedWeightModule):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
-        return ops.bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.bias, self.out_features,
-                              check_indices=False)
+        return ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                     self.out_features)
 
     def _packed_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
