@@ -46,7 +46,7 @@ def minilm():
     texts = [minilm_sparse.SENTENCES[i % len(minilm_sparse.SENTENCES)] for i in range(8)]
     batch = tok(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
-        sparse = sparsify(pruned)
+        sparse = sparsify(pruned, fuse_activations=True)
         assert len(sparse.sparsify_report.swapped) == 36
         err = rel_err(sparse(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
         args, kwargs = minilm_sparse.encoder_call(pruned, batch)

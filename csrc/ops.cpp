@@ -9,6 +9,10 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz_blocks, bh, bw], crow_indices [ceil(out_features / bh) + 1] and col_indices [nnz_blocks], int32.
   m.def("bsr_linear(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features) -> Tensor");
+  // activation(bsr_linear(...)), activation "relu" or "gelu" (exact, erf form), fused into the kernel's output
+  // tiles. CPU only; inference only (no autograd: pysparse.nn layers use it when no gradient is wanted).
+  m.def("bsr_linear_act(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
+        "int out_features, str activation) -> Tensor");
   // y = F.linear(input, W, bias) with W [out_features, in_features] zero outside the kept rows out_index and
   // kept columns in_index (int32, strictly increasing); values [len(out_index), len(in_index)] holds the kept part.
   // bias covers all out_features: dropped outputs equal their bias (or 0).

@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing round and variant")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="keep GELU a separate op (default: sparsify fuses it into the intermediate layers' kernel)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +106,7 @@ def main():
     pruned = transformers.AutoModel.from_pretrained(path).eval()
     n_layers = prune_encoder_(pruned, args.sparsity, args.block)
     with torch.no_grad():
-        sparse = sparsify(pruned, block_size=(args.block, args.block))
+        sparse = sparsify(pruned, block_size=(args.block, args.block), fuse_activations=not args.no_fuse)
         report = sparse.sparsify_report
         e_dense, e_masked, e_sparse = embed(dense, batch), embed(pruned, batch), embed(sparse, batch)
         h_masked = pruned(**batch).last_hidden_state

@@ -20,6 +20,7 @@ from ._text_table import left_aligned
 from ._validate import as_pair
 from .formats import BlockSparseWeight
 from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
+from .nn.activation_fusion import activation_sites
 from .ops import available_backends
 
 __all__ = ["sparsify", "LayerReport", "SparsifyReport"]
@@ -44,6 +45,7 @@ class LayerReport:
     packed_bytes: int | None = None    # values + indices of the packed weight
     dense_ms: float | None = None      # autotune: median time of the dense layer on the sample input
     sparse_ms: float | None = None     # autotune: median time of the sparse layer on the same input
+    fused_activation: str | None = None  # fuse_activations: "relu" / "gelu" now applied by this layer
 
 
 class SparsifyReport:
@@ -176,9 +178,27 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
         return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
 
 
+def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None:
+    """Moves each provably fusable activation into the SparseLinear before it (see activation_fusion)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    for site in activation_sites(model):
+        layer = site.parent._modules[site.layer_slot]
+        # Fused only into a layer sparsify swapped, called from this one place, whose output no hook observes.
+        if (id(layer) not in reports or not isinstance(layer, SparseLinear) or layer.activation is not None
+                or uses[id(layer)] != 1 or layer._forward_hooks):
+            continue
+        layer.activation, layer.activation_source = site.activation, site.activation_slot
+        setattr(site.parent, site.activation_slot, nn.Identity())
+        report = reports[id(layer)]
+        report.fused_activation = site.activation
+        report.reason += f"; fused {site.activation} (was .{site.activation_slot} of its parent)"
+
+
 def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,
              inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False,
-             fold_batchnorm: bool = False) -> nn.Module:
+             fold_batchnorm: bool = False, fuse_activations: bool = False) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose weight is block-sparse enough for a pysparse layer.
 
     Args:
@@ -194,6 +214,12 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
             (:func:`pysparse.fold.fold_batchnorm`); inference only, so the model must be in eval mode and
             ``trainable`` False.
+        fuse_activations: where the model applies ReLU / exact GELU to a swapped Linear's output and nothing
+            else reads that output (an ``nn.Sequential`` pair, or a parent whose forward is exactly
+            ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear applies it inside its CPU
+            kernel and the activation module becomes ``nn.Identity`` (the report says which). Saves a full pass
+            over the layer's output at inference; training is unaffected (the layer then runs the torch
+            activation itself).
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
         swapped and why, block density, packed and dense bytes, and the autotune timings; with
@@ -262,6 +288,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         report.reason = f"block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
         packed[name] = (module, weight, report)
 
+    swapped: list[tuple[nn.Module, LayerReport]] = []
     samples = _capture_inputs(model, {n: m for n, (m, _, _) in packed.items()}, example_inputs) if autotune else {}
     for name, (module, weight, report) in packed.items():
         new = _sparse_module(module, weight, trainable)
@@ -276,11 +303,14 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
                 continue
             report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
         report.swapped = True
+        swapped.append((new, report))
         for parent, child_name in places[id(module)]:
             if parent is None:
                 model = new
             else:
                 setattr(parent, child_name, new)
+    if fuse_activations:
+        _fuse_activations(model, {id(r_new): r for r_new, r in swapped})
     model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
     if fold_batchnorm:
         model.fold_report = fold_report  # again: the root itself may have been swapped

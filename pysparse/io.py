@@ -22,7 +22,9 @@ from torch import nn
 from ._build_info import VERSION
 from .formats import BlockSparseWeight, ChannelSparseWeight
 from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
+from .nn.activation_fusion import activation_name
 from .nn.sparse_conv import _padding_spec
+from .ops import ACTIVATIONS
 from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
 
 __all__ = ["save", "load"]
@@ -62,9 +64,13 @@ def _layer_meta(name: str, m: nn.Module) -> dict:
                 "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
                 "dilation": list(m.dilation), "padding_mode": m.padding_mode, "block_size": list(m.block_size),
                 "bias": m.bias is not None, "trainable": isinstance(m.linear.values, nn.Parameter)}
-    return {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
-            "block_size": list(m.block_size), "bias": m.bias is not None,
-            "trainable": isinstance(m.values, nn.Parameter)}
+    entry = {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+             "block_size": list(m.block_size), "bias": m.bias is not None,
+             "trainable": isinstance(m.values, nn.Parameter)}
+    if m.activation is not None:  # absent otherwise: files of layers without one read as before
+        entry["activation"] = m.activation
+        entry["activation_source"] = m.activation_source
+    return entry
 
 
 def _surgery_record(model: nn.Module) -> dict | None:
@@ -160,6 +166,10 @@ def _check_entry(entry) -> dict:
     if kind in ("linear", "channel_linear"):
         for key in ("in_features", "out_features"):
             _field(entry, key, lambda v: _is_int(v) and v >= 0, "an int >= 0")
+        if kind == "linear" and "activation" in entry:
+            _field(entry, "activation", lambda v: v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}")
+            _field(entry, "activation_source", lambda v: v is None or (isinstance(v, str) and v != ""),
+                   "null or a module name")
         return entry
     for key in ("in_channels", "out_channels"):
         _field(entry, key, lambda v: _is_int(v) and v >= 1, "an int >= 1")
@@ -272,7 +282,8 @@ def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         elif kind == "linear":
             weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
                                        (entry["out_features"], entry["in_features"]))
-            new = SparseLinear(weight, bias, trainable=entry["trainable"])
+            new = SparseLinear(weight, bias, trainable=entry["trainable"], activation=entry.get("activation"))
+            new.activation_source = entry.get("activation_source")
         else:
             kh, kw = entry["kernel_size"]
             weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
@@ -287,6 +298,21 @@ def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> 
         ref = next(iter(target.buffers()))
     dtype = ref.dtype if ref.is_floating_point() else values.dtype
     return new.to(device=ref.device, dtype=dtype).train(target.training)
+
+
+def _fused_activation_slot(model: nn.Module, entry: dict) -> tuple[nn.Module, str] | None:
+    """(parent, attribute) of the activation module a saved layer had absorbed (sparsify(fuse_activations=True)),
+    checked to be that activation (or already an nn.Identity) in ``model``; None when there is none."""
+    source = entry.get("activation_source")
+    if source is None:
+        return None
+    parent_name = entry["name"].rpartition(".")[0]
+    parent = model.get_submodule(parent_name)
+    act = parent._modules.get(source)
+    _expect(act is not None and (isinstance(act, nn.Identity) or activation_name(act) == entry["activation"]),
+            f"layer {entry['name']!r} fused the {entry['activation']} of {parent_name + '.' if parent_name else ''}"
+            f"{source}, which is a {type(act).__name__} in the model")
+    return parent, source
 
 
 def _check_dense_part(model: nn.Module, new_layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
@@ -355,6 +381,7 @@ def load(model: nn.Module, path) -> nn.Module:
             _expect(source in tensors, f"alias {key!r} points to {source!r}, which is not in the file")
             tensors[key] = tensors[source]
         new_layers = {e["name"]: _build(e, _target(model, e), tensors) for e in meta["layers"]}
+        fused = [slot for e in meta["layers"] if (slot := _fused_activation_slot(model, e)) is not None]
         _expect(not any(a != b and b.startswith(f"{a}.") for a in new_layers for b in new_layers),
                 "sparse layers are nested in one another")
         _check_dense_part(model, new_layers, tensors)
@@ -365,5 +392,7 @@ def load(model: nn.Module, path) -> nn.Module:
     for name, layer in new_layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
+    for parent, slot in fused:
+        setattr(parent, slot, nn.Identity())
     model.load_state_dict(tensors, strict=True)
     return model

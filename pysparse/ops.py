@@ -16,7 +16,7 @@ from ._validate import as_pair
 from ._weight_layout import weight_from_matrix
 from .formats.bsr import bsr_to_dense, check_bsr_indices
 
-__all__ = ["bsr_linear", "bsr_linear_reference", "available_backends"]
+__all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available_backends", "ACTIVATIONS"]
 
 
 def _to_int32_indices(name: str, t: torch.Tensor, limit: int) -> torch.Tensor:
@@ -38,6 +38,10 @@ def _bsr_int32_indices(values: torch.Tensor, crow_indices, col_indices) -> tuple
             _to_int32_indices("col_indices", col_indices, limit))
 
 
+def _wants_grad(*args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 def _call(op, *args):
     """``op(*args)``, below the autograd layer when no argument needs a gradient.
 
@@ -45,23 +49,43 @@ def _call(op, *args):
     even under ``no_grad``, used to enter Python once more to find out no graph is wanted: ~10-25 us per call,
     as much as the whole kernel at batch 1. Under ``torch.compile`` the plain call is traced (no per-call cost).
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+    if torch.compiler.is_compiling() or _wants_grad(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
+# Activations bsr_linear can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
+ACTIVATIONS = {"relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
+
+
+def _check_activation(activation) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
 def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
-                      col_indices: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+                      col_indices: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                      activation: str | None = None) -> torch.Tensor:
     """:func:`bsr_linear` for parts a ``BlockSparseWeight`` already validated (int32 indices, consistent shapes):
-    no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device)."""
-    return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
-                 out_features)
+    no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device).
+
+    ``activation`` ("relu" / "gelu", already validated) is fused into the CPU kernel when no gradient is wanted;
+    otherwise (training, or CUDA) the torch activation runs after the op.
+    """
+    if activation is None:
+        return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
+                     out_features)
+    if input.device.type == "cpu" and not _wants_grad(input, values, bias):
+        return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
+                                                         out_features, activation)
+    return ACTIVATIONS[activation](_call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices,
+                                         col_indices, bias, out_features))
 
 
 def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
-               bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True) -> torch.Tensor:
+               bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True,
+               activation: str | None = None) -> torch.Tensor:
     """``F.linear(input, W, bias)`` where ``W [out_features, in_features]`` is block-sparse (BSR).
 
     Args:
@@ -74,6 +98,9 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         check_indices: validate the indices first (on CUDA this synchronises once). Layers built from
             ``BlockSparseWeight`` pass False: the format validated them when it was packed or loaded.
             The CPU kernel always re-checks them; the CUDA kernels clamp to their buffers either way.
+        activation: None, "relu" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
+            gradient is wanted, the kernel applies it to each output tile while that is still in cache (no
+            second pass over the output); otherwise the torch function runs after the op.
     Returns:
         ``[..., out_features]`` in the input's dtype.
     """
@@ -88,6 +115,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
+    _check_activation(activation)
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     if values.dim() == 3 and col.dim() == 1 and col.numel() != values.shape[0]:
         # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.
@@ -97,7 +125,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         bh, bw = int(values.shape[1]), int(values.shape[2])
         if bh >= 1 and bw >= 1:
             check_bsr_indices(crow, col, -(-int(out_features) // bh), -(-int(input.shape[-1]) // bw))
-    return bsr_linear_packed(input, values, crow, col, bias, int(out_features))
+    return bsr_linear_packed(input, values, crow, col, bias, int(out_features), activation)
 
 
 @torch.library.register_fake("pysparse::bsr_linear")
@@ -105,6 +133,11 @@ def _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_feature
     torch._check(values.dim() == 3, lambda: f"values must be 3-D, got {values.dim()}-D")
     torch._check(values.dtype == input.dtype, lambda: f"values dtype {values.dtype} != input dtype {input.dtype}")
     return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("pysparse::bsr_linear_act")
+def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_features, activation):
+    return _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_features)
 
 
 def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features):

@@ -89,17 +89,23 @@ def test_transformers_bert(tmp_path):
     mask[1, 12:] = 0
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
-        sparse = sparsify(model)
+        sparse = sparsify(model, fuse_activations=True)
         out = sparse(input_ids=ids, attention_mask=mask).logits
     assert _rel(out, expected) < 1e-4
     report = sparse.sparsify_report
     assert {r.name for r in report.swapped} == set(pruned) and len(pruned) == 12   # 6 Linear per layer
+    # BertIntermediate's GELU moved into its dense layer (the only fusable pair per layer).
+    assert {r.name for r in report.swapped if r.fused_activation} == {
+        f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)}
+    assert isinstance(sparse.bert.encoder.layer[0].intermediate.intermediate_act_fn, nn.Identity)
     assert "shared" in report["cls.predictions.decoder"].reason   # tied to the word embeddings
     path = tmp_path / "bert.safetensors"
     save(sparse, path)
     fresh = load(transformers.BertForMaskedLM(config).eval(), path)
     assert fresh.cls.predictions.decoder.weight is fresh.bert.embeddings.word_embeddings.weight
     assert isinstance(fresh.bert.encoder.layer[1].output.dense, SparseLinear)
+    assert fresh.bert.encoder.layer[1].intermediate.dense.activation == "gelu"
+    assert isinstance(fresh.bert.encoder.layer[1].intermediate.intermediate_act_fn, nn.Identity)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, out)
 
@@ -109,7 +115,7 @@ def test_transformers_bert_compiles_without_graph_break():
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     _prune_blocks_(model, 0.25, filter_fn=lambda name, m: ".encoder." in f".{name}")
-    sparse = sparsify(model)
+    sparse = sparsify(model, fuse_activations=True)
     ids = torch.randint(0, 120, (2, 17))
     torch._dynamo.reset()
     compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)   # fullgraph: a break would raise
@@ -123,8 +129,9 @@ def test_transformers_bert_finetune_step():
     torch.manual_seed(0)
     model = transformers.BertModel(config)
     _prune_blocks_(model, 0.25, filter_fn=lambda name, m: ".encoder." in f".{name}")
-    sparse = sparsify(model, trainable=True).train()
+    sparse = sparsify(model, trainable=True, fuse_activations=True).train()
     layer = sparse.encoder.layer[0].intermediate.dense
+    assert layer.activation == "gelu"   # trains through the unfused pair (the fused op has no backward)
     crow, col = layer.crow_indices.clone(), layer.col_indices.clone()
     opt = torch.optim.SGD(sparse.parameters(), lr=0.05)
     ids = torch.randint(0, 120, (4, 12))

@@ -15,10 +15,11 @@ void run(const BsrLinearArgs& a, at::Tensor& y) {
                     at::get_num_threads());
 }
 
-at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
-                               const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                               int64_t out_features) {
+at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                                   const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                                   int64_t out_features, Activation act) {
   BsrLinearArgs a = prepare_bsr_linear(input, values, crow_indices, col_indices, bias, out_features);
+  a.problem.act = act;
   // The op is public: malformed indices must raise, never read out of bounds. O(blocks), cheap next to the product.
   const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
                                             a.problem);
@@ -33,8 +34,32 @@ at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values
   return y.view(a.out_shape);
 }
 
+at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                               const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                               int64_t out_features) {
+  return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features, Activation::kNone);
+}
+
+// bsr_linear followed by an activation, applied by the kernels to each output tile while it is in cache.
+at::Tensor bsr_linear_act_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
+                              const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
+                              int64_t out_features, c10::string_view activation) {
+  Activation act;
+  if (activation == "relu") {
+    act = Activation::kRelu;
+  } else if (activation == "gelu") {
+    act = Activation::kGelu;
+  } else {
+    TORCH_CHECK_VALUE(false, "bsr_linear_act: activation must be 'relu' or 'gelu', got '", activation, "'");
+  }
+  return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features, act);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("bsr_linear", &bsr_linear_cpu_impl); }
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("bsr_linear", &bsr_linear_cpu_impl);
+  m.impl("bsr_linear_act", &bsr_linear_act_cpu);
+}
 
 }  // namespace pysparse

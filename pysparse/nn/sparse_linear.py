@@ -15,14 +15,24 @@ class SparseLinear(PackedWeightModule):
     The packed parts are buffers (``values``, ``crow_indices``, ``col_indices``), so ``.to()``, ``state_dict``
     and ``load_state_dict`` work as for any module; loading a state dict of another sparsity pattern replaces
     the buffers after validating them.
+
+    ``activation`` ("relu" or "gelu", exact) makes the layer ``activation(x @ W^T + b)``: fused into the CPU
+    kernel's output tiles at inference (``sparsify(fuse_activations=True)`` sets it where the model applies
+    that activation right after the layer); with gradients, or on CUDA, the torch function runs after the op.
     """
 
     _weight_class = BlockSparseWeight
 
-    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False):
+    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False,
+                 activation: str | None = None):
         super().__init__()
         if not isinstance(weight, BlockSparseWeight):
             raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+        ops._check_activation(activation)
+        self.activation = activation
+        # Set by sparsify when the activation was taken from a sibling module (this attribute of the parent,
+        # now an nn.Identity): pysparse.save records it so load can redo the fusion on a fresh dense model.
+        self.activation_source: str | None = None
         self.out_features, self.in_features = weight.shape
         if trainable:
             # A Parameter (same state_dict key) so optimizers train the kept blocks; the pattern stays fixed.
@@ -41,16 +51,17 @@ class SparseLinear(PackedWeightModule):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size=(32, 32), mask: torch.Tensor | None = None, *,
-                   trainable: bool = False) -> "SparseLinear":
+                   trainable: bool = False, activation: str | None = None) -> "SparseLinear":
         """Pack ``linear``'s weight (keeping blocks with a nonzero, or the blocks ``mask`` keeps).
 
         ``trainable=True`` holds ``values`` as an ``nn.Parameter`` (fine-tuning the kept blocks), else a buffer.
+        ``activation`` is applied after the layer (see the class docstring).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(weight, bias, trainable=trainable)
+        return cls(weight, bias, trainable=trainable, activation=activation)
 
     @property
     def weight(self) -> BlockSparseWeight:
@@ -67,11 +78,15 @@ class SparseLinear(PackedWeightModule):
         n_bc = -(-self.in_features // self.block_size[1])
         return self.values.shape[0] / (n_br * n_bc) if n_br * n_bc else 0.0
 
-    def to_linear(self) -> nn.Linear:
-        """An equivalent dense nn.Linear (same device and dtype)."""
+    def to_linear(self) -> nn.Module:
+        """An equivalent dense nn.Linear (same device and dtype); with an activation,
+        ``nn.Sequential(linear, nn.ReLU() / nn.GELU())``."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
-        return fill_dense(linear, self.weight.to_dense(), self.bias)
+        linear = fill_dense(linear, self.weight.to_dense(), self.bias)
+        if self.activation is None:
+            return linear
+        return nn.Sequential(linear, nn.ReLU() if self.activation == "relu" else nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
@@ -80,7 +95,7 @@ class SparseLinear(PackedWeightModule):
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
         return ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                     self.out_features)
+                                     self.out_features, self.activation)
 
     def _packed_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
@@ -88,4 +103,5 @@ class SparseLinear(PackedWeightModule):
     def extra_repr(self) -> str:
         bh, bw = self.block_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size=({bh}, {bw}), "
-                f"density={self.density:.3f}, bias={self.bias is not None}")
+                f"density={self.density:.3f}, bias={self.bias is not None}"
+                + (f", activation={self.activation}" if self.activation else ""))

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "activation.h"
 #include "dtypes.h"
 
 namespace pysparse {
@@ -19,6 +20,7 @@ struct BsrProblem {
   int64_t n_block_cols = 0;  // ceil(K / bw)
   int64_t nnz = 0;           // stored blocks
   int64_t ldx = 0;           // row stride of x, in elements (>= K)
+  Activation act = Activation::kNone;  // applied to y after the bias
 };
 
 // Returns "" when the BSR indices are well formed for the problem, else a message naming what is wrong.

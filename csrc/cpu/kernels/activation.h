@@ -1,0 +1,20 @@
+// Elementwise activations the kernels apply to their output tiles while those are still in cache (a fused
+// epilogue: the separate pass over y that F.relu / F.gelu would make afterwards costs a full memory round trip).
+#pragma once
+#include <cmath>
+
+namespace pysparse {
+
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2 };  // kGelu: exact GELU, x * Phi(x) (erf form)
+
+// Scalar form: the portable path and the SIMD paths' ragged tails. NaN propagates, as in torch.
+inline float activate(float v, Activation a) {
+  switch (a) {
+    case Activation::kRelu: return v > 0.0f || std::isnan(v) ? v : 0.0f;
+    case Activation::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case Activation::kNone: break;
+  }
+  return v;
+}
+
+}  // namespace pysparse

@@ -1,0 +1,84 @@
+"""Finding the activation a model applies right after a linear layer, so the layer can fuse it.
+
+Fusing is only done where the model's own code proves that the activation consumes the layer's output and
+nothing else does:
+
+* an ``nn.Sequential`` (its forward not overridden): a layer followed by an activation module;
+* a module whose ``forward`` compiles to the same bytecode as ``h = self.a(h); h = self.b(h); return h``
+  (transformers' ``BertIntermediate`` and its many copies): ``a`` is the layer, ``b`` the activation.
+
+Bytecode equality (same interpreter, same instructions, constants and argument count) proves the two functions
+compute the same thing whatever their names; a decorated, overridden or otherwise different forward simply
+does not match, and nothing is fused there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["activation_name", "ActivationSite", "activation_sites"]
+
+
+def _linear_then_activation(self, hidden_states):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = self.intermediate_act_fn(hidden_states)
+    return hidden_states
+
+
+def _apply_act(self, input):
+    return self.act(input)
+
+
+def _same_code(fn, template) -> bool:
+    code, ref = getattr(fn, "__code__", None), template.__code__
+    return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
+            and code.co_argcount == ref.co_argcount and code.co_kwonlyargcount == 0
+            and len(code.co_names) == len(ref.co_names) and not code.co_freevars)
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """"relu" / "gelu" when ``module`` computes exactly ``F.relu`` / ``F.gelu`` (exact form), else None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    # transformers' GELUActivation: forward is `return self.act(input)` with act = F.gelu
+    if _same_code(type(module).forward, _apply_act) and type(module).forward.__code__.co_names == ("act",) \
+            and getattr(module, "act", None) is F.gelu:
+        return "gelu"
+    return None
+
+
+@dataclass
+class ActivationSite:
+    """The activation ``parent.<activation_slot>`` is applied to the output of ``parent.<layer_slot>`` only."""
+    parent: nn.Module
+    layer_slot: str
+    activation_slot: str
+    activation: str  # "relu" or "gelu"
+
+
+def activation_sites(model: nn.Module) -> list[ActivationSite]:
+    """Every (layer, activation) pair whose fusion the model's code proves safe (see the module docstring); the
+    layer is any module here: callers check that it is one they can fuse into."""
+    sites = []
+    for parent in model.modules():
+        if parent._forward_hooks or parent._forward_pre_hooks:
+            continue
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            slots = list(parent._modules.items())
+            for (a, layer), (b, act) in zip(slots, slots[1:]):
+                name = activation_name(act) if act is not None else None
+                if layer is not None and name is not None:
+                    sites.append(ActivationSite(parent, a, b, name))
+        elif _same_code(type(parent).forward, _linear_then_activation):
+            a, b = type(parent).forward.__code__.co_names
+            act = parent._modules.get(b)
+            name = activation_name(act) if act is not None else None
+            if a in parent._modules and name is not None:
+                sites.append(ActivationSite(parent, a, b, name))
+    return sites
