@@ -102,6 +102,21 @@ def test_sparse_linear_activation_trains_like_dense(activation):
     assert isinstance(layer.to_linear()[1], nn.ReLU if activation == "relu" else nn.GELU)
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_sparse_linear_activation_on_every_device(device, activation):
+    """CUDA has no fused kernel: the layer runs the op, then the torch activation; same result everywhere."""
+    torch.manual_seed(2)
+    dense = nn.Linear(96, 130)
+    with torch.no_grad():
+        dense.weight.mul_(block_mask(130, 96, (32, 32), 0.5, torch.Generator().manual_seed(4)))
+    layer = SparseLinear.from_dense(dense, (32, 32), activation=activation).to(device)
+    x = torch.randn(70, 96)
+    with torch.no_grad():
+        out = layer(x.to(device))
+    assert out.device.type == device.type
+    assert relative_error(out.cpu(), ACTIVATIONS[activation](dense(x)).double()) < 1e-5
+
+
 def test_fused_layer_compiles_without_graph_break():
     layer = SparseLinear.from_dense(nn.Linear(96, 64), (32, 32), activation="gelu")
     x = torch.randn(70, 96)
