@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
 from ._build_info import WITH_CUDA
@@ -39,6 +40,11 @@ def _bsr_int32_indices(values: torch.Tensor, crow_indices, col_indices) -> tuple
 
 
 def _wants_grad(*args) -> bool:
+    """Whether autograd must see this call (a backward graph is wanted). Dual tensors of forward-mode AD are
+    refused: no op here has a jvp formula, and torch would return the result without its tangent."""
+    if _forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise NotImplementedError("pysparse ops have no forward-mode AD (jvp) formula: a dual tensor was passed")
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 

@@ -117,6 +117,18 @@ def test_sparse_linear_activation_on_every_device(device, activation):
     assert relative_error(out.cpu(), ACTIVATIONS[activation](dense(x)).double()) < 1e-5
 
 
+def test_forward_mode_ad_is_refused_not_dropped():
+    """No forward-mode formula exists: a dual input must raise, not come back without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+    layer = SparseLinear.from_dense(nn.Linear(64, 64, bias=False), (32, 32), activation="relu")
+    plain = SparseLinear.from_dense(nn.Linear(64, 64, bias=False), (32, 32))
+    for m in (layer, plain):
+        with fwAD.dual_level(), torch.no_grad():
+            x = fwAD.make_dual(torch.randn(3, 64), torch.randn(3, 64))
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                m(x)
+
+
 def test_fused_layer_compiles_without_graph_break():
     layer = SparseLinear.from_dense(nn.Linear(96, 64), (32, 32), activation="gelu")
     x = torch.randn(70, 96)
