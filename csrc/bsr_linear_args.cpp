@@ -93,4 +93,11 @@ BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& valu
   return args;
 }
 
+Activation parse_activation(const char* op, const std::optional<c10::string_view>& activation) {
+  if (!activation) return Activation::kNone;
+  if (*activation == "relu") return Activation::kRelu;
+  TORCH_CHECK_VALUE(*activation == "gelu", op, ": activation must be 'relu' or 'gelu', got '", *activation, "'");
+  return Activation::kGelu;
+}
+
 }  // namespace pysparse

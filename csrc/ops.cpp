@@ -25,8 +25,9 @@ TORCH_LIBRARY(pysparse, m) {
   // y [B, Ho, Wo, out_channels] = F.conv2d of a zero-padded NHWC input [B, Hp, Wp, C] (no further padding) with
   // W [out_channels, kh*kw*C] block-sparse in BSR form, tap-major columns ((tap_h * kw + tap_w) * C + channel):
   // an implicit im2col, nothing copied. CPU only, float32; see bsr_conv2d_unsupported for what it needs.
+  // activation: None, "relu" or "gelu", fused as in bsr_linear_act.
   m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
-        "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation) -> Tensor");
+        "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None) -> Tensor");
 }
 
 namespace {

@@ -186,7 +186,8 @@ def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None
     for site in activation_sites(model):
         layer = site.parent._modules[site.layer_slot]
         # Fused only into a layer sparsify swapped, called from this one place, whose output no hook observes.
-        if (id(layer) not in reports or not isinstance(layer, SparseLinear) or layer.activation is not None
+        if (id(layer) not in reports or not isinstance(layer, (SparseLinear, SparseConv2d))
+                or layer.activation is not None
                 or uses[id(layer)] != 1 or layer._forward_hooks):
             continue
         layer.activation, layer.activation_source = site.activation, site.activation_slot
@@ -214,12 +215,12 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
             (:func:`pysparse.fold.fold_batchnorm`); inference only, so the model must be in eval mode and
             ``trainable`` False.
-        fuse_activations: where the model applies ReLU / exact GELU to a swapped Linear's output and nothing
-            else reads that output (an ``nn.Sequential`` pair, or a parent whose forward is exactly
-            ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear applies it inside its CPU
-            kernel and the activation module becomes ``nn.Identity`` (the report says which). Saves a full pass
-            over the layer's output at inference; training is unaffected (the layer then runs the torch
-            activation itself).
+        fuse_activations: where the model applies ReLU / exact GELU to a swapped layer's output and nothing
+            else reads that output (an ``nn.Sequential`` pair, Identities between allowed, or a parent whose
+            forward is exactly ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear /
+            SparseConv2d applies it inside its CPU kernel and the activation module becomes ``nn.Identity`` (the
+            report says which). Saves a full pass over the layer's output at inference; training is unaffected
+            (the layer then runs the torch activation itself).
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
         swapped and why, block density, packed and dense bytes, and the autotune timings; with

@@ -59,14 +59,15 @@ def _layer_meta(name: str, m: nn.Module) -> dict:
                 "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
                 "dilation": list(m.dilation), "bias": m.bias is not None}
     if isinstance(m, SparseConv2d):
-        return {"name": name, "kind": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
-                "kernel_size": list(m.kernel_size), "stride": list(m.stride),
-                "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-                "dilation": list(m.dilation), "padding_mode": m.padding_mode, "block_size": list(m.block_size),
-                "bias": m.bias is not None, "trainable": isinstance(m.linear.values, nn.Parameter)}
-    entry = {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
-             "block_size": list(m.block_size), "bias": m.bias is not None,
-             "trainable": isinstance(m.values, nn.Parameter)}
+        entry = {"name": name, "kind": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                 "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+                 "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                 "dilation": list(m.dilation), "padding_mode": m.padding_mode, "block_size": list(m.block_size),
+                 "bias": m.bias is not None, "trainable": isinstance(m.linear.values, nn.Parameter)}
+    else:
+        entry = {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+                 "block_size": list(m.block_size), "bias": m.bias is not None,
+                 "trainable": isinstance(m.values, nn.Parameter)}
     if m.activation is not None:  # absent otherwise: files of layers without one read as before
         entry["activation"] = m.activation
         entry["activation_source"] = m.activation_source
@@ -163,13 +164,13 @@ def _check_entry(entry) -> dict:
     if kind in ("linear", "conv2d"):
         _field(entry, "block_size", _pos_pair, "a pair of ints >= 1")
         _field(entry, "trainable", lambda v: isinstance(v, bool), "a bool")
-    if kind in ("linear", "channel_linear"):
-        for key in ("in_features", "out_features"):
-            _field(entry, key, lambda v: _is_int(v) and v >= 0, "an int >= 0")
-        if kind == "linear" and "activation" in entry:
+        if "activation" in entry:
             _field(entry, "activation", lambda v: v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}")
             _field(entry, "activation_source", lambda v: v is None or (isinstance(v, str) and v != ""),
                    "null or a module name")
+    if kind in ("linear", "channel_linear"):
+        for key in ("in_features", "out_features"):
+            _field(entry, key, lambda v: _is_int(v) and v >= 0, "an int >= 0")
         return entry
     for key in ("in_channels", "out_channels"):
         _field(entry, key, lambda v: _is_int(v) and v >= 1, "an int >= 1")
@@ -283,14 +284,16 @@ def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
                                        (entry["out_features"], entry["in_features"]))
             new = SparseLinear(weight, bias, trainable=entry["trainable"], activation=entry.get("activation"))
-            new.activation_source = entry.get("activation_source")
         else:
             kh, kw = entry["kernel_size"]
             weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
                                        (entry["out_channels"], entry["in_channels"] * kh * kw))
             new = SparseConv2d(weight, bias, in_channels=entry["in_channels"], kernel_size=entry["kernel_size"],
                                stride=entry["stride"], padding=entry["padding"], dilation=entry["dilation"],
-                               padding_mode=entry["padding_mode"], trainable=entry["trainable"])
+                               padding_mode=entry["padding_mode"], trainable=entry["trainable"],
+                               activation=entry.get("activation"))
+        if kind in ("linear", "conv2d"):
+            new.activation_source = entry.get("activation_source")
     except (TypeError, ValueError) as exc:
         raise _Bad(f"layer {name!r}: {exc}") from None
     ref = next(iter(target.parameters()), None)

@@ -172,7 +172,7 @@ def implicit_conv2d_available() -> bool:
 
 def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                     col_indices: torch.Tensor, bias: torch.Tensor | None, out_channels: int, kernel_size,
-                    stride=1, dilation=1) -> torch.Tensor:
+                    stride=1, dilation=1, activation: str | None = None) -> torch.Tensor:
     """``F.conv2d`` of an already zero-padded channels-last input with a block-sparse weight, no patch copied.
 
     Args:
@@ -181,6 +181,7 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
             (``pysparse.nn.conv_weight_matrix``); ``bw`` must divide ``C`` and ``bh`` be a multiple of 8.
         bias: ``[out_channels]`` or None.
         kernel_size, stride, dilation: ints or pairs.
+        activation: None, "relu" or "gelu" (exact), applied to each output tile in the kernel.
     Returns:
         ``[B, Ho, Wo, out_channels]`` (``permute(0, 3, 1, 2)`` gives the NCHW view, channels-last in memory).
     The kernel is the broadcast kernel of ``bsr_linear`` reading each output pixel's patch in place; where it
@@ -191,10 +192,12 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
                         f"{type(values).__name__}")
     if isinstance(out_channels, bool) or not isinstance(out_channels, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}")
+    _check_activation(activation)
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     return torch.ops.pysparse.bsr_conv2d_nhwc(input, values, crow, col, bias, int(out_channels),
                                               list(as_pair("kernel_size", kernel_size)),
-                                              list(as_pair("stride", stride)), list(as_pair("dilation", dilation)))
+                                              list(as_pair("stride", stride)), list(as_pair("dilation", dilation)),
+                                              activation)
 
 
 def _conv_out(size, k, s, d):
@@ -204,7 +207,7 @@ def _conv_out(size, k, s, d):
 
 @torch.library.register_fake("pysparse::bsr_conv2d_nhwc")
 def _bsr_conv2d_nhwc_fake(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride,
-                          dilation):
+                          dilation, activation=None):
     torch._check(input.dim() == 4, lambda: f"input must be [B, Hp, Wp, C], got {input.dim()}-D")
     ho = _conv_out(input.shape[1], kernel_size[0], stride[0], dilation[0])
     wo = _conv_out(input.shape[2], kernel_size[1], stride[1], dilation[1])
@@ -212,7 +215,7 @@ def _bsr_conv2d_nhwc_fake(input, values, crow_indices, col_indices, bias, out_ch
 
 
 def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride=1,
-                              dilation=1):
+                              dilation=1, activation=None):
     """Pure-torch ``bsr_conv2d_nhwc``: densify W, fold it back to ``[O, C, kh, kw]`` and call ``F.conv2d``."""
     kh, kw = as_pair("kernel_size", kernel_size)
     c = input.shape[-1]
@@ -220,7 +223,8 @@ def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, ou
     weight = weight_from_matrix(matrix, (out_channels, c, kh, kw))
     y = torch.nn.functional.conv2d(input.permute(0, 3, 1, 2), weight, bias, as_pair("stride", stride), 0,
                                    as_pair("dilation", dilation))
-    return y.permute(0, 2, 3, 1)
+    y = y.permute(0, 2, 3, 1)
+    return y if activation is None else ACTIVATIONS[activation](y)
 
 
 from . import autograd  # noqa: E402,F401  (registers bsr_linear's backward with torch.library)

@@ -15,8 +15,8 @@ from conftest import SEED, TOLERANCE, CaseSpec, assert_matches_reference, make_c
 from pysparse import load, save, sparsify
 from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
-from pysparse.nn import SparseLinear
-from pysparse.ops import ACTIVATIONS, bsr_linear
+from pysparse.nn import SparseConv2d, SparseLinear
+from pysparse.ops import ACTIVATIONS, bsr_conv2d_nhwc, bsr_conv2d_nhwc_reference, bsr_linear
 
 # Shapes that reach every CPU kernel: M = 1..4 (dot product), 5..63 (outer product), >= 64 (broadcast), with
 # ragged N and K and block sizes that do not divide them.
@@ -254,3 +254,77 @@ def test_tampered_fusion_record_is_refused(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
         load(model, bad)
     assert [type(m) for m in model] == before   # left as it was
+
+
+# ---- convolutions ---------------------------------------------------------------------------------------------------
+def _sparse_conv(c_in: int, c_out: int, k: int, seed: int, **kw) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, k, **kw)
+    with torch.no_grad():  # 75% of the 32x32 blocks of the tap-major [O, kh*kw*I] view dropped
+        m = block_mask(c_out, k * k * c_in, (32, 32), 0.75, torch.Generator().manual_seed(seed))
+        conv.weight.mul_(m.reshape(c_out, k, k, c_in).permute(0, 3, 1, 2))
+    return conv
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("geometry, grad", [
+    (dict(c_in=64, k=1), False),                          # 1x1 stride 1: a direct bsr_linear over channels
+    (dict(c_in=64, k=1, stride=2), False),                # strided 1x1: a strided view
+    (dict(c_in=64, k=3, padding=1), False),               # implicit im2col (the fused conv kernel)
+    (dict(c_in=64, k=3, stride=2, dilation=2), False),    # implicit, strided and dilated
+    (dict(c_in=48, k=3, padding=1), False),               # bw does not divide C: im2col
+    (dict(c_in=64, k=3, padding=1), True),                # gradients wanted: im2col + torch activation
+])
+def test_sparse_conv_activation_every_path(geometry, grad, activation):
+    g = dict(geometry)
+    c_in, k = g.pop("c_in"), g.pop("k")
+    dense = _sparse_conv(c_in, 96, k, 6, **g)
+    layer = SparseConv2d.from_dense(dense, (32, 32), activation=activation, trainable=grad)
+    x = torch.randn(2, c_in, 11, 13, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+        ref = ACTIVATIONS[activation](dense(x))
+    assert relative_error(out.detach(), ref.detach().double()) < 1e-5
+    if grad:
+        out.square().sum().backward()
+        assert layer.linear.values.grad is not None and x.grad is not None
+
+
+def test_bsr_conv2d_op_activation_matches_reference():
+    conv = _sparse_conv(64, 80, 3, 8)
+    layer = SparseConv2d.from_dense(conv, (16, 16))
+    lin = layer.linear
+    x = torch.randn(2, 9, 10, 64)
+    for act in (None, *sorted(ACTIVATIONS)):
+        args = (x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, 80, 3, 1, 1, act)
+        with torch.no_grad():
+            assert relative_error(bsr_conv2d_nhwc(*args), bsr_conv2d_nhwc_reference(*args).double()) < 1e-5
+    with pytest.raises(ValueError, match="activation"):
+        bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, 80, 3, activation="elu")
+
+
+def test_sparsify_fuses_conv_relu_through_folded_batchnorm(tmp_path):
+    def block():
+        torch.manual_seed(9)
+        return nn.Sequential(_sparse_conv(64, 64, 3, 10, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                             _sparse_conv(64, 64, 1, 11), nn.ReLU()).eval()
+    model = block()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad():
+        sparse = sparsify(model, fold_batchnorm=True, fuse_activations=True)
+        assert relative_error(sparse(x), model(x).double()) < 1e-5
+    assert [type(m).__name__ for m in sparse] == ["SparseConv2d", "Identity", "Identity", "SparseConv2d", "Identity"]
+    assert (sparse[0].activation, sparse[3].activation) == ("relu", "relu")
+    # A checkpoint of a model without BatchNorm: load redoes the fusion on a fresh dense model.
+    plain = nn.Sequential(_sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), _sparse_conv(64, 32, 1, 13)).eval()
+    fused = sparsify(plain, fuse_activations=True)
+    save(fused, tmp_path / "conv.safetensors")
+    fresh = load(nn.Sequential(_sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), _sparse_conv(64, 32, 1, 13)),
+                 tmp_path / "conv.safetensors")
+    assert isinstance(fresh[1], nn.Identity) and fresh[0].activation == "gelu"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), fused(x))
+    assert isinstance(fused[0].to_conv2d()[1], nn.GELU)

@@ -17,7 +17,7 @@ std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v) {
 at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                     const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                                     int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                    at::IntArrayRef dilation) {
+                                    at::IntArrayRef dilation, std::optional<c10::string_view> activation) {
   TORCH_CHECK_VALUE(input.dim() == 4, "bsr_conv2d_nhwc: input must be [B, Hp, Wp, C], got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "bsr_conv2d_nhwc: input must be float32, got ",
                    input.scalar_type());
@@ -38,6 +38,7 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
                                      out_channels, kh * kw * c.c);
   BsrProblem& p = a.problem;
   p.M = c.batch * c.ho * c.wo, p.ldx = p.K;
+  p.act = parse_activation("bsr_conv2d_nhwc", activation);
   const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(), p);
   TORCH_CHECK_VALUE(bad.empty(), "bsr_conv2d_nhwc: ", bad);
   const std::string unsupported = bsr_conv2d_unsupported(p, c);

@@ -44,15 +44,8 @@ at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values
 at::Tensor bsr_linear_act_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                               const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                               int64_t out_features, c10::string_view activation) {
-  Activation act;
-  if (activation == "relu") {
-    act = Activation::kRelu;
-  } else if (activation == "gelu") {
-    act = Activation::kGelu;
-  } else {
-    TORCH_CHECK_VALUE(false, "bsr_linear_act: activation must be 'relu' or 'gelu', got '", activation, "'");
-  }
-  return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features, act);
+  return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features,
+                                 parse_activation("bsr_linear_act", activation));
 }
 
 }  // namespace

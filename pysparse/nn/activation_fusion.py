@@ -3,7 +3,8 @@
 Fusing is only done where the model's own code proves that the activation consumes the layer's output and
 nothing else does:
 
-* an ``nn.Sequential`` (its forward not overridden): a layer followed by an activation module;
+* an ``nn.Sequential`` (its forward not overridden): a layer followed by an activation module, possibly with
+  ``nn.Identity`` modules between them (what ``fold_batchnorm`` leaves of a conv -> BatchNorm -> ReLU block);
 * a module whose ``forward`` compiles to the same bytecode as ``h = self.a(h); h = self.b(h); return h``
   (transformers' ``BertIntermediate`` and its many copies): ``a`` is the layer, ``b`` the activation.
 
@@ -53,6 +54,10 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
+def _is_plain_identity(module) -> bool:
+    return type(module) is nn.Identity and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 @dataclass
 class ActivationSite:
     """The activation ``parent.<activation_slot>`` is applied to the output of ``parent.<layer_slot>`` only."""
@@ -71,10 +76,13 @@ def activation_sites(model: nn.Module) -> list[ActivationSite]:
             continue
         if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             slots = list(parent._modules.items())
-            for (a, layer), (b, act) in zip(slots, slots[1:]):
-                name = activation_name(act) if act is not None else None
+            for i, (a, layer) in enumerate(slots):
+                j = i + 1
+                while j < len(slots) and _is_plain_identity(slots[j][1]):
+                    j += 1
+                name = activation_name(slots[j][1]) if j < len(slots) and slots[j][1] is not None else None
                 if layer is not None and name is not None:
-                    sites.append(ActivationSite(parent, a, b, name))
+                    sites.append(ActivationSite(parent, a, slots[j][0], name))
         elif _same_code(type(parent).forward, _linear_then_activation):
             a, b = type(parent).forward.__code__.co_names
             act = parent._modules.get(b)

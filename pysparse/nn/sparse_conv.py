@@ -52,11 +52,13 @@ class SparseConv2d(nn.Module):
     dense convolution and is laid out channels-last (as ``nn.Conv2d`` returns for channels-last input), which the
     next sparse conv reads copy-free.
     The packed weight lives in the child module ``linear`` (a :class:`SparseLinear`), whose buffers
-    ``values`` / ``crow_indices`` / ``col_indices`` and ``bias`` form the state dict.
+    ``values`` / ``crow_indices`` / ``col_indices`` and ``bias`` form the state dict. ``activation`` ("relu" /
+    "gelu") is held by that child too: every path applies it (the implicit-im2col op inside its kernel).
     """
 
     def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, in_channels: int,
-                 kernel_size, stride=1, padding=0, dilation=1, padding_mode: str = "zeros", trainable: bool = False):
+                 kernel_size, stride=1, padding=0, dilation=1, padding_mode: str = "zeros", trainable: bool = False,
+                 activation: str | None = None):
         super().__init__()
         if not isinstance(weight, BlockSparseWeight):
             raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
@@ -79,15 +81,16 @@ class SparseConv2d(nn.Module):
         if weight.shape[1] != in_channels * kh * kw:
             raise ValueError(f"weight must have in_channels * kh * kw = {in_channels * kh * kw} columns for "
                              f"in_channels={in_channels} and kernel_size={self.kernel_size}, got shape {weight.shape}")
-        self.linear = SparseLinear(weight, bias, trainable=trainable)
+        self.linear = SparseLinear(weight, bias, trainable=trainable, activation=activation)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, block_size=(32, 32), mask: torch.Tensor | None = None, *,
-                   trainable: bool = False) -> "SparseConv2d":
+                   trainable: bool = False, activation: str | None = None) -> "SparseConv2d":
         """Pack ``conv``'s weight viewed ``[O, kh*kw*I]`` (blocks with a nonzero, or the blocks ``mask`` keeps).
 
         ``mask`` has ``conv.weight``'s shape. Grouped (incl. depthwise) convolutions are refused: their weight is
-        not one GEMM over all input channels. ``trainable=True`` makes the packed values an ``nn.Parameter``.
+        not one GEMM over all input channels. ``trainable=True`` makes the packed values an ``nn.Parameter``;
+        ``activation`` ("relu" / "gelu") is applied after the convolution.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -101,7 +104,8 @@ class SparseConv2d(nn.Module):
                                               mask=mask)
         bias = conv.bias.detach() if conv.bias is not None else None
         return cls(weight, bias, in_channels=conv.in_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                   padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode, trainable=trainable)
+                   padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode, trainable=trainable,
+                   activation=activation)
 
     # ---- properties ---------------------------------------------------------------------------------------
     @property
@@ -121,13 +125,35 @@ class SparseConv2d(nn.Module):
     def density(self) -> float:
         return self.linear.density
 
-    def to_conv2d(self) -> nn.Conv2d:
-        """An equivalent dense nn.Conv2d (same device and dtype)."""
+    @property
+    def activation(self) -> str | None:
+        return self.linear.activation
+
+    @activation.setter
+    def activation(self, name: str | None) -> None:
+        ops._check_activation(name)
+        self.linear.activation = name
+
+    @property
+    def activation_source(self) -> str | None:
+        """The sibling activation module sparsify fused into this layer (see SparseLinear.activation_source)."""
+        return self.linear.activation_source
+
+    @activation_source.setter
+    def activation_source(self, slot: str | None) -> None:
+        self.linear.activation_source = slot
+
+    def to_conv2d(self) -> nn.Module:
+        """An equivalent dense nn.Conv2d (same device and dtype); with an activation,
+        ``nn.Sequential(conv, nn.ReLU() / nn.GELU())``."""
         values = self.linear.values
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
                          padding_mode=self.padding_mode, device=values.device, dtype=values.dtype)
-        return fill_dense(conv, conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape), self.bias)
+        conv = fill_dense(conv, conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape), self.bias)
+        if self.activation is None:
+            return conv
+        return nn.Sequential(conv, nn.ReLU() if self.activation == "relu" else nn.GELU())
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _pads(self) -> tuple[int, int, int, int]:
@@ -170,7 +196,7 @@ class SparseConv2d(nn.Module):
         elif self._implicit(x):
             lin = self.linear
             y = ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
-                                    self.kernel_size, self.stride, self.dilation)
+                                    self.kernel_size, self.stride, self.dilation, lin.activation)
         elif kh == 1 and kw == 1:
             y = self.linear(x[:, ::sh, ::sw, :])   # a view; the kernel packs it as it reads it
         else:
@@ -210,4 +236,5 @@ class SparseConv2d(nn.Module):
         pad = f"'{self.padding}'" if isinstance(self.padding, str) else self.padding
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={pad}, dilation={self.dilation}, padding_mode={self.padding_mode}, "
-                f"block_size=({bh}, {bw}), density={self.density:.3f}, bias={self.bias is not None}")
+                f"block_size=({bh}, {bw}), density={self.density:.3f}, bias={self.bias is not None}"
+                + (f", activation={self.activation}" if self.activation else ""))
