@@ -96,7 +96,9 @@ BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& valu
 Activation parse_activation(const char* op, const std::optional<c10::string_view>& activation) {
   if (!activation) return Activation::kNone;
   if (*activation == "relu") return Activation::kRelu;
-  TORCH_CHECK_VALUE(*activation == "gelu", op, ": activation must be 'relu' or 'gelu', got '", *activation, "'");
+  if (*activation == "relu6") return Activation::kRelu6;
+  TORCH_CHECK_VALUE(*activation == "gelu", op, ": activation must be 'relu', 'relu6' or 'gelu', got '", *activation,
+                    "'");
   return Activation::kGelu;
 }
 

@@ -30,7 +30,7 @@ BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at
                                const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K);
 
-// "relu" / "gelu" (exact) as the kernels' Activation; None (no activation) gives kNone; anything else raises.
+// "relu" / "relu6" / "gelu" (exact) as the kernels' Activation; None (no activation) gives kNone; anything else raises.
 Activation parse_activation(const char* op, const std::optional<c10::string_view>& activation);
 
 BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,

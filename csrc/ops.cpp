@@ -9,7 +9,7 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz_blocks, bh, bw], crow_indices [ceil(out_features / bh) + 1] and col_indices [nnz_blocks], int32.
   m.def("bsr_linear(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features) -> Tensor");
-  // activation(bsr_linear(...)), activation "relu" or "gelu" (exact, erf form), fused into the kernel's output
+  // activation(bsr_linear(...)), activation "relu", "relu6" or "gelu" (exact, erf form), fused into the kernel's output
   // tiles. CPU only; inference only (no autograd: pysparse.nn layers use it when no gradient is wanted).
   m.def("bsr_linear_act(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features, str activation) -> Tensor");
@@ -25,7 +25,7 @@ TORCH_LIBRARY(pysparse, m) {
   // y [B, Ho, Wo, out_channels] = F.conv2d of a zero-padded NHWC input [B, Hp, Wp, C] (no further padding) with
   // W [out_channels, kh*kw*C] block-sparse in BSR form, tap-major columns ((tap_h * kw + tap_w) * C + channel):
   // an implicit im2col, nothing copied. CPU only, float32; see bsr_conv2d_unsupported for what it needs.
-  // activation: None, "relu" or "gelu", fused as in bsr_linear_act.
+  // activation: None, "relu", "relu6" or "gelu", fused as in bsr_linear_act.
   m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None) -> Tensor");
 }

@@ -62,7 +62,7 @@ def _call(op, *args):
 
 
 # Activations bsr_linear can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
-ACTIVATIONS = {"relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu}
+ACTIVATIONS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6, "gelu": torch.nn.functional.gelu}
 
 
 def _check_activation(activation) -> None:
@@ -76,7 +76,7 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     """:func:`bsr_linear` for parts a ``BlockSparseWeight`` already validated (int32 indices, consistent shapes):
     no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device).
 
-    ``activation`` ("relu" / "gelu", already validated) is fused into the CPU kernel when no gradient is wanted;
+    ``activation`` (a key of ``ACTIVATIONS``, already validated) is fused into the CPU kernel when no gradient is wanted;
     otherwise (training, or CUDA) the torch activation runs after the op.
     """
     if activation is None:
@@ -104,7 +104,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         check_indices: validate the indices first (on CUDA this synchronises once). Layers built from
             ``BlockSparseWeight`` pass False: the format validated them when it was packed or loaded.
             The CPU kernel always re-checks them; the CUDA kernels clamp to their buffers either way.
-        activation: None, "relu" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
+        activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
             gradient is wanted, the kernel applies it to each output tile while that is still in cache (no
             second pass over the output); otherwise the torch function runs after the op.
     Returns:
@@ -181,7 +181,7 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
             (``pysparse.nn.conv_weight_matrix``); ``bw`` must divide ``C`` and ``bh`` be a multiple of 8.
         bias: ``[out_channels]`` or None.
         kernel_size, stride, dilation: ints or pairs.
-        activation: None, "relu" or "gelu" (exact), applied to each output tile in the kernel.
+        activation: None, "relu", "relu6" or "gelu" (exact), applied to each output tile in the kernel.
     Returns:
         ``[B, Ho, Wo, out_channels]`` (``permute(0, 3, 1, 2)`` gives the NCHW view, channels-last in memory).
     The kernel is the broadcast kernel of ``bsr_linear`` reading each output pixel's patch in place; where it

@@ -84,7 +84,7 @@ def test_bad_activation_is_refused():
     x = torch.randn(2, 32)
     with pytest.raises(ValueError, match="activation must be None or one of"):
         bsr_linear(x, p.values, p.crow_indices, p.col_indices, None, 32, activation="tanh")
-    with pytest.raises(ValueError, match="activation must be 'relu' or 'gelu'"):
+    with pytest.raises(ValueError, match="activation must be 'relu', 'relu6' or 'gelu'"):
         torch.ops.pysparse.bsr_linear_act(x, p.values, p.crow_indices, p.col_indices, None, 32, "swish")
     with pytest.raises(ValueError, match="activation"):
         SparseLinear(p.weight, activation="GELU")
@@ -110,7 +110,7 @@ def test_sparse_linear_activation_trains_like_dense(activation):
     assert relative_error(layer.values.grad, expected.double()) < 1e-5
     with torch.no_grad():  # inference takes the fused kernel: same result
         assert relative_error(layer(x), ACTIVATIONS[activation](dense(x)).double()) < 1e-5
-    assert isinstance(layer.to_linear()[1], nn.ReLU if activation == "relu" else nn.GELU)
+    assert type(layer.to_linear()[1]) is {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU}[activation]
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -189,8 +189,10 @@ def _fused(model: nn.Module) -> dict:
 
 def test_sparsify_fuses_only_provable_pairs():
     seq = nn.Sequential(_sparse_linear(64, 64, 1), nn.ReLU(inplace=True), _sparse_linear(64, 64, 2),
-                        nn.GELU(approximate="tanh"), _sparse_linear(64, 64, 3), nn.GELU(), nn.Linear(64, 8))
-    assert _fused(seq) == {"0": "relu", "2": None, "4": "gelu"}   # tanh GELU is another function
+                        nn.GELU(approximate="tanh"), _sparse_linear(64, 64, 3), nn.GELU(), _sparse_linear(64, 64, 4),
+                        nn.Identity(), nn.ReLU6(), _sparse_linear(64, 64, 5), nn.SiLU(), nn.Linear(64, 8))
+    # tanh GELU is another function; SiLU has no fused form
+    assert _fused(seq) == {"0": "relu", "2": None, "4": "gelu", "6": "relu6", "9": None}
     assert _fused(BertStyle(nn.GELU())) == {"dense": "gelu"}
     assert _fused(ReadsOutputTwice(nn.ReLU())) == {"dense": None}  # the layer's output is read twice
     hooked = BertStyle(nn.ReLU())
@@ -210,6 +212,7 @@ def test_transformers_gelu_activation_is_recognised():
     assert activation_name(ACT2FN["gelu"]) == "gelu"
     assert activation_name(ACT2FN["gelu_new"]) is None   # the tanh approximation
     assert activation_name(ACT2FN["relu"]) == "relu"
+    assert activation_name(ACT2FN["relu6"]) == "relu6"
     assert transformers is not None
 
 

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["activation_name", "ActivationSite", "activation_sites"]
+__all__ = ["ACTIVATION_MODULES", "activation_name", "ActivationSite", "activation_sites"]
+
+# The module form of each fusable activation (what a fused layer turns back into when made dense again).
+ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU}
 
 
 def _linear_then_activation(self, hidden_states):
@@ -40,11 +43,13 @@ def _same_code(fn, template) -> bool:
 
 
 def activation_name(module: nn.Module) -> str | None:
-    """"relu" / "gelu" when ``module`` computes exactly ``F.relu`` / ``F.gelu`` (exact form), else None."""
+    """"relu" / "relu6" / "gelu" when ``module`` computes exactly that ``F`` function (exact GELU), else None."""
     if module._forward_hooks or module._forward_pre_hooks:
         return None
     if type(module) is nn.ReLU:
         return "relu"
+    if type(module) is nn.ReLU6:
+        return "relu6"
     if type(module) is nn.GELU and module.approximate == "none":
         return "gelu"
     # transformers' GELUActivation: forward is `return self.act(input)` with act = F.gelu
@@ -64,7 +69,7 @@ class ActivationSite:
     parent: nn.Module
     layer_slot: str
     activation_slot: str
-    activation: str  # "relu" or "gelu"
+    activation: str  # a key of pysparse.ops.ACTIVATIONS
 
 
 def activation_sites(model: nn.Module) -> list[ActivationSite]:

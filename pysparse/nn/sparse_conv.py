@@ -11,6 +11,7 @@ from .._validate import as_pair, check_tensor
 from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
 from .._weight_layout import weight_matrix as conv_weight_matrix
 from ..formats import BlockSparseWeight
+from .activation_fusion import ACTIVATION_MODULES
 from .packed_module import fill_dense
 from .sparse_linear import SparseLinear
 
@@ -145,7 +146,7 @@ class SparseConv2d(nn.Module):
 
     def to_conv2d(self) -> nn.Module:
         """An equivalent dense nn.Conv2d (same device and dtype); with an activation,
-        ``nn.Sequential(conv, nn.ReLU() / nn.GELU())``."""
+        ``nn.Sequential(conv, <the activation module>)``."""
         values = self.linear.values
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
@@ -153,7 +154,7 @@ class SparseConv2d(nn.Module):
         conv = fill_dense(conv, conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape), self.bias)
         if self.activation is None:
             return conv
-        return nn.Sequential(conv, nn.ReLU() if self.activation == "relu" else nn.GELU())
+        return nn.Sequential(conv, ACTIVATION_MODULES[self.activation]())
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _pads(self) -> tuple[int, int, int, int]:

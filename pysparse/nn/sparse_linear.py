@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
+from .activation_fusion import ACTIVATION_MODULES
 from .packed_module import PackedWeightModule, fill_dense
 
 
@@ -16,7 +17,7 @@ class SparseLinear(PackedWeightModule):
     and ``load_state_dict`` work as for any module; loading a state dict of another sparsity pattern replaces
     the buffers after validating them.
 
-    ``activation`` ("relu" or "gelu", exact) makes the layer ``activation(x @ W^T + b)``: fused into the CPU
+    ``activation`` ("relu", "relu6" or "gelu", exact) makes the layer ``activation(x @ W^T + b)``: fused into the CPU
     kernel's output tiles at inference (``sparsify(fuse_activations=True)`` sets it where the model applies
     that activation right after the layer); with gradients, or on CUDA, the torch function runs after the op.
     """
@@ -80,13 +81,13 @@ class SparseLinear(PackedWeightModule):
 
     def to_linear(self) -> nn.Module:
         """An equivalent dense nn.Linear (same device and dtype); with an activation,
-        ``nn.Sequential(linear, nn.ReLU() / nn.GELU())``."""
+        ``nn.Sequential(linear, <the activation module>)``."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
         linear = fill_dense(linear, self.weight.to_dense(), self.bias)
         if self.activation is None:
             return linear
-        return nn.Sequential(linear, nn.ReLU() if self.activation == "relu" else nn.GELU())
+        return nn.Sequential(linear, ACTIVATION_MODULES[self.activation]())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on

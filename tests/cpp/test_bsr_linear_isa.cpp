@@ -104,10 +104,19 @@ const char* isa_name(CpuIsa isa) {
   return "?";
 }
 
-const char* act_name(Activation a) { return a == Activation::kRelu ? "relu" : a == Activation::kGelu ? "gelu" : "none"; }
+const char* act_name(Activation a) {
+  switch (a) {
+    case Activation::kRelu: return "relu";
+    case Activation::kRelu6: return "relu6";
+    case Activation::kGelu: return "gelu";
+    case Activation::kNone: break;
+  }
+  return "none";
+}
 
 double activate_ref(double v, Activation a) {
   if (a == Activation::kRelu) return v > 0.0 ? v : 0.0;
+  if (a == Activation::kRelu6) return v > 6.0 ? 6.0 : v > 0.0 ? v : 0.0;
   if (a == Activation::kGelu) return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
   return v;
 }
@@ -182,8 +191,8 @@ void run_all(CpuIsa isa, const char* dtype, double tol) {
   std::mt19937 rng(1234);
   int i = 0;
   for (const Case& c : cases()) {
-    // A third of the cases fuse ReLU, a third GELU, so each kernel's epilogue meets ragged tiles.
-    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 3));
+    // A quarter of the cases each fuse ReLU, GELU and ReLU6, so each kernel's epilogue meets ragged tiles.
+    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 4));
     ++i;
   }
 }

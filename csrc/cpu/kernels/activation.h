@@ -5,12 +5,14 @@
 
 namespace pysparse {
 
-enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2 };  // kGelu: exact GELU, x * Phi(x) (erf form)
+// kGelu: exact GELU, x * Phi(x) (erf form); kRelu6: min(max(x, 0), 6).
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kRelu6 = 3 };
 
 // Scalar form: the portable path and the SIMD paths' ragged tails. NaN propagates, as in torch.
 inline float activate(float v, Activation a) {
   switch (a) {
     case Activation::kRelu: return v > 0.0f || std::isnan(v) ? v : 0.0f;
+    case Activation::kRelu6: return std::isnan(v) ? v : v > 6.0f ? 6.0f : v > 0.0f ? v : 0.0f;
     case Activation::kGelu: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
     case Activation::kNone: break;
   }
