@@ -45,7 +45,7 @@ class LayerReport:
     packed_bytes: int | None = None    # values + indices of the packed weight
     dense_ms: float | None = None      # autotune: median time of the dense layer on the sample input
     sparse_ms: float | None = None     # autotune: median time of the sparse layer on the same input
-    fused_activation: str | None = None  # fuse_activations: "relu" / "gelu" now applied by this layer
+    fused_activation: str | None = None  # fuse_activations: the activation now applied by this layer
 
 
 class SparsifyReport:
@@ -179,7 +179,7 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None:
-    """Moves each provably fusable activation into the SparseLinear before it (see activation_fusion)."""
+    """Moves each provably fusable activation into the SparseLinear / SparseConv2d before it (activation_fusion)."""
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
@@ -215,7 +215,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
             (:func:`pysparse.fold.fold_batchnorm`); inference only, so the model must be in eval mode and
             ``trainable`` False.
-        fuse_activations: where the model applies ReLU / exact GELU to a swapped layer's output and nothing
+        fuse_activations: where the model applies ReLU, ReLU6 or exact GELU to a swapped layer's output and nothing
             else reads that output (an ``nn.Sequential`` pair, Identities between allowed, or a parent whose
             forward is exactly ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear /
             SparseConv2d applies it inside its CPU kernel and the activation module becomes ``nn.Identity`` (the

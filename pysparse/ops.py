@@ -76,8 +76,8 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     """:func:`bsr_linear` for parts a ``BlockSparseWeight`` already validated (int32 indices, consistent shapes):
     no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device).
 
-    ``activation`` (a key of ``ACTIVATIONS``, already validated) is fused into the CPU kernel when no gradient is wanted;
-    otherwise (training, or CUDA) the torch activation runs after the op.
+    ``activation`` (a key of ``ACTIVATIONS``, already validated) is fused into the CPU kernel when no gradient is
+    wanted; otherwise (training, or CUDA) the torch activation runs after the op.
     """
     if activation is None:
         return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,

@@ -11,7 +11,7 @@ from .._validate import as_pair, check_tensor
 from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
 from .._weight_layout import weight_matrix as conv_weight_matrix
 from ..formats import BlockSparseWeight
-from .activation_fusion import ACTIVATION_MODULES
+from .activation_fusion import with_activation
 from .packed_module import fill_dense
 from .sparse_linear import SparseLinear
 
@@ -53,8 +53,9 @@ class SparseConv2d(nn.Module):
     dense convolution and is laid out channels-last (as ``nn.Conv2d`` returns for channels-last input), which the
     next sparse conv reads copy-free.
     The packed weight lives in the child module ``linear`` (a :class:`SparseLinear`), whose buffers
-    ``values`` / ``crow_indices`` / ``col_indices`` and ``bias`` form the state dict. ``activation`` ("relu" /
-    "gelu") is held by that child too: every path applies it (the implicit-im2col op inside its kernel).
+    ``values`` / ``crow_indices`` / ``col_indices`` and ``bias`` form the state dict. ``activation`` (a key of
+    ``pysparse.ops.ACTIVATIONS``) is held by that child too: every path applies it (the implicit-im2col op inside
+    its kernel).
     """
 
     def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, in_channels: int,
@@ -91,7 +92,7 @@ class SparseConv2d(nn.Module):
 
         ``mask`` has ``conv.weight``'s shape. Grouped (incl. depthwise) convolutions are refused: their weight is
         not one GEMM over all input channels. ``trainable=True`` makes the packed values an ``nn.Parameter``;
-        ``activation`` ("relu" / "gelu") is applied after the convolution.
+        ``activation`` (a key of ``pysparse.ops.ACTIVATIONS``) is applied after the convolution.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -151,10 +152,8 @@ class SparseConv2d(nn.Module):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
                          padding_mode=self.padding_mode, device=values.device, dtype=values.dtype)
-        conv = fill_dense(conv, conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape), self.bias)
-        if self.activation is None:
-            return conv
-        return nn.Sequential(conv, ACTIVATION_MODULES[self.activation]())
+        weight = conv_weight_from_matrix(self.weight.to_dense(), conv.weight.shape)
+        return with_activation(fill_dense(conv, weight, self.bias), self.activation)
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _pads(self) -> tuple[int, int, int, int]:

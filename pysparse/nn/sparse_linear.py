@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
-from .activation_fusion import ACTIVATION_MODULES
+from .activation_fusion import with_activation
 from .packed_module import PackedWeightModule, fill_dense
 
 
@@ -84,10 +84,7 @@ class SparseLinear(PackedWeightModule):
         ``nn.Sequential(linear, <the activation module>)``."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
-        linear = fill_dense(linear, self.weight.to_dense(), self.bias)
-        if self.activation is None:
-            return linear
-        return nn.Sequential(linear, ACTIVATION_MODULES[self.activation]())
+        return with_activation(fill_dense(linear, self.weight.to_dense(), self.bias), self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
