@@ -1,15 +1,13 @@
 """pysparse.io save/load: round trip into a fresh dense model; damaged or tampered files raise ValueError."""
 from __future__ import annotations
 
-import json
 import pickle
 
 import pytest
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
+from checkpoint_tools import assert_load_refused, rewrite
 from pysparse.convert import sparsify
 from pysparse.io import load, save
 from pysparse.nn import SparseConv2d, SparseLinear
@@ -56,17 +54,6 @@ def saved(tmp_path):
     path = tmp_path / "model.safetensors"
     save(sparse, path)
     return net, sparse, path
-
-
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
-def _unchanged(model, snap):
-    state, types = snap
-    now = model.state_dict()
-    return (state.keys() == now.keys() and all(torch.equal(v, now[k]) for k, v in state.items())
-            and types == [type(m) for m in model.modules()])
 
 
 def test_round_trip(saved):
@@ -117,24 +104,17 @@ def test_never_unpickles(saved, monkeypatch):
 def test_pickle_file_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(Net().state_dict(), path)
-    model = Net()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load(model, path)
-    assert _unchanged(model, snap)
+    assert_load_refused(Net(), path, "not a readable safetensors file")
 
 
 def test_truncated_files(saved, tmp_path):
     _, _, path = saved
     data = path.read_bytes()
     model = Net()
-    snap = _snapshot(model)
     for cut in (0, 5, 8, 40, len(data) // 2, len(data) - 1):
         bad = tmp_path / f"cut{cut}.safetensors"
         bad.write_bytes(data[:cut])
-        with pytest.raises(ValueError):
-            load(model, bad)
-        assert _unchanged(model, snap)
+        assert_load_refused(model, bad)
 
 
 def test_random_byte_flips_never_crash(saved, tmp_path):
@@ -154,20 +134,6 @@ def test_random_byte_flips_never_crash(saved, tmp_path):
             load(Net(), p)
         except ValueError:
             pass
-
-
-def _rewrite(path, out, edit_tensors=None, edit_meta=None):
-    """Re-save a checkpoint (a valid safetensors container) after editing its tensors and/or metadata."""
-    with safetensors.safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["pysparse"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    raw = edit_meta(meta) if edit_meta else None   # edits meta in place, or returns the raw metadata to write
-    if not isinstance(raw, dict):
-        raw = {"pysparse": json.dumps(meta), "format": "pt"}
-    safetensors.torch.save_file(tensors, str(out), metadata=raw)
-    return out
 
 
 def _set(key, value):
@@ -222,12 +188,7 @@ TAMPERS = {
 def test_tampered_files(saved, tmp_path, case):
     _, _, path = saved
     edit_tensors, edit_meta, message = TAMPERS[case]
-    bad = _rewrite(path, tmp_path / "bad.safetensors", edit_tensors, edit_meta)
-    model = Net()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        load(model, bad)
-    assert _unchanged(model, snap)
+    assert_load_refused(Net(), rewrite(path, tmp_path / "bad.safetensors", edit_tensors, edit_meta), message)
 
 
 def test_save_rejects_bare_layer_and_non_module(tmp_path):

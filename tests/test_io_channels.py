@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from checkpoint_tools import assert_load_refused, rewrite, snapshot, unchanged
 from pysparse.convert import sparsify
 from pysparse.io import load, save
 from pysparse.nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
@@ -63,18 +64,6 @@ def n_params(model):
 def pruned_rescnn(seed=0):
     torch.manual_seed(seed)
     return prune_channels(random_bn(ResCNN(), seed).eval(), X[:1], ratio=0.5).eval()
-
-
-def snapshot(model):
-    """Everything a failed load must leave as it was: tensors, module types and sizes, the surgery record."""
-    return ({k: v.clone() for k, v in model.state_dict().items()}, repr(model), channel_surgery_record(model))
-
-
-def unchanged(model, snap):
-    state, text, record = snap
-    now = model.state_dict()
-    return (state.keys() == now.keys() and all(torch.equal(v, now[k]) for k, v in state.items())
-            and repr(model) == text and channel_surgery_record(model) == record)
 
 
 # ---- round trips --------------------------------------------------------------------------------------------------
@@ -196,18 +185,6 @@ def test_channel_sparse_layers_on_a_pruned_model(tmp_path):
 
 
 # ---- tampered files: ValueError, the fresh model unchanged -------------------------------------------------------
-def rewrite(path, out, edit_tensors=None, edit_meta=None):
-    with safetensors.safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["pysparse"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    safetensors.torch.save_file(tensors, str(out), metadata={"pysparse": json.dumps(meta), "format": "pt"})
-    return out
-
-
 def first_param(meta):
     return next(iter(meta["channel_surgery"]["steps"][0]["params"].values()))
 
@@ -296,12 +273,7 @@ def pruned_file(tmp_path_factory):
 @pytest.mark.parametrize("case", list(SURGERY_TAMPERS))
 def test_tampered_surgery_record(pruned_file, tmp_path, case):
     edit, message = SURGERY_TAMPERS[case]
-    bad = rewrite(pruned_file, tmp_path / "bad.safetensors", edit_meta=edit)
-    model = ResCNN()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        load(model, bad)
-    assert unchanged(model, snap)
+    assert_load_refused(ResCNN(), rewrite(pruned_file, tmp_path / "bad.safetensors", edit_meta=edit), message)
 
 
 @pytest.mark.parametrize("case", ["missing tensor", "tensor of the wrong shape", "sparse layer of the wrong size"])
@@ -316,32 +288,22 @@ def test_failure_after_the_surgery_undoes_it(pruned_file, tmp_path, case):
         edit_meta = lambda m: m["layers"].append({"name": "head.3", "kind": "channel_linear",  # noqa: E731
                                                   "in_features": 64, "out_features": 10, "bias": True})
     bad = rewrite(pruned_file, tmp_path / "bad.safetensors", edit_tensors, edit_meta)
-    model = ResCNN()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="invalid pysparse checkpoint"):
-        load(model, bad)
-    assert unchanged(model, snap)
+    assert_load_refused(ResCNN(), bad, "invalid pysparse checkpoint")
 
 
 def test_truncated_pruned_file(pruned_file, tmp_path):
     data = pruned_file.read_bytes()
     model = ResCNN()
-    snap = snapshot(model)
     for cut in (0, 8, 100, len(data) // 2, len(data) - 1):
         bad = tmp_path / f"cut{cut}.safetensors"
         bad.write_bytes(data[:cut])
-        with pytest.raises(ValueError):
-            load(model, bad)
-        assert unchanged(model, snap)
+        assert_load_refused(model, bad)
 
 
 def test_model_with_another_surgery_is_refused(pruned_file):
     model = ResCNN().eval()
     prune_channels(model, X[:1], ratio=0.25, round_to=1)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="already carries a channel surgery"):
-        load(model, pruned_file)
-    assert unchanged(model, snap)
+    assert_load_refused(model, pruned_file, "already carries a channel surgery")
 
 
 @pytest.fixture(scope="module")
@@ -394,18 +356,11 @@ def test_tampered_channel_sparse_layers(channel_file, tmp_path, case):
     else:
         edit, message = LAYER_TAMPERS[case]
         bad = rewrite(channel_file, tmp_path / "bad.safetensors", edit_meta=edit)
-    model = ResCNN()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        load(model, bad)
-    assert unchanged(model, snap)
+    assert_load_refused(ResCNN(), bad, message)
 
 
 def test_channel_conv_needs_a_zero_padded_dense_conv(channel_file):
     model = ResCNN()
     model.stem[0] = nn.Conv2d(3, 32, 3, padding=1, bias=False, padding_mode="reflect")
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="zero padding"):
-        load(model, channel_file)
-    assert unchanged(model, snap)
+    assert_load_refused(model, channel_file, "zero padding")
 
