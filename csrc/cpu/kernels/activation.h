@@ -1,4 +1,4 @@
-// Elementwise activations the kernels apply to their output tiles while those are still in cache (a fused
+// Elementwise activations the kernels apply to their results in registers, just before storing them (a fused
 // epilogue: the separate pass over y that F.relu / F.gelu would make afterwards costs a full memory round trip).
 #pragma once
 #include <cmath>
