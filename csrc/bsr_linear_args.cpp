@@ -102,4 +102,15 @@ Activation parse_activation(const char* op, const std::optional<c10::string_view
   return Activation::kGelu;
 }
 
+at::Tensor prepare_residual(const char* op, const at::Tensor& residual, const at::Tensor& input,
+                            at::IntArrayRef out_shape) {
+  TORCH_CHECK_VALUE(residual.sizes() == out_shape, op, ": residual must have the output's shape ", out_shape, ", got ",
+                    residual.sizes());
+  TORCH_CHECK_TYPE(residual.scalar_type() == input.scalar_type(), op, ": residual must have the input's dtype ",
+                   input.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK_VALUE(residual.device() == input.device(), op, ": residual must be on the input's device ",
+                    input.device(), ", got ", residual.device());
+  return residual.contiguous();
+}
+
 }  // namespace pysparse

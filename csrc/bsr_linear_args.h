@@ -33,6 +33,11 @@ BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at
 // "relu" / "relu6" / "gelu" (exact) as the kernels' Activation; None (no activation) gives kNone; anything else raises.
 Activation parse_activation(const char* op, const std::optional<c10::string_view>& activation);
 
+// The residual an op adds before its activation, checked (the output's shape, the input's dtype and device) and
+// made contiguous: the kernels read it with the output's row stride. Keep the result alive for the call.
+at::Tensor prepare_residual(const char* op, const at::Tensor& residual, const at::Tensor& input,
+                            at::IntArrayRef out_shape);
+
 BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                  const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                                  int64_t out_features);

@@ -9,10 +9,11 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz_blocks, bh, bw], crow_indices [ceil(out_features / bh) + 1] and col_indices [nnz_blocks], int32.
   m.def("bsr_linear(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features) -> Tensor");
-  // activation(bsr_linear(...)), activation "relu", "relu6" or "gelu" (exact, erf form), fused into the kernel's output
-  // tiles. CPU only; inference only (no autograd: pysparse.nn layers use it when no gradient is wanted).
+  // activation(bsr_linear(...) + residual): activation None, "relu", "relu6" or "gelu" (exact, erf form), residual
+  // None or a tensor of the output's shape; both fused into the kernels' epilogue. CPU only; inference only (no
+  // autograd: pysparse.nn layers use it when no gradient is wanted).
   m.def("bsr_linear_act(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
-        "int out_features, str activation) -> Tensor");
+        "int out_features, str? activation, Tensor? residual=None) -> Tensor");
   // y = F.linear(input, W, bias) with W [out_features, in_features] zero outside the kept rows out_index and
   // kept columns in_index (int32, strictly increasing); values [len(out_index), len(in_index)] holds the kept part.
   // bias covers all out_features: dropped outputs equal their bias (or 0).
@@ -25,9 +26,10 @@ TORCH_LIBRARY(pysparse, m) {
   // y [B, Ho, Wo, out_channels] = F.conv2d of a zero-padded NHWC input [B, Hp, Wp, C] (no further padding) with
   // W [out_channels, kh*kw*C] block-sparse in BSR form, tap-major columns ((tap_h * kw + tap_w) * C + channel):
   // an implicit im2col, nothing copied. CPU only, float32; see bsr_conv2d_unsupported for what it needs.
-  // activation: None, "relu", "relu6" or "gelu", fused as in bsr_linear_act.
+  // activation and residual ([B, Ho, Wo, out_channels]): fused as in bsr_linear_act.
   m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
-        "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None) -> Tensor");
+        "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None, "
+        "Tensor? residual=None) -> Tensor");
 }
 
 namespace {

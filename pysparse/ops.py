@@ -72,26 +72,40 @@ def _check_activation(activation) -> None:
 
 def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                       col_indices: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                      activation: str | None = None) -> torch.Tensor:
+                      activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`bsr_linear` for parts a ``BlockSparseWeight`` already validated (int32 indices, consistent shapes):
-    no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device).
+    no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device,
+    and the residual's).
 
-    ``activation`` (a key of ``ACTIVATIONS``, already validated) is fused into the CPU kernel when no gradient is
-    wanted; otherwise (training, or CUDA) the torch activation runs after the op.
+    ``activation`` (a key of ``ACTIVATIONS``, already validated) and ``residual`` are fused into the CPU kernel when
+    no gradient is wanted; otherwise (training, or CUDA) torch adds the residual and applies the activation after
+    the op.
     """
-    if activation is None:
+    if activation is None and residual is None:
         return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
                      out_features)
-    if input.device.type == "cpu" and not _wants_grad(input, values, bias):
+    if input.device.type == "cpu" and not _wants_grad(input, values, bias, residual):
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
-                                                         out_features, activation)
-    return ACTIVATIONS[activation](_call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices,
-                                         col_indices, bias, out_features))
+                                                         out_features, activation, residual)
+    y = _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
+    if residual is not None:
+        y = y + residual
+    return y if activation is None else ACTIVATIONS[activation](y)
+
+
+def _check_residual(residual, shape) -> None:
+    """A residual must be a tensor of exactly the output's shape (it is added, not broadcast)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
 
 
 def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
                bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True,
-               activation: str | None = None) -> torch.Tensor:
+               activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(input, W, bias)`` where ``W [out_features, in_features]`` is block-sparse (BSR).
 
     Args:
@@ -105,8 +119,10 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
             ``BlockSparseWeight`` pass False: the format validated them when it was packed or loaded.
             The CPU kernel always re-checks them; the CUDA kernels clamp to their buffers either way.
         activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
-            gradient is wanted, the kernel applies it to each output tile while that is still in cache (no
-            second pass over the output); otherwise the torch function runs after the op.
+            gradient is wanted, the kernel applies it to each result before storing it (no second pass over the
+            output); otherwise the torch function runs after the op.
+        residual: None or a tensor of the output's shape (and dtype), added before the activation:
+            ``activation(F.linear(input, W, bias) + residual)``, fused into the kernel like the activation.
     Returns:
         ``[..., out_features]`` in the input's dtype.
     """
@@ -122,6 +138,8 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
     _check_activation(activation)
+    if input.dim() >= 1:
+        _check_residual(residual, (*input.shape[:-1], out_features))
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     if values.dim() == 3 and col.dim() == 1 and col.numel() != values.shape[0]:
         # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.
@@ -131,7 +149,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         bh, bw = int(values.shape[1]), int(values.shape[2])
         if bh >= 1 and bw >= 1:
             check_bsr_indices(crow, col, -(-int(out_features) // bh), -(-int(input.shape[-1]) // bw))
-    return bsr_linear_packed(input, values, crow, col, bias, int(out_features), activation)
+    return bsr_linear_packed(input, values, crow, col, bias, int(out_features), activation, residual)
 
 
 @torch.library.register_fake("pysparse::bsr_linear")
@@ -142,8 +160,11 @@ def _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_feature
 
 
 @torch.library.register_fake("pysparse::bsr_linear_act")
-def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_features, activation):
-    return _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_features)
+def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_features, activation, residual=None):
+    y = _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_features)
+    torch._check(residual is None or residual.shape == y.shape,
+                 lambda: f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    return y
 
 
 def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features):
@@ -172,7 +193,8 @@ def implicit_conv2d_available() -> bool:
 
 def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
                     col_indices: torch.Tensor, bias: torch.Tensor | None, out_channels: int, kernel_size,
-                    stride=1, dilation=1, activation: str | None = None) -> torch.Tensor:
+                    stride=1, dilation=1, activation: str | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d`` of an already zero-padded channels-last input with a block-sparse weight, no patch copied.
 
     Args:
@@ -181,7 +203,9 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
             (``pysparse.nn.conv_weight_matrix``); ``bw`` must divide ``C`` and ``bh`` be a multiple of 8.
         bias: ``[out_channels]`` or None.
         kernel_size, stride, dilation: ints or pairs.
-        activation: None, "relu", "relu6" or "gelu" (exact), applied to each output tile in the kernel.
+        activation: None, "relu", "relu6" or "gelu" (exact), applied to each result in the kernel.
+        residual: None or a ``[B, Ho, Wo, out_channels]`` tensor added before the activation (ResNet's
+            ``relu(conv(x) + identity)`` in one pass over the output).
     Returns:
         ``[B, Ho, Wo, out_channels]`` (``permute(0, 3, 1, 2)`` gives the NCHW view, channels-last in memory).
     The kernel is the broadcast kernel of ``bsr_linear`` reading each output pixel's patch in place; where it
@@ -193,11 +217,13 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
     if isinstance(out_channels, bool) or not isinstance(out_channels, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}")
     _check_activation(activation)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     return torch.ops.pysparse.bsr_conv2d_nhwc(input, values, crow, col, bias, int(out_channels),
                                               list(as_pair("kernel_size", kernel_size)),
                                               list(as_pair("stride", stride)), list(as_pair("dilation", dilation)),
-                                              activation)
+                                              activation, residual)
 
 
 def _conv_out(size, k, s, d):
@@ -207,15 +233,18 @@ def _conv_out(size, k, s, d):
 
 @torch.library.register_fake("pysparse::bsr_conv2d_nhwc")
 def _bsr_conv2d_nhwc_fake(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride,
-                          dilation, activation=None):
+                          dilation, activation=None, residual=None):
     torch._check(input.dim() == 4, lambda: f"input must be [B, Hp, Wp, C], got {input.dim()}-D")
     ho = _conv_out(input.shape[1], kernel_size[0], stride[0], dilation[0])
     wo = _conv_out(input.shape[2], kernel_size[1], stride[1], dilation[1])
-    return input.new_empty((input.shape[0], ho, wo, out_channels))
+    y = input.new_empty((input.shape[0], ho, wo, out_channels))
+    torch._check(residual is None or residual.shape == y.shape,
+                 lambda: f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    return y
 
 
 def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride=1,
-                              dilation=1, activation=None):
+                              dilation=1, activation=None, residual=None):
     """Pure-torch ``bsr_conv2d_nhwc``: densify W, fold it back to ``[O, C, kh, kw]`` and call ``F.conv2d``."""
     kh, kw = as_pair("kernel_size", kernel_size)
     c = input.shape[-1]
@@ -224,6 +253,8 @@ def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, ou
     y = torch.nn.functional.conv2d(input.permute(0, 3, 1, 2), weight, bias, as_pair("stride", stride), 0,
                                    as_pair("dilation", dilation))
     y = y.permute(0, 2, 3, 1)
+    if residual is not None:
+        y = y + residual
     return y if activation is None else ACTIVATIONS[activation](y)
 
 

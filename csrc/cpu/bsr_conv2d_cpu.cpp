@@ -17,7 +17,8 @@ std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v) {
 at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                     const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                                     int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                    at::IntArrayRef dilation, std::optional<c10::string_view> activation) {
+                                    at::IntArrayRef dilation, std::optional<c10::string_view> activation,
+                                    const std::optional<at::Tensor>& residual) {
   TORCH_CHECK_VALUE(input.dim() == 4, "bsr_conv2d_nhwc: input must be [B, Hp, Wp, C], got ", input.sizes());
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, "bsr_conv2d_nhwc: input must be float32, got ",
                    input.scalar_type());
@@ -44,6 +45,11 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
   const std::string unsupported = bsr_conv2d_unsupported(p, c);
   TORCH_CHECK_VALUE(unsupported.empty(), "bsr_conv2d_nhwc: ", unsupported);
   const at::Tensor x = input.contiguous();
+  at::Tensor res;
+  if (residual) {
+    res = prepare_residual("bsr_conv2d_nhwc", *residual, input, {c.batch, c.ho, c.wo, p.N});
+    p.residual = res.const_data_ptr();
+  }
   at::Tensor y = at::empty({c.batch, c.ho, c.wo, p.N}, input.options());
   bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), a.values.const_data_ptr<float>(), a.crow.const_data_ptr<int32_t>(),
                       a.col.const_data_ptr<int32_t>(), a.bias ? a.bias->const_data_ptr<float>() : nullptr,

@@ -17,9 +17,15 @@ void run(const BsrLinearArgs& a, at::Tensor& y) {
 
 at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                    const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                                   int64_t out_features, Activation act) {
+                                   int64_t out_features, Activation act,
+                                   const std::optional<at::Tensor>& residual = std::nullopt) {
   BsrLinearArgs a = prepare_bsr_linear(input, values, crow_indices, col_indices, bias, out_features);
   a.problem.act = act;
+  at::Tensor res;
+  if (residual) {
+    res = prepare_residual("bsr_linear_act", *residual, input, a.out_shape);
+    a.problem.residual = res.const_data_ptr();
+  }
   // The op is public: malformed indices must raise, never read out of bounds. O(blocks), cheap next to the product.
   const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
                                             a.problem);
@@ -40,12 +46,13 @@ at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values
   return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features, Activation::kNone);
 }
 
-// bsr_linear followed by an activation, applied by the kernels to each output tile while it is in cache.
+// activation(bsr_linear + residual), both applied by the kernels to each result before it is stored.
 at::Tensor bsr_linear_act_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                               const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                              int64_t out_features, c10::string_view activation) {
+                              int64_t out_features, std::optional<c10::string_view> activation,
+                              const std::optional<at::Tensor>& residual) {
   return bsr_linear_act_cpu_impl(input, values, crow_indices, col_indices, bias, out_features,
-                                 parse_activation("bsr_linear_act", activation));
+                                 parse_activation("bsr_linear_act", activation), residual);
 }
 
 }  // namespace

@@ -167,12 +167,17 @@ class SparseConv2d(nn.Module):
         ph, pw = self.padding
         return pw, pw, ph, ph
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(conv2d(x) + residual)``; ``residual`` (optional, the output's shape) is what a residual
+        connection adds to this layer's output (ResNet's ``relu(conv(x) + identity)``), fused into the CPU
+        kernel's epilogue where the kernel runs this convolution."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"input must have shape [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] "
                              f"(in_channels={self.in_channels}), got {tuple(x.shape)}")
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -191,18 +196,31 @@ class SparseConv2d(nn.Module):
         if h < span_h or w < span_w:
             raise ValueError(f"input of {h}x{w} (after padding) is smaller than the dilated kernel "
                              f"{span_h}x{span_w}")
+        if residual is not None:
+            out_shape = (b, self.out_channels, (h - span_h) // sh + 1, (w - span_w) // sw + 1)
+            if tuple(residual.shape) != (out_shape[1:] if unbatched else out_shape):
+                raise ValueError(f"residual must have the output's shape "
+                                 f"{out_shape[1:] if unbatched else out_shape}, got {tuple(residual.shape)}")
+            residual = (residual.unsqueeze(0) if unbatched else residual).permute(0, 2, 3, 1)  # NHWC, as y
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
-            y = self.linear(x)   # a view of the NHWC input: rows of channels, multiplied in place
+            y = self.linear(x, residual)   # a view of the NHWC input: rows of channels, multiplied in place
         elif self._implicit(x):
             lin = self.linear
             y = ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
-                                    self.kernel_size, self.stride, self.dilation, lin.activation)
+                                    self.kernel_size, self.stride, self.dilation, lin.activation, residual)
         elif kh == 1 and kw == 1:
-            y = self.linear(x[:, ::sh, ::sw, :])   # a view; the kernel packs it as it reads it
+            y = self.linear(x[:, ::sh, ::sw, :], residual)   # a view; the kernel packs it as it reads it
         else:
             # Patches as views [B, Ho, Wo, kh, kw, C] (thinned by the dilation); im2col copies them chunk by chunk.
             patches = x.unfold(1, span_h, sh).unfold(2, span_w, sw)[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)
-            y = self._im2col_gemm(patches)
+            if residual is None:
+                y = self._im2col_gemm(patches, self.linear)
+            else:  # the chunks' products first, then the residual and the activation over the whole output
+                lin = self.linear
+                y = self._im2col_gemm(patches, lambda p: ops.bsr_linear_packed(
+                    p, lin.values, lin.crow_indices, lin.col_indices, lin.bias, lin.out_features))
+                y = y + residual
+                y = y if lin.activation is None else ops.ACTIVATIONS[lin.activation](y)
         y = y.permute(0, 3, 1, 2)   # [B, O, Ho, Wo], channels-last in memory
         return y.squeeze(0) if unbatched else y
 
@@ -217,17 +235,18 @@ class SparseConv2d(nn.Module):
                 and not (torch.is_grad_enabled() and (x.requires_grad or lin.values.requires_grad
                                                       or (lin.bias is not None and lin.bias.requires_grad))))
 
-    def _im2col_gemm(self, patches: torch.Tensor) -> torch.Tensor:
-        """``[B, Ho, Wo, O]`` from patch views ``[B, Ho, Wo, kh, kw, C]``: whole images per chunk when they fit
-        the chunk size, else bands of output rows of one image."""
+    def _im2col_gemm(self, patches: torch.Tensor, linear) -> torch.Tensor:
+        """``[B, Ho, Wo, O]`` from patch views ``[B, Ho, Wo, kh, kw, C]`` through ``linear`` (rows of patches to
+        rows of outputs): whole images per chunk when they fit the chunk size, else bands of output rows of one
+        image."""
         b, ho, wo, kh, kw, c = patches.shape
         k = kh * kw * c
         rows = max(1, _IM2COL_CHUNK_BYTES // (wo * k * patches.element_size()))
         if rows >= ho:
             step = rows // ho
-            parts = [self.linear(patches[i:i + step].reshape(-1, ho, wo, k)) for i in range(0, b, step)]
+            parts = [linear(patches[i:i + step].reshape(-1, ho, wo, k)) for i in range(0, b, step)]
         else:
-            parts = [torch.cat([self.linear(patches[i:i + 1, r:r + rows].reshape(1, -1, wo, k))
+            parts = [torch.cat([linear(patches[i:i + 1, r:r + rows].reshape(1, -1, wo, k))
                                 for r in range(0, ho, rows)], dim=1) for i in range(b)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

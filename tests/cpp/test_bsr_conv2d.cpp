@@ -18,7 +18,7 @@ struct ConvCase {
   double density;
 };
 
-void run_case(const ConvCase& k, int threads, std::mt19937& rng) {
+void run_case(const ConvCase& k, int threads, bool with_residual, std::mt19937& rng) {
   ConvGeometry g;
   g.batch = k.batch, g.hp = k.h, g.wp = k.w, g.c = k.c, g.kh = k.kh, g.kw = k.kw;
   g.sh = k.sh, g.sw = k.sw, g.dh = k.dh, g.dw = k.dw;
@@ -50,6 +50,9 @@ void run_case(const ConvCase& k, int threads, std::mt19937& rng) {
   std::vector<float> x(size_t(g.batch * g.hp * g.wp * g.c)), bias(size_t(p.N));
   for (float& v : x) v = normal(rng);
   for (float& v : bias) v = normal(rng);
+  std::vector<float> residual(with_residual ? size_t(p.M * p.N) : 0);  // [batch, ho, wo, N], like y
+  for (float& v : residual) v = normal(rng);
+  if (with_residual) p.residual = residual.data();
   std::vector<float> y(size_t(p.M * p.N), nan);  // poisoned: every output must be written
   bsr_conv2d_nhwc_cpu(x.data(), values.data(), crow.data(), col.data(), bias.data(), y.data(), p, g, threads);
 
@@ -65,7 +68,7 @@ void run_case(const ConvCase& k, int threads, std::mt19937& rng) {
   for (int64_t m = 0; m < p.M; ++m) {
     const int64_t ow = m % g.wo, oh = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
     for (int64_t o = 0; o < p.N; ++o) {
-      double acc = bias[size_t(o)];
+      double acc = bias[size_t(o)] + (with_residual ? residual[size_t(m * p.N + o)] : 0.0);
       for (int64_t th = 0; th < g.kh; ++th)
         for (int64_t tw = 0; tw < g.kw; ++tw)
           for (int64_t ch = 0; ch < g.c; ++ch) {
@@ -83,7 +86,8 @@ void run_case(const ConvCase& k, int threads, std::mt19937& rng) {
   CHECK(finite && rel < 1e-5, "conv " << k.batch << "x" << k.h << "x" << k.w << "x" << k.c << " -> " << k.o
                                       << " kernel " << k.kh << "x" << k.kw << " stride " << k.sh << "," << k.sw
                                       << " dilation " << k.dh << "," << k.dw << " block " << k.bh << "x" << k.bw
-                                      << " density " << k.density << " threads " << threads << ": rel err " << rel
+                                      << " density " << k.density << " threads " << threads
+                                      << " residual " << with_residual << ": rel err " << rel
                                       << (finite ? "" : " (non-finite output)"));
 }
 
@@ -105,7 +109,10 @@ int main() {
       {1, 7, 7, 128, 136, 3, 3, 1, 1, 1, 1, 64, 64, 0.2},
   };
   int i = 0;
-  for (const ConvCase& k : cases) run_case(k, 1 + i++ % 3, rng);
+  for (const ConvCase& k : cases) {
+    run_case(k, 1 + i % 3, i % 2 == 1, rng);  // every other case adds a residual in the epilogue
+    ++i;
+  }
 
   // Geometry that would read outside x, or blocks straddling two taps, is refused before any kernel runs.
   BsrProblem p;

@@ -123,7 +123,7 @@ double activate_ref(double v, Activation a) {
 
 template <typename T>
 void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt19937& rng, const char* dtype,
-              double tol, Activation act = Activation::kNone) {
+              double tol, Activation act = Activation::kNone, bool with_residual = false) {
   Bsr w = make_bsr(c, rng);
   w.p.act = act;
   const BsrProblem& p = w.p;
@@ -137,6 +137,16 @@ void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt199
   }
   const std::vector<T> x = cast<T>(xf), values = cast<T>(w.values), bias = cast<T>(bf);
   std::vector<double> ref = reference(w, x, values, bias);
+  std::vector<float> rf;
+  if (with_residual) {
+    rf.resize(size_t(p.M * p.N));
+    for (auto& v : rf) v = normal(rng);
+  }
+  const std::vector<T> residual = cast<T>(rf);
+  if (with_residual) {
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] += to_float(residual[i]);
+    w.p.residual = residual.data();
+  }
   for (double& v : ref) v = activate_ref(v, act);
   std::vector<T> y = cast<T>(std::vector<float>(size_t(p.M * p.N), std::nanf("")));  // poisoned
   bsr_linear_cpu_isa<T>(isa, x.data(), values.data(), w.crow.data(), w.col.data(), with_bias ? bias.data() : nullptr,
@@ -153,7 +163,7 @@ void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt199
   CHECK(finite && rel < tol, isa_name(isa) << " " << dtype << " M=" << c.M << " K=" << c.K << " N=" << c.N
                                            << " block=" << c.bh << "x" << c.bw << " density=" << c.density
                                            << " threads=" << threads << " bias=" << with_bias
-                                           << " activation=" << act_name(act)
+                                           << " activation=" << act_name(act) << " residual=" << with_residual
                                            << ": rel err " << rel << (finite ? "" : " (non-finite output)"));
 }
 
@@ -191,8 +201,9 @@ void run_all(CpuIsa isa, const char* dtype, double tol) {
   std::mt19937 rng(1234);
   int i = 0;
   for (const Case& c : cases()) {
-    // A quarter of the cases each fuse ReLU, GELU and ReLU6, so each kernel's epilogue meets ragged tiles.
-    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 4));
+    // A quarter of the cases each fuse ReLU, GELU and ReLU6, and a third add a residual, so each kernel's
+    // epilogue meets ragged tiles with every combination.
+    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 4), i % 3 == 1);
     ++i;
   }
 }

@@ -1,6 +1,7 @@
 // Torch-free block-sparse linear kernels: y[M, N] = x[M, K] @ W^T + bias, W [N, K] in BSR form.
 //
 // W is stored as torch's BSR: crow[n_block_rows + 1], col[nnz], values[nnz][bh][bw] (row-major blocks).
+// The kernels' epilogue computes y = act(x @ W^T + bias + residual) (residual and act optional).
 // The last block row / column may overhang N / K (padding): kernels never read x past K nor write y past N.
 #pragma once
 #include <cstdint>
@@ -20,7 +21,10 @@ struct BsrProblem {
   int64_t n_block_cols = 0;  // ceil(K / bw)
   int64_t nnz = 0;           // stored blocks
   int64_t ldx = 0;           // row stride of x, in elements (>= K)
-  Activation act = Activation::kNone;  // applied to y after the bias
+  Activation act = Activation::kNone;  // applied to y after the bias (and the residual)
+  // Optional [M, N] tensor of y's type, row stride N, added to y before the activation (a fused residual connection:
+  // ResNet's relu(conv(x) + identity)). Never written; it may not overlap y.
+  const void* residual = nullptr;
 };
 
 // Returns "" when the BSR indices are well formed for the problem, else a message naming what is wrong.

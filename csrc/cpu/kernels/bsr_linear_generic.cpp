@@ -63,7 +63,8 @@ void block_row_tile(const float* x_tile, const T* values, const int32_t* crow, c
     T* yrow = y + (t0 + t) * p.N + n0;
     for (int64_t i = 0; i < rows; ++i) {
       const float b = bias ? to_float(bias[n0 + i]) : 0.0f;
-      yrow[i] = from_float<T>(activate(acc[i * kTile + t] + b, p.act));
+      const float r = p.residual ? to_float(static_cast<const T*>(p.residual)[(t0 + t) * p.N + n0 + i]) : 0.0f;
+      yrow[i] = from_float<T>(activate(acc[i * kTile + t] + b + r, p.act));
     }
   }
 }
