@@ -21,6 +21,7 @@ from ._validate import as_pair
 from .formats import BlockSparseWeight
 from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
 from .nn.activation_fusion import activation_sites
+from .nn.forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
 from .ops import available_backends
 
 __all__ = ["sparsify", "LayerReport", "SparsifyReport"]
@@ -46,6 +47,7 @@ class LayerReport:
     dense_ms: float | None = None      # autotune: median time of the dense layer on the sample input
     sparse_ms: float | None = None     # autotune: median time of the sparse layer on the same input
     fused_activation: str | None = None  # fuse_activations: the activation now applied by this layer
+    fused_residual: bool = False         # fuse_activations: the residual add its block's forward did after it
 
 
 class SparsifyReport:
@@ -195,6 +197,22 @@ def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None
         report = reports[id(layer)]
         report.fused_activation = site.activation
         report.reason += f"; fused {site.activation} (was .{site.activation_slot} of its parent)"
+    # Then what blocks' code does after a layer (ResNet's residual add and shared ReLU): their forward is rewritten.
+    def layer_at(_, layer):
+        return layer if id(layer) in reports and uses[id(layer)] == 1 else None
+
+    for name, block in fusion_blocks(model, lambda m: id(m) in reports):
+        plan = plan_forward_fusions(block, layer_at)
+        if plan is None:
+            continue
+        rewritten = apply_forward_fusions(block, *plan)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, rewritten)
+        for f in plan[1]:
+            report = reports[id(rewritten.get_submodule(f.layer))]
+            report.fused_activation, report.fused_residual = f.activation, f.residual
+            what = " + ".join(["residual add"] * f.residual + [f.activation] * (f.activation is not None))
+            report.reason += f"; fused the {what} of {name}.forward (rewritten with torch.fx)"
 
 
 def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,

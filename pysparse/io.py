@@ -3,8 +3,10 @@
 ``save(model, path)`` writes the whole state dict (dense parts included) and, under the safetensors metadata
 key ``"pysparse"``, which layers are sparse (block-sparse SparseLinear / SparseConv2d, channel-sparse
 ChannelSparseLinear / ChannelSparseConv2d) with their geometry, and the channel surgery ``prune_channels``
-applied (the kept channels of every tensor it shrank). ``load(model, path)`` takes a freshly built dense model of
-the same architecture, re-applies that surgery, swaps the sparse layers in, and loads every tensor. Nothing is
+applied (the kept channels of every tensor it shrank), and the blocks whose forward ``sparsify(fuse_activations=
+True)`` rewrote (what each fused: their layers are saved unfused). ``load(model, path)`` takes a freshly built dense
+model of the same architecture, re-applies that surgery, swaps the sparse layers in, loads every tensor, and
+rewrites those blocks again (checked to fuse exactly what was recorded). Nothing is
 unpickled; the file is checked completely (header, metadata schema, surgery record, every index array, every
 shape) before any kernel runs, and a malformed file raises ValueError with the model left as it was (the surgery,
 applied first because the other checks need the pruned shapes, is undone).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 
 import safetensors
 import safetensors.torch
@@ -23,6 +26,7 @@ from ._build_info import VERSION
 from .formats import BlockSparseWeight, ChannelSparseWeight
 from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
 from .nn.activation_fusion import activation_name
+from .nn.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
 from .nn.sparse_conv import _padding_spec
 from .ops import ACTIVATIONS
 from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
@@ -32,6 +36,7 @@ __all__ = ["save", "load"]
 _META_KEY = "pysparse"
 _FORMAT_VERSION = 1
 _SURGERY_KEY = "channel_surgery"
+_FORWARD_KEY = "forward_fusions"
 # kind in the metadata -> (the dense layer it replaces, the pysparse layer)
 _KINDS = {"linear": (nn.Linear, SparseLinear), "conv2d": (nn.Conv2d, SparseConv2d),
           "channel_linear": (nn.Linear, ChannelSparseLinear), "channel_conv2d": (nn.Conv2d, ChannelSparseConv2d)}
@@ -50,7 +55,17 @@ def _sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _layer_meta(name: str, m: nn.Module) -> dict:
+def _join(block: str, name: str) -> str:
+    return f"{block}.{name}" if block else name
+
+
+def _forward_fusions(model: nn.Module) -> dict[str, list[dict]]:
+    """The blocks whose forward sparsify rewrote (pysparse.nn.forward_fusion), by name: what each fused."""
+    blocks = {name: recorded_fusions(m) for name, m in model.named_modules()}
+    return {name: [asdict(f) for f in fusions] for name, fusions in blocks.items() if fusions}
+
+
+def _layer_meta(name: str, m: nn.Module, fused_in_forward: bool = False) -> dict:
     if isinstance(m, ChannelSparseLinear):
         return {"name": name, "kind": "channel_linear", "in_features": m.in_features,
                 "out_features": m.out_features, "bias": m.bias is not None}
@@ -68,7 +83,10 @@ def _layer_meta(name: str, m: nn.Module) -> dict:
         entry = {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
                  "block_size": list(m.block_size), "bias": m.bias is not None,
                  "trainable": isinstance(m.values, nn.Parameter)}
-    if m.activation is not None:  # absent otherwise: files of layers without one read as before
+    # Absent without one (files of layers without one read as before), and for an activation a rewritten forward
+    # gave it: that is redone at load from the block's record, and a reader that does not know the record gets
+    # the unfused layer, which the block's original forward completes.
+    if m.activation is not None and not fused_in_forward:
         entry["activation"] = m.activation
         entry["activation_source"] = m.activation_source
     return entry
@@ -126,10 +144,15 @@ def save(model: nn.Module, path) -> None:
         storages.add(ptr)
         t = t.detach().to("cpu")
         tensors[key] = t.clone() if shared else t.contiguous()
+    forward = _forward_fusions(model)
+    in_forward = {_join(b, f["layer"]) for b, fs in forward.items() for f in fs}
     meta = {"format_version": _FORMAT_VERSION, "pysparse_version": VERSION,
-            "layers": [_layer_meta(n, m) for n, m in _sparse_layers(model).items()], "aliases": aliases}
+            "layers": [_layer_meta(n, m, n in in_forward) for n, m in _sparse_layers(model).items()],
+            "aliases": aliases}
     if surgery is not None:
         meta[_SURGERY_KEY] = surgery
+    if forward:
+        meta[_FORWARD_KEY] = forward
     safetensors.torch.save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta), "format": "pt"})
 
 
@@ -210,7 +233,42 @@ def _read_meta(f) -> dict:
     names = [e["name"] for e in meta["layers"]]
     if len(set(names)) != len(names):
         raise _Bad("a layer is listed twice")
+    meta[_FORWARD_KEY] = _check_forward_fusions(meta.get(_FORWARD_KEY, {}))
     return meta
+
+
+def _check_forward_fusions(record) -> dict[str, list[ForwardFusion]]:
+    """{block name: [ForwardFusion]} from the metadata's record, its schema checked."""
+    if not isinstance(record, dict):
+        raise _Bad(f"{_FORWARD_KEY!r} must be an object, got {type(record).__name__}")
+    out = {}
+    for block, fusions in record.items():
+        ok = (isinstance(block, str) and block != "" and isinstance(fusions, list) and fusions
+              and all(isinstance(f, dict) and set(f) == {"layer", "activation", "residual"}
+                      and isinstance(f["layer"], str) and f["layer"] != ""
+                      and (f["activation"] is None or f["activation"] in ACTIVATIONS)
+                      and isinstance(f["residual"], bool) for f in fusions))
+        if not ok:
+            raise _Bad(f"{_FORWARD_KEY!r}: block {block!r} must list its fusions as objects with 'layer' (a name), "
+                       f"'activation' (null or one of {sorted(ACTIVATIONS)}) and 'residual' (a bool)")
+        out[block] = [ForwardFusion(**f) for f in fusions]
+    return out
+
+
+def _plan_forward(model: nn.Module, block_name: str, expected: list[ForwardFusion],
+                  new_layers: dict[str, nn.Module]):
+    """The rewrite of ``block_name``'s forward with the layers the checkpoint swaps in, checked to fuse exactly
+    ``expected`` (the model is not changed here)."""
+    try:
+        block = model.get_submodule(block_name)
+    except AttributeError:
+        raise _Bad(f"{_FORWARD_KEY!r}: block {block_name!r} is not in the model") from None
+    plan = plan_forward_fusions(block, lambda name, _: new_layers.get(_join(block_name, name)))
+    found = plan[1] if plan is not None else []
+    _expect(found == expected, f"{_FORWARD_KEY!r}: rewriting {block_name!r}'s forward fuses "
+                               f"{[asdict(f) for f in found]} in this model, the file recorded "
+                               f"{[asdict(f) for f in expected]}")
+    return block, plan
 
 
 # ---- load: building the layers --------------------------------------------------------------------------------
@@ -385,6 +443,8 @@ def load(model: nn.Module, path) -> nn.Module:
             tensors[key] = tensors[source]
         new_layers = {e["name"]: _build(e, _target(model, e), tensors) for e in meta["layers"]}
         fused = [slot for e in meta["layers"] if (slot := _fused_activation_slot(model, e)) is not None]
+        forward = {name: _plan_forward(model, name, fusions, new_layers)
+                   for name, fusions in meta[_FORWARD_KEY].items()}
         _expect(not any(a != b and b.startswith(f"{a}.") for a in new_layers for b in new_layers),
                 "sparse layers are nested in one another")
         _check_dense_part(model, new_layers, tensors)
@@ -398,4 +458,7 @@ def load(model: nn.Module, path) -> nn.Module:
     for parent, slot in fused:
         setattr(parent, slot, nn.Identity())
     model.load_state_dict(tensors, strict=True)
+    for name, (block, plan) in forward.items():  # after the swap: the rewritten forward calls the new layers
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, apply_forward_fusions(block, *plan))
     return model

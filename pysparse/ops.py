@@ -77,14 +77,16 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     no Python-side checks; the op still checks what the caller passes per call (input's shape, dtype, device,
     and the residual's).
 
-    ``activation`` (a key of ``ACTIVATIONS``, already validated) and ``residual`` are fused into the CPU kernel when
-    no gradient is wanted; otherwise (training, or CUDA) torch adds the residual and applies the activation after
-    the op.
+    ``activation`` (a key of ``ACTIVATIONS``, already validated) and ``residual`` (added as torch's ``+`` would) are
+    fused into the CPU kernel when no gradient is wanted and the residual has exactly the output's shape and dtype;
+    otherwise (training, CUDA, a residual that broadcasts or promotes) torch adds the residual and applies the
+    activation after the op.
     """
     if activation is None and residual is None:
         return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
                      out_features)
-    if input.device.type == "cpu" and not _wants_grad(input, values, bias, residual):
+    if (input.device.type == "cpu" and not _wants_grad(input, values, bias, residual)
+            and (residual is None or _fits_output(residual, input, out_features))):
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
                                                          out_features, activation, residual)
     y = _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
@@ -93,14 +95,16 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     return y if activation is None else ACTIVATIONS[activation](y)
 
 
-def _check_residual(residual, shape) -> None:
-    """A residual must be a tensor of exactly the output's shape (it is added, not broadcast)."""
-    if residual is None:
-        return
-    if not isinstance(residual, torch.Tensor):
+def _fits_output(residual: torch.Tensor, input: torch.Tensor, out_features: int) -> bool:
+    """Whether the kernel can add ``residual`` itself: exactly the output's shape, dtype and device (anything
+    else is added by torch, with its broadcasting and type promotion)."""
+    return (residual.shape == (*input.shape[:-1], out_features) and residual.dtype == input.dtype
+            and residual.device == input.device)
+
+
+def _check_residual(residual) -> None:
+    if residual is not None and not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"residual must have the output's shape {tuple(shape)}, got {tuple(residual.shape)}")
 
 
 def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
@@ -121,8 +125,9 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
             gradient is wanted, the kernel applies it to each result before storing it (no second pass over the
             output); otherwise the torch function runs after the op.
-        residual: None or a tensor of the output's shape (and dtype), added before the activation:
-            ``activation(F.linear(input, W, bias) + residual)``, fused into the kernel like the activation.
+        residual: None or a tensor added before the activation, as torch's ``+`` would:
+            ``activation(F.linear(input, W, bias) + residual)``; fused into the kernel like the activation when it
+            has exactly the output's shape and dtype.
     Returns:
         ``[..., out_features]`` in the input's dtype.
     """
@@ -138,8 +143,7 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
     _check_activation(activation)
-    if input.dim() >= 1:
-        _check_residual(residual, (*input.shape[:-1], out_features))
+    _check_residual(residual)
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     if values.dim() == 3 and col.dim() == 1 and col.numel() != values.shape[0]:
         # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.

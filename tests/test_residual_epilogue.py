@@ -54,24 +54,35 @@ def _layer(n_in=70, n_out=90, block=(16, 16), **kw) -> tuple[nn.Linear, SparseLi
     return dense, SparseLinear.from_dense(dense, block, **kw)
 
 
-def test_bad_residual_is_refused():
-    dense, layer = _layer()
+def test_residual_is_added_as_torch_would():
+    """A residual that broadcasts or promotes is added by torch after the op (the kernel adds only exact fits)."""
+    dense, layer = _layer(activation="relu")
     x = torch.randn(5, 70)
-    p = layer.weight
-    with pytest.raises(ValueError, match=r"residual must have the output's shape \(5, 90\), got \(5, 89\)"):
-        layer(x, torch.randn(5, 89))
-    with pytest.raises(ValueError, match="residual must have the output's shape"):
-        layer(x, torch.randn(90))   # added, never broadcast
+    with torch.no_grad():
+        for r in (torch.randn(90), torch.randn(1, 90), torch.randn(5, 90, dtype=torch.float64)):
+            out = layer(x, r)
+            ref = F.relu(dense(x) + r)
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            assert relative_error(out, ref.double()) < 1e-5
+        with pytest.raises(RuntimeError):   # what torch says of shapes that do not broadcast
+            layer(x, torch.randn(5, 89))
     with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
         layer(x, [0.0] * 90)
-    with pytest.raises(ValueError, match="residual"):
-        bsr_linear(x, p.values, p.crow_indices, p.col_indices, None, 90, residual=torch.randn(4, 90))
-    with pytest.raises(TypeError, match="residual must have the input's dtype"):   # the op's own check
+
+
+def test_op_refuses_a_residual_that_does_not_fit():
+    """The op itself adds only a residual of the output's shape and dtype (the layers route the rest to torch)."""
+    _, layer = _layer()
+    x = torch.randn(5, 70)
+    p = layer.weight
+    with pytest.raises(TypeError, match="residual must have the input's dtype"):
         torch.ops.pysparse.bsr_linear_act(x, p.values, p.crow_indices, p.col_indices, None, 90, None,
                                           torch.randn(5, 90, dtype=torch.float64))
-    with pytest.raises(ValueError, match="residual must have the output's shape"):
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \[5, 90\], got \[6, 90\]"):
         torch.ops.pysparse.bsr_linear_act(x, p.values, p.crow_indices, p.col_indices, None, 90, "relu",
                                           torch.randn(6, 90))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        bsr_linear(x, p.values, p.crow_indices, p.col_indices, None, 90, residual=1.0)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
@@ -155,11 +166,17 @@ def test_sparse_conv_residual_every_path(geometry, grad, activation, channels_la
         assert relative_error(layer(x[0], r[0]), act(dense(x[:1]) + r[:1])[0].double()) < 1e-5
 
 
-def test_sparse_conv_bad_residual_is_refused():
-    layer = SparseConv2d.from_dense(_sparse_conv(64, 96, 3, 7, padding=1), (32, 32))
+def test_sparse_conv_residual_is_added_as_torch_would():
+    dense = _sparse_conv(64, 96, 3, 7, padding=1)
+    layer = SparseConv2d.from_dense(dense, (32, 32), activation="relu")
     x = torch.randn(2, 64, 11, 13)
-    with pytest.raises(ValueError, match=r"residual must have the output's shape \(2, 96, 11, 13\)"):
-        layer(x, torch.randn(2, 96, 13, 11))
+    with torch.no_grad():
+        for r in (torch.randn(1, 96, 1, 1), torch.randn(2, 96, 11, 13, dtype=torch.float64)):
+            out, ref = layer(x, r), F.relu(dense(x) + r)
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            assert relative_error(out, ref.double()) < 1e-5
+        with pytest.raises(RuntimeError):
+            layer(x, torch.randn(2, 96, 13, 11))
     with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
         layer(x, 1.0)
 

@@ -168,16 +168,15 @@ class SparseConv2d(nn.Module):
         return pw, pw, ph, ph
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``activation(conv2d(x) + residual)``; ``residual`` (optional, the output's shape) is what a residual
-        connection adds to this layer's output (ResNet's ``relu(conv(x) + identity)``), fused into the CPU
-        kernel's epilogue where the kernel runs this convolution."""
+        """``activation(conv2d(x) + residual)``: ``residual`` (optional) is what a residual connection adds to this
+        layer's output (ResNet's ``relu(conv(x) + identity)``), added as torch's ``+`` would; fused into the CPU
+        kernel's epilogue when it has exactly the output's shape and dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"input must have shape [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] "
                              f"(in_channels={self.in_channels}), got {tuple(x.shape)}")
-        if residual is not None and not isinstance(residual, torch.Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        ops._check_residual(residual)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -196,33 +195,45 @@ class SparseConv2d(nn.Module):
         if h < span_h or w < span_w:
             raise ValueError(f"input of {h}x{w} (after padding) is smaller than the dilated kernel "
                              f"{span_h}x{span_w}")
-        if residual is not None:
-            out_shape = (b, self.out_channels, (h - span_h) // sh + 1, (w - span_w) // sw + 1)
-            if tuple(residual.shape) != (out_shape[1:] if unbatched else out_shape):
-                raise ValueError(f"residual must have the output's shape "
-                                 f"{out_shape[1:] if unbatched else out_shape}, got {tuple(residual.shape)}")
-            residual = (residual.unsqueeze(0) if unbatched else residual).permute(0, 2, 3, 1)  # NHWC, as y
+        out_shape = (self.out_channels, (h - span_h) // sh + 1, (w - span_w) // sw + 1)
+        activation = self.linear.activation
+        fused = residual is None or (residual.shape == (out_shape if unbatched else (b, *out_shape))
+                                     and residual.dtype == x.dtype and residual.device == x.device)
+        res = None
+        if residual is not None and fused:
+            res = (residual.unsqueeze(0) if unbatched else residual).permute(0, 2, 3, 1)  # NHWC, as y
+        y = self._conv_nhwc(x, activation if fused else None, res).permute(0, 3, 1, 2)  # NCHW view, NHWC memory
+        y = y.squeeze(0) if unbatched else y
+        if not fused:  # a residual that broadcasts or promotes: torch adds it
+            y = y + residual
+            y = y if activation is None else ops.ACTIVATIONS[activation](y)
+        return y
+
+    def _conv_nhwc(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """``[B, Ho, Wo, O]`` = activation(the convolution of the padded NHWC ``x`` + ``residual``), where
+        ``residual`` is None or NHWC of the output's shape and dtype."""
+        lin = self.linear
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+
+        def gemm(rows, act=activation, res=None):  # rows of channels or patches -> rows of outputs
+            return ops.bsr_linear_packed(rows, lin.values, lin.crow_indices, lin.col_indices, lin.bias,
+                                         lin.out_features, act, res)
+
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
-            y = self.linear(x, residual)   # a view of the NHWC input: rows of channels, multiplied in place
-        elif self._implicit(x):
-            lin = self.linear
-            y = ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
-                                    self.kernel_size, self.stride, self.dilation, lin.activation, residual)
-        elif kh == 1 and kw == 1:
-            y = self.linear(x[:, ::sh, ::sw, :], residual)   # a view; the kernel packs it as it reads it
-        else:
-            # Patches as views [B, Ho, Wo, kh, kw, C] (thinned by the dilation); im2col copies them chunk by chunk.
-            patches = x.unfold(1, span_h, sh).unfold(2, span_w, sw)[..., ::dh, ::dw].permute(0, 1, 2, 4, 5, 3)
-            if residual is None:
-                y = self._im2col_gemm(patches, self.linear)
-            else:  # the chunks' products first, then the residual and the activation over the whole output
-                lin = self.linear
-                y = self._im2col_gemm(patches, lambda p: ops.bsr_linear_packed(
-                    p, lin.values, lin.crow_indices, lin.col_indices, lin.bias, lin.out_features))
-                y = y + residual
-                y = y if lin.activation is None else ops.ACTIVATIONS[lin.activation](y)
-        y = y.permute(0, 3, 1, 2)   # [B, O, Ho, Wo], channels-last in memory
-        return y.squeeze(0) if unbatched else y
+            return gemm(x, res=residual)   # a view of the NHWC input: rows of channels, multiplied in place
+        if self._implicit(x):
+            return ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
+                                       self.kernel_size, self.stride, self.dilation, activation, residual)
+        if kh == 1 and kw == 1:
+            return gemm(x[:, ::sh, ::sw, :], res=residual)   # a view; the kernel packs it as it reads it
+        # Patches as views [B, Ho, Wo, kh, kw, C] (thinned by the dilation); im2col copies them chunk by chunk.
+        patches = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        patches = patches.permute(0, 1, 2, 4, 5, 3)
+        if residual is None:
+            return self._im2col_gemm(patches, gemm)
+        # The chunks' products first, then the residual and the activation over the whole output.
+        y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None)) + residual
+        return y if activation is None else ops.ACTIVATIONS[activation](y)
 
     def _implicit(self, x: torch.Tensor) -> bool:
         """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks

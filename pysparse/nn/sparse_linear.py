@@ -87,13 +87,14 @@ class SparseLinear(PackedWeightModule):
         return with_activation(fill_dense(linear, self.weight.to_dense(), self.bias), self.activation)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``activation(x @ W^T + bias + residual)``; ``residual`` (optional, the output's shape) is what a
-        residual connection adds to this layer's output, fused into the CPU kernel's epilogue."""
+        """``activation(x @ W^T + bias + residual)``: ``residual`` (optional) is what a residual connection adds to
+        this layer's output, added as torch's ``+`` would; fused into the CPU kernel's epilogue when it has exactly
+        the output's shape and dtype."""
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
         # the padded weight and return a wrong result instead of failing.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
-        ops._check_residual(residual, (*x.shape[:-1], self.out_features))
+        ops._check_residual(residual)
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
         return ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
                                      self.out_features, self.activation, residual)
