@@ -1,7 +1,7 @@
 """torchvision ResNet-50 with block-sparse convolutions: prune every conv with >= 64 input channels to 90%
 32x32-block sparsity, sparsify, and compare outputs and latency with the dense model, in one process.
 
-    python examples/resnet50_sparse.py [--batch 8] [--size 224] [--sparsity 0.9] [--threads 2] [--no-fold-bn]
+    python examples/resnet50_sparse.py [--batch 8] [--size 224] [--sparsity 0.9] [--threads 2] [--no-fold-bn] [--no-fuse]
                                        [--json out.json]
 
 The weights are torchvision's random initialisation (nothing is downloaded) with random BatchNorm statistics (so
@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds per timing round and variant")
     ap.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                     help="fold BatchNorm into the convolutions of the sparse model and of a second dense baseline")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="keep the residual adds and ReLUs separate ops (default: sparsify fuses them into the "
+                         "convolutions' kernels, rewriting the Bottleneck blocks' forward)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +95,8 @@ def main():
         fns[f"{name}_nchw"] = lambda m=nchw: m(x)
         fns[f"{name}_channels_last"] = lambda m=cl: m(x_cl)
     with torch.no_grad():
-        sparse = sparsify(model, block_size=(args.block, args.block), fold_batchnorm=args.fold_bn)
+        sparse = sparsify(model, block_size=(args.block, args.block), fold_batchnorm=args.fold_bn,
+                          fuse_activations=not args.no_fuse)
         fns["sparse"] = lambda: sparse(x_cl)
         ref = model(x)
         errors = {"sparse_vs_masked_dense": rel_err(sparse(x_cl), ref)}

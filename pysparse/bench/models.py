@@ -230,7 +230,8 @@ def run_case(work: Workload, model: str, batch: int, inputs, block: tuple[int, i
         # compares like with like (examples/resnet50_sparse.py also reports it against BN left as is).
         pruned = fold_batchnorm(pruned, inplace=True)
     names = set(work.prunable)
-    # fuse_activations: the ReLU / GELU right after a sparse Linear runs inside its kernel (inference only).
+    # fuse_activations: the ReLU / GELU right after a sparse layer, and a residual add before it (ResNet blocks,
+    # rewritten with torch.fx), run inside the layer's kernel (inference only).
     sparse = sparsify(pruned, block_size=block, min_sparsity=0.0, filter_fn=lambda name, _: name in names,
                       fuse_activations=True)
     swapped = sparse.sparsify_report.swapped
