@@ -25,7 +25,7 @@ python3 -c "import pysparse, pysparse.ops as o; print(pysparse.__version__, o.av
 
 step "CUDA tests"
 python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_cuda_bsr_linear.py tests/test_channel_sparse.py \
-  tests/test_activation_fusion.py \
+  tests/test_activation_fusion.py tests/test_residual_epilogue.py \
   tests/test_bench_cli.py 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 
