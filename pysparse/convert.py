@@ -180,6 +180,19 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
         return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
 
 
+# The hook dictionaries a swapped layer hands to its replacement (the dictionaries themselves, so the handles the
+# user holds still remove the hooks). State-dict hooks stay behind: they would see the packed layout.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None:
     """Moves each provably fusable activation into the SparseLinear / SparseConv2d before it (activation_fusion)."""
     uses: dict[int, int] = {}
@@ -237,8 +250,12 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             else reads that output (an ``nn.Sequential`` pair, Identities between allowed, or a parent whose
             forward is exactly ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear /
             SparseConv2d applies it inside its CPU kernel and the activation module becomes ``nn.Identity`` (the
-            report says which). Saves a full pass over the layer's output at inference; training is unaffected
-            (the layer then runs the torch activation itself).
+            report says which). Then blocks whose own forward adds a residual to a swapped layer's output and / or
+            applies such an activation (torchvision's ResNet blocks) are rewritten with ``torch.fx`` so that the
+            layer does both in its kernel (:mod:`pysparse.nn.forward_fusion`; the block becomes a GraphModule).
+            Saves full passes over the layer's output at inference; training is unaffected (the layer then runs
+            the torch add and activation itself).
+    Hooks registered on a swapped layer move to its replacement (and keep it out of any fusion).
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
         swapped and why, block density, packed and dense bytes, and the autotune timings; with
@@ -322,6 +339,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
                 continue
             report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
         report.swapped = True
+        _carry_hooks(module, new)
         swapped.append((new, report))
         for parent, child_name in places[id(module)]:
             if parent is None:

@@ -205,3 +205,20 @@ def test_copies_keep_the_record(tmp_path):
         assert isinstance(fresh[1], fx.GraphModule) and fresh[1].conv3.activation == "relu"
         with torch.no_grad():
             assert torch.equal(fresh(x), sparse(x))
+
+
+def test_swapped_layer_keeps_its_hooks():
+    """A hook on a dense layer moves to the sparse one (its handle still removes it), which is then not fused."""
+    torch.manual_seed(6)
+    model = _prune_convs_(nn.Sequential(_Block("module")))
+    seen = []
+    handle = model[0].conv.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    sparse = sparsify(model, fuse_activations=True, inplace=True)
+    assert sparse[0].conv.activation is None and not isinstance(sparse[0], fx.GraphModule)
+    with torch.no_grad():
+        sparse(torch.randn(1, 64, 5, 5))
+    assert seen == ["SparseConv2d"]
+    handle.remove()
+    with torch.no_grad():
+        sparse(torch.randn(1, 64, 5, 5))
+    assert seen == ["SparseConv2d"]
