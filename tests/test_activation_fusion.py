@@ -9,29 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint_tools import assert_load_refused, rewrite
-from conftest import SEED, TOLERANCE, CaseSpec, assert_matches_reference, make_case, relative_error
+from conftest import SEED, TOLERANCE, assert_matches_reference, make_case, relative_error
+from epilogue_cases import CONV_PATHS, ROWS, SPECS, sparse_conv
 from pysparse import load, save, sparsify
 from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.nn import SparseConv2d, SparseLinear
 from pysparse.ops import ACTIVATIONS, bsr_conv2d_nhwc, bsr_conv2d_nhwc_reference, bsr_linear
 
-# Shapes that reach every CPU kernel: M = 1..4 (dot product), 5..63 (outer product), >= 64 (broadcast), with
-# ragged N and K and block sizes that do not divide them.
-SPECS = [CaseSpec(block, density, dtype, dims, bias, layout, use_mask)
-         for block, density, dtype, dims, bias, layout, use_mask in [
-             ((32, 32), 0.3, torch.float32, 2, True, "contiguous", False),
-             ((16, 16), 0.5, torch.float32, 3, False, "sliced", True),
-             ((8, 24), 0.7, torch.float32, 2, True, "transposed", False),
-             ((5, 7), 0.5, torch.float32, 1, True, "sliced", False),
-             ((64, 64), 1.0, torch.float32, 2, True, "contiguous", True),
-             ((32, 32), 0.4, torch.bfloat16, 2, True, "contiguous", False),
-             ((16, 8), 0.6, torch.float16, 3, True, "contiguous", False),
-         ]]
-
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("rows", [1, 3, 4, 37, 64, 203])
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_fused_op_matches_dense_reference(spec, rows, activation):
     case = make_case(spec, "cpu", salt=f"act{rows}")
@@ -245,28 +233,12 @@ def test_tampered_fusion_record_is_refused(tmp_path, edit, match):
 
 
 # ---- convolutions ---------------------------------------------------------------------------------------------------
-def _sparse_conv(c_in: int, c_out: int, k: int, seed: int, **kw) -> nn.Conv2d:
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(c_in, c_out, k, **kw)
-    with torch.no_grad():  # 75% of the 32x32 blocks of the tap-major [O, kh*kw*I] view dropped
-        m = block_mask(c_out, k * k * c_in, (32, 32), 0.75, torch.Generator().manual_seed(seed))
-        conv.weight.mul_(m.reshape(c_out, k, k, c_in).permute(0, 3, 1, 2))
-    return conv
-
-
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("geometry, grad", [
-    (dict(c_in=64, k=1), False),                          # 1x1 stride 1: a direct bsr_linear over channels
-    (dict(c_in=64, k=1, stride=2), False),                # strided 1x1: a strided view
-    (dict(c_in=64, k=3, padding=1), False),               # implicit im2col (the fused conv kernel)
-    (dict(c_in=64, k=3, stride=2, dilation=2), False),    # implicit, strided and dilated
-    (dict(c_in=48, k=3, padding=1), False),               # bw does not divide C: im2col
-    (dict(c_in=64, k=3, padding=1), True),                # gradients wanted: im2col + torch activation
-])
+@pytest.mark.parametrize("geometry, grad", CONV_PATHS)
 def test_sparse_conv_activation_every_path(geometry, grad, activation):
     g = dict(geometry)
     c_in, k = g.pop("c_in"), g.pop("k")
-    dense = _sparse_conv(c_in, 96, k, 6, **g)
+    dense = sparse_conv(c_in, 96, k, 6, **g)
     layer = SparseConv2d.from_dense(dense, (32, 32), activation=activation, trainable=grad)
     x = torch.randn(2, c_in, 11, 13, requires_grad=grad)
     with torch.set_grad_enabled(grad):
@@ -279,7 +251,7 @@ def test_sparse_conv_activation_every_path(geometry, grad, activation):
 
 
 def test_bsr_conv2d_op_activation_matches_reference():
-    conv = _sparse_conv(64, 80, 3, 8)
+    conv = sparse_conv(64, 80, 3, 8)
     layer = SparseConv2d.from_dense(conv, (16, 16))
     lin = layer.linear
     x = torch.randn(2, 9, 10, 64)
@@ -294,8 +266,8 @@ def test_bsr_conv2d_op_activation_matches_reference():
 def test_sparsify_fuses_conv_relu_through_folded_batchnorm(tmp_path):
     def block():
         torch.manual_seed(9)
-        return nn.Sequential(_sparse_conv(64, 64, 3, 10, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                             _sparse_conv(64, 64, 1, 11), nn.ReLU()).eval()
+        return nn.Sequential(sparse_conv(64, 64, 3, 10, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                             sparse_conv(64, 64, 1, 11), nn.ReLU()).eval()
     model = block()
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
@@ -307,10 +279,10 @@ def test_sparsify_fuses_conv_relu_through_folded_batchnorm(tmp_path):
     assert [type(m).__name__ for m in sparse] == ["SparseConv2d", "Identity", "Identity", "SparseConv2d", "Identity"]
     assert (sparse[0].activation, sparse[3].activation) == ("relu", "relu")
     # A checkpoint of a model without BatchNorm: load redoes the fusion on a fresh dense model.
-    plain = nn.Sequential(_sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), _sparse_conv(64, 32, 1, 13)).eval()
+    plain = nn.Sequential(sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), sparse_conv(64, 32, 1, 13)).eval()
     fused = sparsify(plain, fuse_activations=True)
     save(fused, tmp_path / "conv.safetensors")
-    fresh = load(nn.Sequential(_sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), _sparse_conv(64, 32, 1, 13)),
+    fresh = load(nn.Sequential(sparse_conv(64, 64, 3, 12, padding=1), nn.GELU(), sparse_conv(64, 32, 1, 13)),
                  tmp_path / "conv.safetensors")
     assert isinstance(fresh[1], nn.Identity) and fresh[0].activation == "gelu"
     with torch.no_grad():

@@ -8,24 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SEED, CaseSpec, assert_matches_reference, make_case, relative_error
+from conftest import SEED, assert_matches_reference, make_case, relative_error
+from epilogue_cases import CONV_PATHS, ROWS, SPECS, sparse_conv
 from pysparse.bench.sweep import block_mask
 from pysparse.nn import SparseConv2d, SparseLinear
 from pysparse.ops import ACTIVATIONS, bsr_conv2d_nhwc, bsr_conv2d_nhwc_reference, bsr_linear
 
-SPECS = [CaseSpec(block, density, dtype, dims, bias, layout, use_mask)
-         for block, density, dtype, dims, bias, layout, use_mask in [
-             ((32, 32), 0.3, torch.float32, 2, True, "contiguous", False),
-             ((16, 16), 0.5, torch.float32, 3, False, "sliced", True),
-             ((5, 7), 0.5, torch.float32, 2, True, "transposed", False),
-             ((64, 64), 1.0, torch.float32, 2, True, "contiguous", True),
-             ((32, 32), 0.4, torch.bfloat16, 2, True, "contiguous", False),
-             ((16, 8), 0.6, torch.float16, 2, True, "contiguous", False),
-         ]]
-
 
 @pytest.mark.parametrize("activation", [None, "relu"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 37, 64, 203])   # dot product, outer product, broadcast kernels
+@pytest.mark.parametrize("rows", ROWS)   # dot product, outer product, broadcast kernels
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.id)
 def test_fused_residual_matches_dense_reference(spec, rows, activation):
     case = make_case(spec, "cpu", salt=f"res{rows}")
@@ -123,29 +114,13 @@ def test_residual_layer_compiles_without_graph_break():
 
 
 # ---- convolutions ---------------------------------------------------------------------------------------------------
-def _sparse_conv(c_in: int, c_out: int, k: int, seed: int, **kw) -> nn.Conv2d:
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(c_in, c_out, k, **kw)
-    with torch.no_grad():  # 75% of the 32x32 blocks of the tap-major [O, kh*kw*I] view dropped
-        m = block_mask(c_out, k * k * c_in, (32, 32), 0.75, torch.Generator().manual_seed(seed))
-        conv.weight.mul_(m.reshape(c_out, k, k, c_in).permute(0, 3, 1, 2))
-    return conv
-
-
 @pytest.mark.parametrize("activation", [None, "relu"])
-@pytest.mark.parametrize("geometry, grad", [
-    (dict(c_in=64, k=1), False),                          # 1x1 stride 1: a direct bsr_linear over channels
-    (dict(c_in=64, k=1, stride=2), False),                # strided 1x1: a strided view
-    (dict(c_in=64, k=3, padding=1), False),               # implicit im2col (the fused conv kernel)
-    (dict(c_in=64, k=3, stride=2, dilation=2), False),    # implicit, strided and dilated
-    (dict(c_in=48, k=3, padding=1), False),               # bw does not divide C: im2col, then add + activation
-    (dict(c_in=64, k=3, padding=1), True),                # gradients wanted: im2col + torch add and activation
-])
+@pytest.mark.parametrize("geometry, grad", CONV_PATHS)
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_sparse_conv_residual_every_path(geometry, grad, activation, channels_last):
     g = dict(geometry)
     c_in, k = g.pop("c_in"), g.pop("k")
-    dense = _sparse_conv(c_in, 96, k, 6, **g)
+    dense = sparse_conv(c_in, 96, k, 6, **g)
     layer = SparseConv2d.from_dense(dense, (32, 32), activation=activation, trainable=grad)
     act = (lambda t: t) if activation is None else ACTIVATIONS[activation]
     x = torch.randn(2, c_in, 11, 13, requires_grad=grad)
@@ -167,7 +142,7 @@ def test_sparse_conv_residual_every_path(geometry, grad, activation, channels_la
 
 
 def test_sparse_conv_residual_is_added_as_torch_would():
-    dense = _sparse_conv(64, 96, 3, 7, padding=1)
+    dense = sparse_conv(64, 96, 3, 7, padding=1)
     layer = SparseConv2d.from_dense(dense, (32, 32), activation="relu")
     x = torch.randn(2, 64, 11, 13)
     with torch.no_grad():
@@ -182,7 +157,7 @@ def test_sparse_conv_residual_is_added_as_torch_would():
 
 
 def test_bsr_conv2d_op_residual_matches_reference():
-    layer = SparseConv2d.from_dense(_sparse_conv(64, 80, 3, 8), (16, 16))
+    layer = SparseConv2d.from_dense(sparse_conv(64, 80, 3, 8), (16, 16))
     lin = layer.linear
     x = torch.randn(2, 9, 10, 64)
     r = torch.randn(2, 7, 8, 80)
