@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import fold as _fold
+from ._module_hooks import carry_hooks
 from ._text_table import left_aligned
 from ._validate import as_pair
 from .formats import BlockSparseWeight
@@ -180,19 +181,6 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
         return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
 
 
-# The hook dictionaries a swapped layer hands to its replacement (the dictionaries themselves, so the handles the
-# user holds still remove the hooks). State-dict hooks stay behind: they would see the packed layout.
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    for attr in _HOOK_DICTS:
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
-    new._is_full_backward_hook = old._is_full_backward_hook
-
-
 def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None:
     """Moves each provably fusable activation into the SparseLinear / SparseConv2d before it (activation_fusion)."""
     uses: dict[int, int] = {}
@@ -339,7 +327,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
                 continue
             report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
         report.swapped = True
-        _carry_hooks(module, new)
+        carry_hooks(module, new)
         swapped.append((new, report))
         for parent, child_name in places[id(module)]:
             if parent is None:

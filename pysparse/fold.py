@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from ._module_hooks import has_forward_hooks
 from ._text_table import left_aligned
 from .prune.masking import WeightMask
 
@@ -120,10 +121,6 @@ def _describe(node) -> str:
     return f"{node.op} {node.target!r}"
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
 def _weight_target(layer: nn.Module) -> tuple[torch.Tensor | None, str | None]:
     """The tensor to scale for ``layer.weight`` (the unmasked original under pysparse masks), or why there is none."""
     if parametrize.is_parametrized(layer, "bias"):
@@ -150,7 +147,7 @@ def _why_not_layer(name: str, layer: nn.Module, bn: nn.Module, calls: int, users
     if len(users) > 1:
         others = ", ".join(_describe(u) for u in users[1:])
         return f"the output of {name!r} also feeds {others}"
-    if _hooked(layer):
+    if has_forward_hooks(layer):
         return f"{name!r} has forward hooks (they would see the folded output)"
     if name in read_attrs:
         return f"forward reads the parameters of {name!r} directly"
@@ -260,7 +257,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             entry.reason = f"called {calls[name]} times in forward"
         elif not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
             entry.reason = "no running statistics (track_running_stats=False): it uses batch statistics in eval too"
-        elif _hooked(bn):
+        elif has_forward_hooks(bn):
             entry.reason = "has forward hooks"
         elif name in read_attrs:
             entry.reason = "forward reads its parameters or buffers directly"

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATION_MODULES", "with_activation", "activation_name", "ActivationSite", "activation_sites"]
+from .._module_hooks import has_forward_hooks
+
+__all__ = ["ACTIVATION_MODULES", "with_activation", "activation_name", "is_plain_identity", "ActivationSite",
+           "activation_sites"]
 
 # The module form of each fusable activation (what a fused layer turns back into when made dense again).
 ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU}
@@ -50,7 +53,7 @@ def _same_code(fn, template) -> bool:
 
 def activation_name(module: nn.Module) -> str | None:
     """"relu" / "relu6" / "gelu" when ``module`` computes exactly that ``F`` function (exact GELU), else None."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    if has_forward_hooks(module):
         return None
     if type(module) is nn.ReLU:
         return "relu"
@@ -65,8 +68,9 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
-def _is_plain_identity(module) -> bool:
-    return type(module) is nn.Identity and not (module._forward_hooks or module._forward_pre_hooks)
+def is_plain_identity(module) -> bool:
+    """An ``nn.Identity`` no hook observes: a value passes through it unchanged and unseen."""
+    return type(module) is nn.Identity and not has_forward_hooks(module)
 
 
 @dataclass
@@ -83,13 +87,13 @@ def activation_sites(model: nn.Module) -> list[ActivationSite]:
     layer is any module here: callers check that it is one they can fuse into."""
     sites = []
     for parent in model.modules():
-        if parent._forward_hooks or parent._forward_pre_hooks:
+        if has_forward_hooks(parent):
             continue
         if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             slots = list(parent._modules.items())
             for i, (a, layer) in enumerate(slots):
                 j = i + 1
-                while j < len(slots) and _is_plain_identity(slots[j][1]):
+                while j < len(slots) and is_plain_identity(slots[j][1]):
                     j += 1
                 name = activation_name(slots[j][1]) if j < len(slots) and slots[j][1] is not None else None
                 if layer is not None and name is not None:

@@ -25,7 +25,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from .activation_fusion import activation_name
+from .._module_hooks import has_forward_hooks
+from .activation_fusion import activation_name, is_plain_identity
 from .sparse_conv import SparseConv2d
 from .sparse_linear import SparseLinear
 
@@ -48,10 +49,6 @@ class ForwardFusion:
     layer: str
     activation: str | None
     residual: bool
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class _Tracer(fx.Tracer):
@@ -77,10 +74,8 @@ def _activation_of(block: nn.Module, node: fx.Node) -> str | None:
 
 
 def _plain_identity(block: nn.Module, node: fx.Node) -> bool:
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-        return False
-    module = block.get_submodule(node.target)
-    return type(module) is nn.Identity and not _hooked(module)
+    return (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            and is_plain_identity(block.get_submodule(node.target)))
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -92,7 +87,7 @@ def plan_forward_fusions(block: nn.Module, layer_at) -> tuple[fx.Graph, list[For
     nothing fuses. ``layer_at(name, module)`` gives the pysparse layer that is (or will be, when a checkpoint is
     loaded) at ``block.<name>`` and may absorb a chain, or None; ``block`` itself is not changed (see
     :func:`apply_forward_fusions`)."""
-    if _hooked(block):
+    if has_forward_hooks(block):
         return None
     try:
         graph = _Tracer().trace(block)
@@ -107,7 +102,8 @@ def plan_forward_fusions(block: nn.Module, layer_at) -> tuple[fx.Graph, list[For
         if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
             continue
         layer = layer_at(node.target, block.get_submodule(node.target))
-        if not isinstance(layer, (SparseLinear, SparseConv2d)) or layer.activation is not None or _hooked(layer):
+        if (not isinstance(layer, (SparseLinear, SparseConv2d)) or layer.activation is not None
+                or has_forward_hooks(layer)):
             continue
         chain, end = [], node          # the layer's output through Identities: end is the last of them
         while (user := _only_user(end)) is not None and _plain_identity(block, user):
