@@ -86,20 +86,25 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
         return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
                      out_features)
     if (input.device.type == "cpu" and not _wants_grad(input, values, bias, residual)
-            and (residual is None or _fits_output(residual, input, out_features))):
+            and (residual is None or _fits_output(residual, (*input.shape[:-1], out_features), input))):
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
                                                          out_features, activation, residual)
     y = _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
+    return _torch_epilogue(y, activation, residual)
+
+
+def _torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """``activation(y + residual)`` in torch (either optional): what the CPU kernels' epilogue computes, for the
+    paths that cannot fuse it (gradients, CUDA, a residual that broadcasts or promotes)."""
     if residual is not None:
         y = y + residual
     return y if activation is None else ACTIVATIONS[activation](y)
 
 
-def _fits_output(residual: torch.Tensor, input: torch.Tensor, out_features: int) -> bool:
-    """Whether the kernel can add ``residual`` itself: exactly the output's shape, dtype and device (anything
-    else is added by torch, with its broadcasting and type promotion)."""
-    return (residual.shape == (*input.shape[:-1], out_features) and residual.dtype == input.dtype
-            and residual.device == input.device)
+def _fits_output(residual: torch.Tensor, shape, like: torch.Tensor) -> bool:
+    """Whether a kernel can add ``residual`` itself: exactly the output's ``shape`` and ``like``'s dtype and
+    device (anything else is added by torch, with its broadcasting and type promotion)."""
+    return residual.shape == tuple(shape) and residual.dtype == like.dtype and residual.device == like.device
 
 
 def _check_residual(residual) -> None:
@@ -163,12 +168,17 @@ def _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_feature
     return input.new_empty((*input.shape[:-1], out_features))
 
 
-@torch.library.register_fake("pysparse::bsr_linear_act")
-def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_features, activation, residual=None):
-    y = _bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_features)
+def _fake_with_residual(y: torch.Tensor, residual) -> torch.Tensor:
+    """``y`` (a fake op's output), after the check the op makes of its residual's shape."""
     torch._check(residual is None or residual.shape == y.shape,
                  lambda: f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
     return y
+
+
+@torch.library.register_fake("pysparse::bsr_linear_act")
+def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_features, activation, residual=None):
+    return _fake_with_residual(_bsr_linear_fake(input, values, crow_indices, col_indices, bias, out_features),
+                               residual)
 
 
 def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features):
@@ -221,8 +231,7 @@ def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: tor
     if isinstance(out_channels, bool) or not isinstance(out_channels, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"out_channels must be an int, got {type(out_channels).__name__}")
     _check_activation(activation)
-    if residual is not None and not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    _check_residual(residual)
     crow, col = _bsr_int32_indices(values, crow_indices, col_indices)
     return torch.ops.pysparse.bsr_conv2d_nhwc(input, values, crow, col, bias, int(out_channels),
                                               list(as_pair("kernel_size", kernel_size)),
@@ -241,10 +250,7 @@ def _bsr_conv2d_nhwc_fake(input, values, crow_indices, col_indices, bias, out_ch
     torch._check(input.dim() == 4, lambda: f"input must be [B, Hp, Wp, C], got {input.dim()}-D")
     ho = _conv_out(input.shape[1], kernel_size[0], stride[0], dilation[0])
     wo = _conv_out(input.shape[2], kernel_size[1], stride[1], dilation[1])
-    y = input.new_empty((input.shape[0], ho, wo, out_channels))
-    torch._check(residual is None or residual.shape == y.shape,
-                 lambda: f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
-    return y
+    return _fake_with_residual(input.new_empty((input.shape[0], ho, wo, out_channels)), residual)
 
 
 def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, out_channels, kernel_size, stride=1,
@@ -256,10 +262,7 @@ def bsr_conv2d_nhwc_reference(input, values, crow_indices, col_indices, bias, ou
     weight = weight_from_matrix(matrix, (out_channels, c, kh, kw))
     y = torch.nn.functional.conv2d(input.permute(0, 3, 1, 2), weight, bias, as_pair("stride", stride), 0,
                                    as_pair("dilation", dilation))
-    y = y.permute(0, 2, 3, 1)
-    if residual is not None:
-        y = y + residual
-    return y if activation is None else ACTIVATIONS[activation](y)
+    return _torch_epilogue(y.permute(0, 2, 3, 1), activation, residual)
 
 
 from . import autograd  # noqa: E402,F401  (registers bsr_linear's backward with torch.library)

@@ -197,16 +197,14 @@ class SparseConv2d(nn.Module):
                              f"{span_h}x{span_w}")
         out_shape = (self.out_channels, (h - span_h) // sh + 1, (w - span_w) // sw + 1)
         activation = self.linear.activation
-        fused = residual is None or (residual.shape == (out_shape if unbatched else (b, *out_shape))
-                                     and residual.dtype == x.dtype and residual.device == x.device)
+        fused = residual is None or ops._fits_output(residual, out_shape if unbatched else (b, *out_shape), x)
         res = None
         if residual is not None and fused:
             res = (residual.unsqueeze(0) if unbatched else residual).permute(0, 2, 3, 1)  # NHWC, as y
         y = self._conv_nhwc(x, activation if fused else None, res).permute(0, 3, 1, 2)  # NCHW view, NHWC memory
         y = y.squeeze(0) if unbatched else y
         if not fused:  # a residual that broadcasts or promotes: torch adds it
-            y = y + residual
-            y = y if activation is None else ops.ACTIVATIONS[activation](y)
+            y = ops._torch_epilogue(y, activation, residual)
         return y
 
     def _conv_nhwc(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
@@ -232,8 +230,8 @@ class SparseConv2d(nn.Module):
         if residual is None:
             return self._im2col_gemm(patches, gemm)
         # The chunks' products first, then the residual and the activation over the whole output.
-        y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None)) + residual
-        return y if activation is None else ops.ACTIVATIONS[activation](y)
+        y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None))
+        return ops._torch_epilogue(y, activation, residual)
 
     def _implicit(self, x: torch.Tensor) -> bool:
         """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks
