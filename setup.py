@@ -92,6 +92,8 @@ def extension(with_cuda, cuda_home):
             if os.path.isdir(inc) and inc not in include_dirs:
                 include_dirs.append(inc)
     nvcc_flags = ["-O3", "-lineinfo", "-DPYSPARSE_WITH_CUDA"]
+    if "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "").split(";"):
+        nvcc_flags.append("-DPYSPARSE_SM90A")  # the host may choose the wgmma kernels (sm_90a code exists)
     if os.environ.get("PYSPARSE_PTXAS_VERBOSE") == "1":  # registers / spills report, for kernel work
         nvcc_flags.append("-Xptxas=-v")
     return cpp_extension.CUDAExtension(
@@ -101,9 +103,15 @@ def extension(with_cuda, cuda_home):
     )
 
 
+def hopper_arch_list(arch_list):
+    """Builds Hopper (9.0) code as sm_90a, which every compute-capability 9.0 device runs: its wgmma kernels are
+    then in the binary, and no plain sm_90 cubin exists for the loader to prefer over it."""
+    return ";".join("9.0a" if a.strip() == "9.0" else a.strip() for a in arch_list.split(";") if a.strip())
+
+
 with_cuda, cuda_home = want_cuda()
-if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;9.0"
+if with_cuda:
+    os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;8.6;9.0")
 version = local_version(with_cuda)
 write_build_info(with_cuda, version)
 print(f"pysparse: building {version} ({'CUDA ' + torch.version.cuda if with_cuda else 'CPU only'})")

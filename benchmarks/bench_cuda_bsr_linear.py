@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 
 import torch
@@ -34,6 +35,9 @@ def main():
     ap.add_argument("--ms", default="1,16,256,4096")
     ap.add_argument("--json", default="bench_cuda.json")
     ap.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR path")
+    ap.add_argument("--tile-variants", default="64,128,wg128,wg256",
+                    help="for M > 16 also time each large-M kernel / token tile forced through PYSPARSE_CUDA_TILE_M "
+                         "(mma.sync 64, 128; wgmma wg128, wg256 on sm_90a; empty: only the launcher's own choice)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)  # torch's "BSR is beta" / Triton meta notices
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
@@ -63,6 +67,22 @@ def main():
                     crow, col = bsw.crow_indices, bsw.col_indices
                     t_ps, graphed = time_calls(
                         [lambda v=v: torch.ops.pysparse.bsr_linear(x, v, crow, col, None, n) for v in vals], reps)
+                    variants = {}
+                    for tile in ([] if m <= 16 or not args.tile_variants else args.tile_variants.split(",")):
+                        forced_before = os.environ.get("PYSPARSE_CUDA_TILE_M")
+                        os.environ["PYSPARSE_CUDA_TILE_M"] = tile  # read at launch, i.e. when the graph is captured
+                        try:
+                            y_v = ops.bsr_linear(x, bsw.values, crow, col, None, n)
+                            err_v = ((y_v.float() - ref).norm() / ref.norm()).item()
+                            ok = ok and bool(torch.isfinite(y_v).all()) and err_v < 1e-2
+                            variants[tile], _ = time_calls(
+                                [lambda v=v: torch.ops.pysparse.bsr_linear(x, v, crow, col, None, n) for v in vals],
+                                reps)
+                        finally:
+                            if forced_before is None:
+                                del os.environ["PYSPARSE_CUDA_TILE_M"]
+                            else:
+                                os.environ["PYSPARSE_CUDA_TILE_M"] = forced_before
                     t_tb = float("nan")
                     if not args.no_torch_bsr:
                         try:
@@ -77,7 +97,7 @@ def main():
                             print(f"  torch BSR failed at {shape} M={m} b={b} sp={sp}: {type(exc).__name__}: {exc}")
                     useful_flops = 2.0 * m * bsw.nnz_blocks * b * b
                     row = dict(shape=shape, M=m, block=b, sparsity=sp, dense_ms=t_dense, pysparse_ms=t_ps,
-                               torch_bsr_ms=t_tb, speedup_vs_dense=t_dense / t_ps,
+                               torch_bsr_ms=t_tb, tile_variant_ms=variants, speedup_vs_dense=t_dense / t_ps,
                                speedup_vs_torch_bsr=t_tb / t_ps, rel_err=err, correct=ok, graphed=graphed,
                                pysparse_tflops=useful_flops / t_ps / 1e9,
                                weight_gbps=(bsw.values.nbytes + col.nbytes + crow.nbytes) / t_ps / 1e6)
@@ -86,7 +106,8 @@ def main():
                           f"pysparse {t_ps*1e3:9.1f}us ({row['speedup_vs_dense']:5.2f}x)  "
                           f"torch_bsr {t_tb*1e3:9.1f}us ({row['speedup_vs_torch_bsr']:5.2f}x)  "
                           f"err {err:.1e} {'ok' if ok else 'WRONG'}  {row['pysparse_tflops']:.0f} TFLOP/s "
-                          f"{row['weight_gbps']:.0f} GB/s", flush=True)
+                          f"{row['weight_gbps']:.0f} GB/s"
+                          + "".join(f"  tile{t} {v*1e3:.1f}us" for t, v in variants.items()), flush=True)
                     del vals
         del dense_copies
     with open(args.json, "w") as f:
@@ -100,6 +121,16 @@ def main():
                 txt = " ".join(f"{r['speedup_vs_dense']:5.2f}/{r['speedup_vs_torch_bsr']:6.1f}"
                                + ("" if r["correct"] else "!") for r in cells)
                 print(f"{shape:>10} {m:>5} {b:>3} {txt}")
+    if any(r["tile_variant_ms"] for r in rows):
+        print("\nLARGE-M TOKEN TILES (speedup vs cuBLAS dense with each forced: " + "/".join(args.tile_variants.split(",")) + ")")
+        for shape in args.shapes.split(","):
+            for m in (m for m in map(int, args.ms.split(",")) if m > 16):
+                for b in map(int, args.blocks.split(",")):
+                    cells = []
+                    for r in (r for r in rows if r["shape"] == shape and r["M"] == m and r["block"] == b):
+                        v = r["tile_variant_ms"]
+                        cells.append("/".join(f"{r['dense_ms'] / v[t]:.2f}" for t in v))
+                    print(f"{shape:>10} {m:>5} {b:>3} " + "  ".join(f"{c:>20}" for c in cells))
     bad = [r for r in rows if not r["correct"]]
     print(f"correct at {len(rows) - len(bad)} of {len(rows)} timed points")
     return 1 if bad else 0

@@ -59,6 +59,32 @@ def test_matches_dense_reference(case, dtype, density):
         check(y, x, bsw, bias)
 
 
+TILE_CASES = [
+    # (M, N, K, block): ragged token tiles, every BH x bw the large-M kernels specialise, and a row of 600 kept
+    # blocks (longer than the mma.sync kernel's shared-memory column cache of 512)
+    (17, 128, 256, (64, 64)), (300, 200, 136, (32, 32)), (257, 64, 128, (16, 64)), (130, 96, 96, (64, 32)),
+    (520, 72, 200, (16, 16)), (1000, 64, 9600, (16, 16)),
+    # more work items than CTAs resident on an H100 / H200, with empty block rows: a persistent CTA walks
+    # several tiles with one pipeline
+    (2000, 2048, 256, (64, 64)), (1500, 1024, 320, (32, 64)),
+]
+
+
+@pytest.mark.parametrize("tile_m", ["64", "128", "wg128", "wg256"])
+@pytest.mark.parametrize("case", TILE_CASES, ids=[f"M{c[0]}_N{c[1]}_K{c[2]}_b{c[3][0]}x{c[3][1]}" for c in TILE_CASES])
+def test_every_large_m_token_tile(case, tile_m, monkeypatch):
+    # The launcher picks the kernel (mma.sync, or wgmma on sm_90a) and token tile from the device and the grid
+    # size; PYSPARSE_CUDA_TILE_M forces each variant here (wgmma ones only where the device and block allow).
+    monkeypatch.setenv("PYSPARSE_CUDA_TILE_M", tile_m)
+    m, n, k, block = case
+    gen = torch.Generator("cuda").manual_seed(hash((case, tile_m)) % 2**31)
+    for dtype in (torch.bfloat16, torch.float16):
+        bsw = random_bsr(n, k, block, 1.0 if k > 4096 else 0.35, dtype, gen)
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+        check(run_poisoned(x, bsw, bias, n), x, bsw, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_leading_dims_and_non_contiguous(dtype):
     gen = torch.Generator("cuda").manual_seed(1)
