@@ -21,7 +21,7 @@ namespace {
 bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // Large-M kernels: mma.sync with 64 or 128 tokens per CTA (sm80+), wgmma with 128 or 256 (sm_90a builds on
-// compute-capability 9.0 devices, blocks 32 or 64 rows tall), one CTA per tile or persistent CTAs.
+// compute-capability 9.0 devices, blocks 32 or 64 rows tall).
 enum class LargeTile { kMma64, kMma128, kWgmma128, kWgmma256 };
 
 bool wgmma_available(const BsrProblem& p, const cudaDeviceProp& prop) {
