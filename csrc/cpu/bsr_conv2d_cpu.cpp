@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "bsr_linear_args.h"
+#include "cpu/output_pool.h"
 
 namespace pysparse {
 namespace {
@@ -50,7 +51,7 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
     res = prepare_residual("bsr_conv2d_nhwc", *residual, input, {c.batch, c.ho, c.wo, p.N});
     p.residual = res.const_data_ptr();
   }
-  at::Tensor y = at::empty({c.batch, c.ho, c.wo, p.N}, input.options());
+  at::Tensor y = empty_output({c.batch, c.ho, c.wo, p.N}, input.options());
   bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), a.values.const_data_ptr<float>(), a.crow.const_data_ptr<int32_t>(),
                       a.col.const_data_ptr<int32_t>(), a.bias ? a.bias->const_data_ptr<float>() : nullptr,
                       y.mutable_data_ptr<float>(), p, c, at::get_num_threads());

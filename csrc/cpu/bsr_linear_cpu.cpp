@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "bsr_linear_args.h"
+#include "cpu/output_pool.h"
 
 namespace pysparse {
 namespace {
@@ -30,7 +31,7 @@ at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& va
   const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
                                             a.problem);
   TORCH_CHECK_VALUE(bad.empty(), "bsr_linear: ", bad);
-  at::Tensor y = at::empty({a.problem.M, a.problem.N}, input.options());
+  at::Tensor y = empty_output({a.problem.M, a.problem.N}, input.options());
   switch (input.scalar_type()) {
     case at::kFloat: run<float, float>(a, y); break;
     case at::kBFloat16: run<bfloat16_t, at::BFloat16>(a, y); break;

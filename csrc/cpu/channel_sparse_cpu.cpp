@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "channel_sparse_args.h"
+#include "cpu/output_pool.h"
 
 namespace pysparse {
 namespace {
@@ -62,7 +63,7 @@ at::Tensor channel_sparse_linear_cpu(const at::Tensor& input, const at::Tensor& 
   ChannelSparseArgs a = prepare_channel_sparse_linear(input, values, out_index, in_index, bias, out_features);
   check_indices(a, "channel_sparse_linear");
   const int64_t M = a.x.size(0), K = a.n_in, N = a.n_out, no = a.out_index.numel(), ki = a.in_index.numel();
-  at::Tensor y = at::empty({M, N}, input.options());
+  at::Tensor y = empty_output({M, N}, input.options());
   if (M == 0 || N == 0) return y.view(a.out_shape);
   // Strictly increasing in [0, K) with K entries is the identity: no gather needed.
   at::Tensor xg = ki == K ? a.x : at::empty({M, ki}, input.options());
@@ -97,7 +98,7 @@ at::Tensor channel_sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& 
   const int64_t wo = conv_out_size(a.x.size(3), a.values.size(3), stride[1], padding[1], dilation[1]);
   TORCH_CHECK_VALUE(ho > 0 && wo > 0, "channel_sparse_conv2d: the kernel ", a.values.sizes().slice(2),
                     " does not fit the padded input ", a.x.sizes().slice(2));
-  at::Tensor y = at::empty({B, N, ho, wo}, input.options());
+  at::Tensor y = empty_output({B, N, ho, wo}, input.options());
   if (y.numel() == 0) return y;
   const at::Tensor xg = ki == C ? a.x : a.x.index_select(1, a.in_index);
   const at::Tensor yc = (no == 0 || ki == 0)
