@@ -37,7 +37,9 @@ if command -v compute-sanitizer >/dev/null; then
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/cuda_sanitize_case.py \
     > "$OUT_DIR/sanitizer.log" 2>&1
   san_rc=$?
-  tail -4 "$OUT_DIR/sanitizer.log"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/cuda_channel_check.py --tiny \
+    >> "$OUT_DIR/sanitizer.log" 2>&1 || san_rc=$?
+  tail -6 "$OUT_DIR/sanitizer.log"
   echo "sanitizer exit code: $san_rc (0 = clean, 3 = errors found, 124 = timed out)"
 else
   echo "compute-sanitizer not found"; san_rc=127
