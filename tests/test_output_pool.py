@@ -58,3 +58,20 @@ def test_ops_run_with_the_pool_off():
     env = dict(os.environ, PYSPARSE_CPU_OUTPUT_CACHE_MB="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def _child_uses_the_pool(bsw, x, dense):
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(), with or without pysparse
+    y = _call(bsw, x)  # served from a buffer the parent freed before forking
+    torch.testing.assert_close(y, F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_forked_child_inherits_a_usable_pool():
+    import multiprocessing
+
+    bsw, x, dense = _layer()
+    _call(bsw, x)  # an output dies in the parent: its buffer is in the pool when the child is forked
+    child = multiprocessing.get_context("fork").Process(target=_child_uses_the_pool, args=(bsw, x, dense))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0

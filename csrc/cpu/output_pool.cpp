@@ -4,6 +4,8 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -11,6 +13,11 @@
 
 namespace pysparse {
 namespace {
+
+std::mutex& pool_mutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
 
 constexpr size_t kMinPooledBytes = size_t(1) << 20;  // smaller blocks come from malloc's heap, already mapped
 
@@ -69,13 +76,19 @@ class OutputPool final : public c10::Allocator {
     delete block;
   }
 
-  std::mutex mutex_;
+  std::mutex& mutex_ = pool_mutex();
   std::unordered_map<size_t, std::vector<void*>> free_;
   size_t pooled_ = 0;
 };
 
 OutputPool& pool() {
-  static OutputPool* instance = new OutputPool();  // never destroyed: tensors may outlive static destructors
+  // Never destroyed: tensors may outlive static destructors. The lock is held across fork() (as malloc does with
+  // its own), so a child forked while another thread was inside the pool does not inherit a locked mutex.
+  static OutputPool* instance = [] {
+    auto* p = new OutputPool();
+    pthread_atfork([] { pool_mutex().lock(); }, [] { pool_mutex().unlock(); }, [] { pool_mutex().unlock(); });
+    return p;
+  }();
   return *instance;
 }
 
