@@ -65,8 +65,8 @@ def main():
                     ok = bool(torch.isfinite(y).all()) and err < 1e-2
                     vals = [bsw.values] + [bsw.values.clone() for _ in range(copies_for(bsw.values.nbytes, l2) - 1)]
                     crow, col = bsw.crow_indices, bsw.col_indices
-                    t_ps, graphed = time_calls(
-                        [lambda v=v: torch.ops.pysparse.bsr_linear(x, v, crow, col, None, n) for v in vals], reps)
+                    calls = [lambda v=v: torch.ops.pysparse.bsr_linear(x, v, crow, col, None, n) for v in vals]
+                    t_ps, graphed = time_calls(calls, reps)
                     variants = {}
                     for tile in ([] if m <= 16 or not args.tile_variants else args.tile_variants.split(",")):
                         forced_before = os.environ.get("PYSPARSE_CUDA_TILE_M")
@@ -75,9 +75,7 @@ def main():
                             y_v = ops.bsr_linear(x, bsw.values, crow, col, None, n)
                             err_v = ((y_v.float() - ref).norm() / ref.norm()).item()
                             ok = ok and bool(torch.isfinite(y_v).all()) and err_v < 1e-2
-                            variants[tile], _ = time_calls(
-                                [lambda v=v: torch.ops.pysparse.bsr_linear(x, v, crow, col, None, n) for v in vals],
-                                reps)
+                            variants[tile], _ = time_calls(calls, reps)
                         finally:
                             if forced_before is None:
                                 del os.environ["PYSPARSE_CUDA_TILE_M"]

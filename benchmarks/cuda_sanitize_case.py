@@ -14,7 +14,7 @@ cases = [  # (M, N, K, block, dtype): small-M, large-M for bh 16/32/64, generic
     (3, 72, 48, (8, 16), torch.bfloat16), (13, 100, 136, (64, 64), torch.float16),
     (130, 90, 136, (16, 16), torch.bfloat16), (129, 70, 72, (32, 32), torch.float16),
     (131, 130, 200, (64, 64), torch.bfloat16), (37, 50, 45, (5, 7), torch.float32),
-    (1100, 2048, 128, (64, 64), torch.bfloat16),  # more tiles than resident CTAs: persistent CTAs walk several
+    (1100, 2048, 128, (64, 64), torch.bfloat16),  # more tiles than CTAs resident at once: several waves
 ]
 worst = 0.0
 # every large-M kernel and token tile too (the launcher's own choice first, then each one forced)

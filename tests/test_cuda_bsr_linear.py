@@ -64,8 +64,7 @@ TILE_CASES = [
     # blocks (longer than the mma.sync kernel's shared-memory column cache of 512)
     (17, 128, 256, (64, 64)), (300, 200, 136, (32, 32)), (257, 64, 128, (16, 64)), (130, 96, 96, (64, 32)),
     (520, 72, 200, (16, 16)), (1000, 64, 9600, (16, 16)),
-    # more work items than CTAs resident on an H100 / H200, with empty block rows: a persistent CTA walks
-    # several tiles with one pipeline
+    # more tiles than CTAs resident at once on an H100 / H200 (the grid runs in waves), with empty block rows
     (2000, 2048, 256, (64, 64)), (1500, 1024, 320, (32, 64)),
 ]
 

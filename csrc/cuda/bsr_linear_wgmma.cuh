@@ -59,10 +59,8 @@ __global__ void __launch_bounds__(tc_wgmma::kThreads, 1)
   const int64_t n_items = p.n_block_rows * ((p.M + kTileM - 1) / kTileM);
   const int64_t stride = gridDim.x;
   StageLoader<T, kTileM, BH, kThreads> loader(x, values, col, RowRange{0, 0}, 0, p);
-  auto stages_of = [&](int64_t item) {
-    const RowRange r = row_range(crow, item % p.n_block_rows, p.nnz);
-    return int((r.n_blocks + loader.blocks_per_stage - 1) / loader.blocks_per_stage);
-  };
+  auto row_of = [&](int64_t item) { return row_range(crow, item % p.n_block_rows, p.nnz); };
+  auto t0_of = [&](int64_t item) { return (item / p.n_block_rows) * kTileM; };
   // The load cursor runs kStages - 1 stages ahead of the MMAs through the CTA's whole item list, so a
   // tile's epilogue and the next tile's first stages overlap the copies already in flight.
   int64_t load_item = int64_t(blockIdx.x) - stride;
@@ -72,10 +70,9 @@ __global__ void __launch_bounds__(tc_wgmma::kThreads, 1)
     while (load_stage >= load_n) {
       load_item += stride;
       if (load_item >= n_items) return;
-      const RowRange r = row_range(crow, load_item % p.n_block_rows, p.nnz);
-      loader.row = r;
-      loader.cols = col + r.begin;
-      loader.t0 = (load_item / p.n_block_rows) * kTileM;
+      loader.row = row_of(load_item);
+      loader.cols = col + loader.row.begin;
+      loader.t0 = t0_of(load_item);
       load_stage = 0;
       load_n = loader.n_stages();
     }
@@ -101,7 +98,7 @@ __global__ void __launch_bounds__(tc_wgmma::kThreads, 1)
 
   int64_t consumed = 0;
   for (int64_t item = blockIdx.x; item < n_items; item += stride) {
-    const int n_stages = stages_of(item);
+    const int n_stages = loader.stages_in(row_of(item));
     for (int s = 0; s < n_stages; ++s, ++consumed) {
       // One commit group per stage, in order: waiting for all but the newest kStages - 2 lands this one.
       cp_async_wait<kStages - 2>();
@@ -128,8 +125,8 @@ __global__ void __launch_bounds__(tc_wgmma::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < H; ++h) wgmma::pin(acc[h]);
     }
-    const int64_t block_row = item % p.n_block_rows, t0 = (item / p.n_block_rows) * kTileM;
-    store_tile<T, 64>(acc, bias, y, p, t0 + wg * H * 64 + (warp & 3) * 16, block_row * BH, lane);
+    store_tile<T, 64>(acc, bias, y, p, t0_of(item) + wg * H * 64 + (warp & 3) * 16, (item % p.n_block_rows) * BH,
+                      lane);
     zero_acc();
   }
   cp_async_wait<0>();

@@ -59,7 +59,8 @@ struct StageLoader {
     k_in_block = (chunk % chunks_per_block) * 8;
     blocks_per_stage = kRowElems / bw;  // bw divides 64 (dispatcher)
   }
-  __device__ int n_stages() const { return int((row.n_blocks + blocks_per_stage - 1) / blocks_per_stage); }
+  __device__ int stages_in(RowRange r) const { return int((r.n_blocks + blocks_per_stage - 1) / blocks_per_stage); }
+  __device__ int n_stages() const { return stages_in(row); }
 
   __device__ __forceinline__ void load(T* sx, T* sw, int s) const {
     using cuda_mma::cp_async_16;
