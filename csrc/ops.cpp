@@ -30,6 +30,13 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None, "
         "Tensor? residual=None) -> Tensor");
+  // Scaled-dot-product attention of query [B, H, Sq, D] with key [B, Hk, Skv, D] and value [B, Hk, Skv, Dv] (H a
+  // multiple of Hk: grouped-query heads), returned as [B, Sq, H, Dv] (heads next to the features: the layout the
+  // output projection reads). attn_mask broadcasts to [B, H, Sq, Skv]: bool (True = attend) or float (added to the
+  // scores); is_causal lets query i see keys j <= i (together with a mask, both apply); scale defaults to
+  // 1 / sqrt(D). A query row that sees no key gives zeros, as torch's. CPU, float32, inference (no autograd).
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
+        "float? scale=None) -> Tensor");
 }
 
 namespace {

@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing round and variant")
     ap.add_argument("--no-fuse", action="store_true",
                     help="keep GELU a separate op (default: sparsify fuses it into the intermediate layers' kernel)")
+    ap.add_argument("--torch-attention", action="store_true",
+                    help="keep torch's SDPA in the sparse model (default: pysparse's CPU attention kernel)")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,7 +108,8 @@ def main():
     pruned = transformers.AutoModel.from_pretrained(path).eval()
     n_layers = prune_encoder_(pruned, args.sparsity, args.block)
     with torch.no_grad():
-        sparse = sparsify(pruned, block_size=(args.block, args.block), fuse_activations=not args.no_fuse)
+        sparse = sparsify(pruned, block_size=(args.block, args.block), fuse_activations=not args.no_fuse,
+                          fast_attention=not args.torch_attention)
         report = sparse.sparsify_report
         e_dense, e_masked, e_sparse = embed(dense, batch), embed(pruned, batch), embed(sparse, batch)
         h_masked = pruned(**batch).last_hidden_state

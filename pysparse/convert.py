@@ -23,6 +23,7 @@ from .formats import BlockSparseWeight
 from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
 from .nn.activation_fusion import activation_sites
 from .nn.forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
+from .nn.transformers_attention import use_pysparse_attention
 from .ops import available_backends
 
 __all__ = ["sparsify", "LayerReport", "SparsifyReport"]
@@ -58,6 +59,7 @@ class SparsifyReport:
         self.layers = layers
         self.block_size = block_size
         self.min_sparsity = min_sparsity
+        self.attention: str | None = None  # what sparsify(fast_attention=True) did to the model's attention
 
     @property
     def swapped(self) -> list[LayerReport]:
@@ -77,7 +79,7 @@ class SparsifyReport:
 
     def to_dict(self) -> dict:
         return {"block_size": list(self.block_size), "min_sparsity": self.min_sparsity,
-                "layers": [asdict(r) for r in self.layers]}
+                "layers": [asdict(r) for r in self.layers], "attention": self.attention}
 
     def __str__(self) -> str:
         head = ("layer", "type", "shape", "kept", "density", "packed/dense", "reason")
@@ -91,6 +93,8 @@ class SparsifyReport:
         after = sum(r.packed_bytes if r.swapped else r.dense_bytes for r in self.layers)
         lines.append(f"{len(self.swapped)}/{len(self.layers)} layers sparse; weight bytes of these layers "
                      f"{dense / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
+        if self.attention is not None:
+            lines.append(self.attention)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -218,7 +222,7 @@ def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None
 
 def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,
              inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False,
-             fold_batchnorm: bool = False, fuse_activations: bool = False) -> nn.Module:
+             fold_batchnorm: bool = False, fuse_activations: bool = False, fast_attention: bool = False) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose weight is block-sparse enough for a pysparse layer.
 
     Args:
@@ -243,6 +247,10 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             layer does both in its kernel (:mod:`pysparse.nn.forward_fusion`; the block becomes a GraphModule).
             Saves full passes over the layer's output at inference; training is unaffected (the layer then runs
             the torch add and activation itself).
+        fast_attention: a Hugging Face transformers model whose attention runs ``"sdpa"`` is switched to pysparse's
+            CPU attention kernel (:func:`pysparse.nn.use_pysparse_attention`; same results, and calls the kernel
+            does not take, such as CUDA or training, still go to SDPA). With its Linear layers sparse, attention is
+            most of what a BERT-size encoder has left. The report's ``attention`` line says what was done.
     Hooks registered on a swapped layer move to its replacement (and keep it out of any fusion).
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
@@ -337,6 +345,8 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
     if fuse_activations:
         _fuse_activations(model, {id(r_new): r for r_new, r in swapped})
     model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
+    if fast_attention:
+        model.sparsify_report.attention = use_pysparse_attention(model)
     if fold_batchnorm:
         model.fold_report = fold_report  # again: the root itself may have been swapped
     return model

@@ -7,7 +7,10 @@ three call sites. Here the block is traced (pysparse layers are leaves) and thes
 one call of the layer, which then applies the add and the activation in its kernel's epilogue:
 
 * ``layer -> [Identity ...] -> activation``                     becomes ``layer(x)`` with the activation fused;
-* ``layer -> [Identity ...] -> add(., other) [-> activation]``  becomes ``layer(x, other)`` (a fused residual).
+* ``layer -> [Identity ...] -> add(., other) [-> activation]``  becomes ``layer(x, other)`` (a fused residual);
+* ``linear -> [Identity ...] -> Dropout -> [Identity ...] -> add(., other) [-> activation]`` (transformers' BERT-style
+  ``LayerNorm(dropout(dense(h)) + input)``) becomes ``linear(x, other, residual_dropout=dropout)``: the SparseLinear
+  applies the dropout itself, in torch, while it is active (training, p > 0), and fuses the add otherwise (eval).
 
 Every value in a chain must be read by the next node only (so ``other`` cannot depend on the layer's output), the
 layer must be called once in the block and have no activation yet, and no module on the chain may have hooks.
@@ -78,6 +81,11 @@ def _plain_identity(block: nn.Module, node: fx.Node) -> bool:
             and is_plain_identity(block.get_submodule(node.target)))
 
 
+def _plain_dropout(block: nn.Module, node: fx.Node) -> bool:
+    return (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+            and type(block.get_submodule(node.target)) is nn.Dropout)
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -106,9 +114,14 @@ def plan_forward_fusions(block: nn.Module, layer_at) -> tuple[fx.Graph, list[For
                 or has_forward_hooks(layer)):
             continue
         chain, end = [], node          # the layer's output through Identities: end is the last of them
-        while (user := _only_user(end)) is not None and _plain_identity(block, user):
+        dropout = None                 # or through one nn.Dropout, when a residual add follows (BERT's outputs)
+        while (user := _only_user(end)) is not None and (
+                _plain_identity(block, user)
+                or (dropout is None and isinstance(layer, SparseLinear) and _plain_dropout(block, user))):
             chain.append(user)
             end = user
+            if user.op == "call_module" and type(block.get_submodule(user.target)) is nn.Dropout:
+                dropout = user
         user = _only_user(end)
         other = None
         if (user is not None and user.target in _ADDS and user.op == "call_function" and len(user.args) == 2
@@ -126,10 +139,13 @@ def plan_forward_fusions(block: nn.Module, layer_at) -> tuple[fx.Graph, list[For
         if activation is not None:
             chain.append(user)
             end = user
-        if other is None and activation is None:
+        if (other is None and activation is None) or (dropout is not None and other is None):
             continue
         with graph.inserting_before(end):
-            fused = graph.call_module(node.target, node.args, {"residual": other} if other is not None else {})
+            kwargs = {"residual": other} if other is not None else {}
+            if dropout is not None:
+                kwargs["residual_dropout"] = graph.get_attr(dropout.target)
+            fused = graph.call_module(node.target, node.args, kwargs)
         end.replace_all_uses_with(fused)
         for n in reversed(chain):
             graph.erase_node(n)

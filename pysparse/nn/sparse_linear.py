@@ -86,15 +86,25 @@ class SparseLinear(PackedWeightModule):
                            device=self.values.device, dtype=self.values.dtype)
         return with_activation(fill_dense(linear, self.weight.to_dense(), self.bias), self.activation)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_dropout: nn.Module | None = None) -> torch.Tensor:
         """``activation(x @ W^T + bias + residual)``: ``residual`` (optional) is what a residual connection adds to
         this layer's output, added as torch's ``+`` would; fused into the CPU kernel's epilogue when it has exactly
-        the output's shape and dtype."""
+        the output's shape and dtype. ``residual_dropout`` (an ``nn.Dropout``, with a residual) makes it
+        ``activation(residual_dropout(x @ W^T + bias) + residual)``: while the dropout is active (training, p > 0)
+        that runs in torch, otherwise the dropout is the identity and the add stays fused."""
         # The op cannot see in_features: a K that rounds up to the same number of block columns would run on
         # the padded weight and return a wrong result instead of failing.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         ops._check_residual(residual)
+        if residual_dropout is not None:
+            if residual is None:
+                raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
+            if residual_dropout.training and residual_dropout.p > 0:
+                y = ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                          self.out_features, None, None)
+                return ops._torch_epilogue(residual_dropout(y), self.activation, residual)
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
         return ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
                                      self.out_features, self.activation, residual)

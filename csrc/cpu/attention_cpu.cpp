@@ -1,0 +1,83 @@
+// CPU implementation of pysparse::attention: argument checks (every size and stride the kernel reads is derived
+// here from the tensors themselves), then the torch-free kernel core (csrc/cpu/kernels/attention.h).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu/kernels/attention.h"
+#include "cpu/output_pool.h"
+
+namespace pysparse {
+namespace {
+
+// t, with a unit stride along its last dim (transformers' q / k / v views already have one: no copy).
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_operand(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 4, "attention: ", name, " must be 4-D [batch, heads, seq, dim], got ", t.dim(),
+                    "-D with shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "attention: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "attention: ", name, " must be on the CPU, got ", t.device());
+}
+
+at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale) {
+  check_operand("query", query);
+  check_operand("key", key);
+  check_operand("value", value);
+  const int64_t B = query.size(0), H = query.size(1), Sq = query.size(2), D = query.size(3);
+  const int64_t Hk = key.size(1), Skv = key.size(2), Dv = value.size(3);
+  TORCH_CHECK_VALUE(key.size(0) == B && value.size(0) == B, "attention: key and value must have the query's batch ",
+                    B, ", got ", key.size(0), " and ", value.size(0));
+  TORCH_CHECK_VALUE(value.size(1) == Hk && value.size(2) == Skv, "attention: value must have key's heads and length ",
+                    "(", Hk, ", ", Skv, "), got (", value.size(1), ", ", value.size(2), ")");
+  TORCH_CHECK_VALUE(key.size(3) == D, "attention: key's head dim must equal the query's ", D, ", got ", key.size(3));
+  TORCH_CHECK_VALUE(Hk >= 1 && H % Hk == 0, "attention: the query's heads (", H,
+                    ") must be a multiple of key/value's heads, got ", Hk);
+  const at::Tensor q = unit_last_stride(query), k = unit_last_stride(key), v = unit_last_stride(value);
+
+  AttentionProblem p;
+  p.batch = B, p.heads = H, p.kv_heads = Hk, p.q_len = Sq, p.kv_len = Skv, p.head_dim = D, p.v_dim = Dv;
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.causal = is_causal;
+  const double s = scale ? *scale : (D > 0 ? 1.0 / std::sqrt(static_cast<double>(D)) : 1.0);
+  TORCH_CHECK_VALUE(std::isfinite(s), "attention: scale must be finite, got ", s);
+  p.scale = static_cast<float>(s);
+
+  at::Tensor mask;
+  if (attn_mask) {
+    const at::Tensor& m = *attn_mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat,
+                     "attention: attn_mask must be bool (True = attend) or float32 (added to the scores), got ",
+                     m.scalar_type());
+    TORCH_CHECK_VALUE(m.device().is_cpu(), "attention: attn_mask must be on the CPU, got ", m.device());
+    const std::vector<int64_t> full = {B, H, Sq, Skv};
+    TORCH_CHECK_VALUE(m.dim() <= 4, "attention: attn_mask must broadcast to ", at::IntArrayRef(full), ", got shape ",
+                      m.sizes());
+    for (int64_t i = 0; i < m.dim(); ++i) {
+      const int64_t want = full[4 - m.dim() + i];
+      TORCH_CHECK_VALUE(m.size(i) == want || m.size(i) == 1, "attention: attn_mask must broadcast to ",
+                        at::IntArrayRef(full), ", got shape ", m.sizes());
+    }
+    mask = m.expand(full);  // broadcast dims get stride 0; nothing is copied
+    p.mask_kind = m.scalar_type() == at::kBool ? AttentionMask::kKeep : AttentionMask::kAdditive;
+    p.mask = mask.const_data_ptr();
+    p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sq = mask.stride(2), p.m_sk = mask.stride(3);
+  }
+  const std::string bad = check_attention_problem(p);
+  TORCH_CHECK_VALUE(bad.empty(), "attention: ", bad);
+
+  at::Tensor out = empty_output({B, Sq, H, Dv}, q.options());
+  attention_cpu(q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                out.mutable_data_ptr<float>(), p, at::get_num_threads());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("attention", &attention_cpu_op); }
+
+}  // namespace pysparse

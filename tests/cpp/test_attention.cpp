@@ -1,0 +1,166 @@
+// The CPU attention kernel on every path this machine runs (generic, AVX2) against a double-precision reference:
+// head dims and sequence lengths that are and are not multiples of the vector and panel widths, kv_len != q_len,
+// grouped-query heads, strided (transposed) q / k / v as transformers passes them, additive and boolean masks with
+// broadcast strides, causal attention, rows that keep no key, empty sequences, NaN-poisoned outputs, 1..3 threads.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "check.h"
+
+using namespace pysparse;
+
+namespace {
+
+struct Case {
+  int64_t B, H, Hk, Sq, Skv, D, Dv;
+  AttentionMask mask;
+  bool causal;
+  bool bshd;  // q / k / v laid out [B, S, H, D] (strided views), else [B, H, S, D] contiguous
+};
+
+struct Data {
+  AttentionProblem p;
+  std::vector<float> q, k, v, fmask;
+  std::vector<uint8_t> bmask;
+};
+
+Data make(const Case& c, std::mt19937& rng) {
+  Data d;
+  AttentionProblem& p = d.p;
+  p.batch = c.B, p.heads = c.H, p.kv_heads = c.Hk, p.q_len = c.Sq, p.kv_len = c.Skv, p.head_dim = c.D,
+  p.v_dim = c.Dv, p.causal = c.causal;
+  p.scale = c.D > 0 ? 1.0f / std::sqrt(static_cast<float>(c.D)) : 1.0f;
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  auto fill = [&](std::vector<float>& x, int64_t n) {
+    x.resize(static_cast<size_t>(n));
+    for (float& e : x) e = normal(rng);
+  };
+  fill(d.q, c.B * c.H * c.Sq * c.D);
+  fill(d.k, c.B * c.Hk * c.Skv * c.D);
+  fill(d.v, c.B * c.Hk * c.Skv * c.Dv);
+  if (c.bshd) {
+    p.q_sb = c.Sq * c.H * c.D, p.q_sh = c.D, p.q_ss = c.H * c.D;
+    p.k_sb = c.Skv * c.Hk * c.D, p.k_sh = c.D, p.k_ss = c.Hk * c.D;
+    p.v_sb = c.Skv * c.Hk * c.Dv, p.v_sh = c.Dv, p.v_ss = c.Hk * c.Dv;
+  } else {
+    p.q_sb = c.H * c.Sq * c.D, p.q_sh = c.Sq * c.D, p.q_ss = c.D;
+    p.k_sb = c.Hk * c.Skv * c.D, p.k_sh = c.Skv * c.D, p.k_ss = c.D;
+    p.v_sb = c.Hk * c.Skv * c.Dv, p.v_sh = c.Skv * c.Dv, p.v_ss = c.Dv;
+  }
+  // Masks are [B, 1, Sq, Skv] broadcast over heads (as transformers builds them); row 1 of batch 0 keeps no key.
+  p.mask_kind = c.mask;
+  p.m_sb = c.Sq * c.Skv, p.m_sh = 0, p.m_sq = c.Skv, p.m_sk = 1;
+  std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (c.mask == AttentionMask::kAdditive) {
+    d.fmask.resize(static_cast<size_t>(c.B * c.Sq * c.Skv));
+    for (float& e : d.fmask) e = u01(rng) < 0.2f ? neg_inf : normal(rng);
+    if (c.Sq > 1)
+      for (int64_t j = 0; j < c.Skv; ++j) d.fmask[static_cast<size_t>(c.Skv + j)] = neg_inf;
+    p.mask = d.fmask.data();
+  } else if (c.mask == AttentionMask::kKeep) {
+    d.bmask.resize(static_cast<size_t>(c.B * c.Sq * c.Skv));
+    for (uint8_t& e : d.bmask) e = u01(rng) < 0.8f ? 1 : 0;
+    if (c.Sq > 1)
+      for (int64_t j = 0; j < c.Skv; ++j) d.bmask[static_cast<size_t>(c.Skv + j)] = 0;
+    p.mask = d.bmask.data();
+  }
+  return d;
+}
+
+// out [B, Sq, H, Dv] in double.
+std::vector<double> reference(const Data& d) {
+  const AttentionProblem& p = d.p;
+  std::vector<double> out(static_cast<size_t>(p.batch * p.q_len * p.heads * p.v_dim), 0.0);
+  const int64_t group = p.heads / p.kv_heads;
+  std::vector<double> s(static_cast<size_t>(p.kv_len));
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t i = 0; i < p.q_len; ++i) {
+        const int64_t hk = h / group;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t j = 0; j < p.kv_len; ++j) {
+          double acc = 0.0;
+          for (int64_t t = 0; t < p.head_dim; ++t)
+            acc += double(d.q[b * p.q_sb + h * p.q_sh + i * p.q_ss + t]) * d.k[b * p.k_sb + hk * p.k_sh + j * p.k_ss + t];
+          acc *= p.scale;
+          const int64_t m = b * p.m_sb + h * p.m_sh + i * p.m_sq + j * p.m_sk;
+          if (p.mask_kind == AttentionMask::kAdditive) acc += d.fmask[m];
+          if (p.mask_kind == AttentionMask::kKeep && !d.bmask[m]) acc = -std::numeric_limits<double>::infinity();
+          if (p.causal && j > i) acc = -std::numeric_limits<double>::infinity();
+          s[j] = acc;
+          mx = std::max(mx, acc);
+        }
+        double* o = &out[((b * p.q_len + i) * p.heads + h) * p.v_dim];
+        if (mx == -std::numeric_limits<double>::infinity()) continue;  // keeps no key: zeros
+        double sum = 0.0;
+        for (int64_t j = 0; j < p.kv_len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        for (int64_t j = 0; j < p.kv_len; ++j)
+          for (int64_t t = 0; t < p.v_dim; ++t) o[t] += s[j] / sum * d.v[b * p.v_sb + hk * p.v_sh + j * p.v_ss + t];
+      }
+  return out;
+}
+
+void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19937& rng) {
+  const Data d = make(c, rng);
+  CHECK(check_attention_problem(d.p).empty(), check_attention_problem(d.p));
+  const std::vector<double> ref = reference(d);
+  std::vector<float> out(ref.size() + 1, std::numeric_limits<float>::quiet_NaN());  // poisoned, + a guard element
+  attention_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), d.p, threads);
+  double max_err = 0.0, max_ref = 0.0;
+  bool finite = true;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    finite = finite && std::isfinite(out[i]);
+    max_err = std::max(max_err, std::abs(out[i] - ref[i]));
+    max_ref = std::max(max_ref, std::abs(ref[i]));
+  }
+  const std::string what = std::string(isa_name) + " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + "/" +
+                           std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" + std::to_string(c.Skv) +
+                           " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) + " mask" +
+                           std::to_string(int(c.mask)) + (c.causal ? " causal" : "") + (c.bshd ? " bshd" : "") +
+                           " threads " + std::to_string(threads);
+  CHECK(finite, what << ": non-finite output (a row left unwritten?)");
+  CHECK(max_err <= 2e-6 * std::max(1.0, max_ref), what << ": max error " << max_err << " (max |ref| " << max_ref << ")");
+  CHECK(std::isnan(out.back()), what << ": wrote past the output");
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  const AttentionMask kNone = AttentionMask::kNone, kAdd = AttentionMask::kAdditive, kKeep = AttentionMask::kKeep;
+  const Case cases[] = {
+      {2, 12, 12, 128, 128, 32, 32, kAdd, false, true},   // MiniLM-like, transformers' layout
+      {1, 3, 3, 37, 53, 24, 40, kNone, false, false},     // nothing a multiple of the panel
+      {2, 4, 2, 19, 19, 13, 7, kKeep, false, true},       // odd head dims, grouped-query heads
+      {1, 2, 1, 33, 33, 64, 64, kNone, true, false},      // causal, square
+      {2, 3, 3, 10, 25, 16, 16, kAdd, true, true},        // causal with kv_len > q_len
+      {1, 1, 1, 1, 300, 8, 8, kKeep, false, false},       // one query, long keys
+      {1, 2, 2, 7, 1, 5, 3, kNone, false, false},         // one key
+      {3, 1, 1, 2, 17, 1, 1, kAdd, false, true},          // head dim 1
+      {1, 2, 2, 5, 0, 8, 8, kNone, false, false},         // no keys: zeros
+      {0, 2, 2, 5, 5, 8, 8, kNone, false, false},         // empty batch
+      {2, 6, 3, 70, 45, 48, 16, kKeep, true, true},
+  };
+  struct Path {
+    CpuIsa isa;
+    const char* name;
+  };
+  std::vector<Path> paths = {{CpuIsa::kGeneric, "generic"}};
+  if (cpu_isa_supported(CpuIsa::kAvx2)) paths.push_back({CpuIsa::kAvx2, "avx2"});
+  for (const Path& path : paths)
+    for (int threads : {1, 3})
+      for (const Case& c : cases) run(c, path.isa, path.name, threads, rng);
+  // Few (batch, head) pairs: the query rows are split into chunks across threads.
+  for (const Path& path : paths) run({1, 1, 1, 200, 64, 32, 32, kAdd, false, false}, path.isa, path.name, 2, rng);
+
+  AttentionProblem bad;
+  bad.heads = 3, bad.kv_heads = 2;
+  CHECK(!check_attention_problem(bad).empty(), "heads not a multiple of kv_heads accepted");
+  return check::report("test_attention");
+}
