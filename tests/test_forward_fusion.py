@@ -222,3 +222,93 @@ def test_swapped_layer_keeps_its_hooks():
     with torch.no_grad():
         sparse(torch.randn(1, 64, 5, 5))
     assert seen == ["SparseConv2d"]
+
+
+# ---- Linear -> Dropout -> + residual (transformers' BERT-style output blocks) ------------------------------------
+class _OutputBlock(nn.Module):
+    """What transformers' BertSelfOutput / BertOutput compute: LayerNorm(dropout(dense(h)) + input)."""
+
+    def __init__(self, kind: str = "bert", p: float = 0.1):
+        super().__init__()
+        self.kind = kind
+        self.dense = nn.Linear(96, 64)
+        self.dropout = nn.Dropout(p)
+        self.LayerNorm = nn.LayerNorm(64)
+
+    def forward(self, hidden, residual):
+        y = self.dropout(self.dense(hidden))
+        if self.kind == "bert":
+            return self.LayerNorm(y + residual)
+        if self.kind == "no_add":       # dropout without a residual add after it: nothing to fuse
+            return self.LayerNorm(y)
+        if self.kind == "twice":        # a second dropout in the chain: left alone
+            return self.LayerNorm(self.dropout(y) + residual)
+        raise AssertionError(self.kind)
+
+
+class _Holder(nn.Module):
+    """The block as a submodule (sparsify rewrites submodules' forward, not the root's)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, residual):
+        return self.block(hidden, residual)
+
+
+def _pruned_output_block(kind: str = "bert", p: float = 0.1, seed: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    block = _OutputBlock(kind, p)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        block.dense.weight.mul_(block_mask(64, 96, (16, 16), 0.75, g))
+    return _Holder(block)
+
+
+def test_dropout_before_residual_fuses_and_keeps_training_semantics():
+    model = _pruned_output_block()
+    sparse = sparsify(model, block_size=(16, 16), fuse_activations=True)
+    assert isinstance(sparse.block, fx.GraphModule) and sparse.sparsify_report.layers[0].fused_residual
+    fused = [n for n in sparse.block.graph.nodes if n.op == "call_module" and n.target == "dense"]
+    assert len(fused) == 1 and set(fused[0].kwargs) == {"residual", "residual_dropout"}
+    h, r = torch.randn(3, 7, 96), torch.randn(3, 7, 64)
+    model.eval(), sparse.eval()
+    with torch.no_grad():
+        assert relative_error(sparse(h, r), model(h, r).double()) < 1e-5
+    # Training: the dropout is applied (same random draws as the dense block's) and gradients flow.
+    model.train(), sparse.train()
+    torch.manual_seed(11)
+    want = model(h, r)
+    torch.manual_seed(11)
+    got = sparse(h, r)
+    assert relative_error(got, want.double()) < 1e-5
+    assert not torch.equal(got, sparse.eval()(h, r))  # the dropout did drop something
+    # p = 0 or eval: the fused kernel path (the same numbers as the dense block's in eval).
+    with torch.no_grad():
+        assert relative_error(sparse.eval()(h, r), model.eval()(h, r).double()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["no_add", "twice"])
+def test_dropout_chain_without_a_single_residual_is_left_alone(kind):
+    sparse = sparsify(_pruned_output_block(kind), block_size=(16, 16), fuse_activations=True)
+    assert not isinstance(sparse.block, fx.GraphModule)
+    assert not sparse.sparsify_report.layers[0].fused_residual
+
+
+def test_dropout_residual_needs_a_residual():
+    sparse = sparsify(_pruned_output_block(), block_size=(16, 16))
+    layer = sparse.block.dense
+    with pytest.raises(ValueError, match="residual_dropout needs a residual"):
+        layer(torch.randn(2, 96), residual_dropout=nn.Dropout(0.1))
+
+
+def test_dropout_residual_rewrite_survives_a_checkpoint(tmp_path):
+    sparse = sparsify(_pruned_output_block(), block_size=(16, 16), fuse_activations=True).eval()
+    path = tmp_path / "bert_out.safetensors"
+    save(sparse, path)
+    fresh = load(_pruned_output_block(seed=9).eval(), path)
+    assert isinstance(fresh.block, fx.GraphModule)
+    h, r = torch.randn(2, 5, 96), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(h, r), sparse(h, r))

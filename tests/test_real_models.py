@@ -89,10 +89,15 @@ def test_transformers_bert(tmp_path):
     mask[1, 12:] = 0
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
-        sparse = sparsify(model, fuse_activations=True)
+        sparse = sparsify(model, fuse_activations=True, fast_attention=True)
         out = sparse(input_ids=ids, attention_mask=mask).logits
     assert _rel(out, expected) < 1e-4
     report = sparse.sparsify_report
+    assert sparse.config._attn_implementation == "pysparse_sdpa" and "pysparse CPU kernel" in report.attention
+    assert model.config._attn_implementation == "sdpa"   # the original model keeps its attention
+    # BertSelfOutput / BertOutput: LayerNorm(dropout(dense(h)) + input) -> the add moved into the dense layer.
+    assert {r.name for r in report.swapped if r.fused_residual} == {
+        f"bert.encoder.layer.{i}.{part}.dense" for i in range(2) for part in ("attention.output", "output")}
     assert {r.name for r in report.swapped} == set(pruned) and len(pruned) == 12   # 6 Linear per layer
     # BertIntermediate's GELU moved into its dense layer (the only fusable pair per layer).
     assert {r.name for r in report.swapped if r.fused_activation} == {
@@ -115,7 +120,7 @@ def test_transformers_bert_compiles_without_graph_break():
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     _prune_blocks_(model, 0.25, filter_fn=lambda name, m: ".encoder." in f".{name}")
-    sparse = sparsify(model, fuse_activations=True)
+    sparse = sparsify(model, fuse_activations=True, fast_attention=True)
     ids = torch.randint(0, 120, (2, 17))
     torch._dynamo.reset()
     compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)   # fullgraph: a break would raise
@@ -168,7 +173,8 @@ def test_minilm_real_weights_90_percent():
                  "and the encoder layers of a small transformer."], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
-        sparse = sparsify(model)
+        sparse = sparsify(model, fuse_activations=True, fast_attention=True)   # everything the example uses
         out = sparse(**batch).last_hidden_state
     assert len(sparse.sparsify_report.swapped) == 36
+    assert sparse.config._attn_implementation == "pysparse_sdpa"
     assert _rel(out, expected) < 1e-4

@@ -231,9 +231,10 @@ def run_case(work: Workload, model: str, batch: int, inputs, block: tuple[int, i
         pruned = fold_batchnorm(pruned, inplace=True)
     names = set(work.prunable)
     # fuse_activations: the ReLU / GELU right after a sparse layer, and a residual add before it (ResNet blocks,
-    # rewritten with torch.fx), run inside the layer's kernel (inference only).
+    # BERT's output blocks; rewritten with torch.fx), run inside the layer's kernel (inference only).
+    # fast_attention: a transformers model's attention runs in pysparse's CPU kernel (no-op for the others).
     sparse = sparsify(pruned, block_size=block, min_sparsity=0.0, filter_fn=lambda name, _: name in names,
-                      fuse_activations=True)
+                      fuse_activations=True, fast_attention=True)
     swapped = sparse.sparsify_report.swapped
     tol = MODEL_TOLERANCE[dtype]
     with torch.no_grad():
