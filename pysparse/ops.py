@@ -444,9 +444,13 @@ def attention_kernel_applies(query, key, value, attn_mask=None, dropout_p: float
                                   or attn_mask.dtype not in (torch.bool, torch.float32)
                                   or attn_mask.device.type != "cpu"):
         return False  # torch raises for a mask together with is_causal; let it say so
-    b, h, _, d = query.shape
+    b, h, sq, d = query.shape
     if key.shape[0] != b or value.shape[0] != b or key.shape[-1] != d or value.shape[1:3] != key.shape[1:3]:
         return False
+    if attn_mask is not None:   # one that does not broadcast: torch's own error, as a drop-in should give
+        full = (b, h, sq, key.shape[2])[4 - attn_mask.dim():]
+        if any(m != f and m != 1 for m, f in zip(attn_mask.shape, full)):
+            return False
     return key.shape[1] == h or (enable_gqa and key.shape[1] >= 1 and h % key.shape[1] == 0)
 
 
@@ -491,7 +495,9 @@ def attention_reference(query, key, value, attn_mask=None, is_causal=False, scal
     q, k, v = (t.double() for t in (query, key, value))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0   # as the op: scores are 0 anyway at head dim 0
+    scores = q @ k.transpose(-1, -2) * scale
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     if is_causal:

@@ -63,7 +63,9 @@ at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, cons
                         at::IntArrayRef(full), ", got shape ", m.sizes());
     }
     mask = m.expand(full);  // broadcast dims get stride 0; nothing is copied
-    p.mask_kind = m.scalar_type() == at::kBool ? AttentionMask::kKeep : AttentionMask::kAdditive;
+    // An empty mask (no query rows, keys or batch) is never read and may have no storage at all.
+    p.mask_kind = mask.numel() == 0 ? AttentionMask::kNone
+                  : m.scalar_type() == at::kBool ? AttentionMask::kKeep : AttentionMask::kAdditive;
     p.mask = mask.const_data_ptr();
     p.m_sb = mask.stride(0), p.m_sh = mask.stride(1), p.m_sq = mask.stride(2), p.m_sk = mask.stride(3);
   }
