@@ -849,3 +849,24 @@ def test_sparsify_fast_attention_report():
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(int(sys.argv[sys.argv.index("--worker") + 1]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_batch_masks(causal):
+    """A padded batch (entry b keeps keys [0, len_b), len_b = 0 included): the kernel skips the keys past what a
+    tile's rows keep; bool masks, -inf float masks, and float masks of finfo.min (transformers' eager style: nothing
+    to skip, same result)."""
+    gen = _case_gen("padding", causal)
+    b, h, s, d = 5, 3, 45, 16
+    q, k, v = make_qkv(b, h, h, s, s, d, d, layout="transformers", gen=gen)
+    lengths = torch.tensor([45, 20, 1, 0, 33])
+    keep = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :].expand(b, 1, s, s)
+    additive = torch.zeros(b, 1, s, s).masked_fill(~keep, float("-inf"))
+    finfo_min = torch.zeros(b, 1, s, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+    for mask in (keep, additive):
+        out, _ = check_op(q, k, v, mask, causal, what=f"padding {mask.dtype} causal={causal}")
+        assert bool((out[3] == 0).all()), "an entry that keeps no key gives zeros"
+    if not causal:
+        out_min, _ = check_op(q, k, v, finfo_min, False, what="padding finfo.min")
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=finfo_min).transpose(1, 2)
+        assert relative_error(out_min, theirs.double()) < TOL

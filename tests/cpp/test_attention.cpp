@@ -21,6 +21,7 @@ struct Case {
   AttentionMask mask;
   bool causal;
   bool bshd;  // q / k / v laid out [B, S, H, D] (strided views), else [B, H, S, D] contiguous
+  bool padding = false;  // the mask keeps a prefix of the keys per batch entry (a padded batch), not random keys
 };
 
 struct Data {
@@ -66,7 +67,14 @@ Data make(const Case& c, std::mt19937& rng) {
   } else if (c.mask == AttentionMask::kKeep) {
     d.bmask.resize(static_cast<size_t>(c.B * c.Sq * c.Skv));
     for (uint8_t& e : d.bmask) e = u01(rng) < 0.8f ? 1 : 0;
-    if (c.Sq > 1)
+    if (c.padding) {  // batch entry b keeps keys [0, len_b), len_b from 0 to Skv
+      for (int64_t b = 0; b < c.B; ++b) {
+        const int64_t len = c.B > 1 ? b * c.Skv / (c.B - 1) : c.Skv / 2;
+        for (int64_t i = 0; i < c.Sq; ++i)
+          for (int64_t j = 0; j < c.Skv; ++j) d.bmask[static_cast<size_t>((b * c.Sq + i) * c.Skv + j)] = j < len;
+      }
+    }
+    if (c.Sq > 1 && !c.padding)
       for (int64_t j = 0; j < c.Skv; ++j) d.bmask[static_cast<size_t>(c.Skv + j)] = 0;
     p.mask = d.bmask.data();
   }
@@ -119,7 +127,7 @@ void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19
     max_err = std::max(max_err, std::abs(out[i] - ref[i]));
     max_ref = std::max(max_ref, std::abs(ref[i]));
   }
-  const std::string what = std::string(isa_name) + " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + "/" +
+  const std::string what = std::string(c.padding ? "padding " : "") + isa_name + " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + "/" +
                            std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" + std::to_string(c.Skv) +
                            " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) + " mask" +
                            std::to_string(int(c.mask)) + (c.causal ? " causal" : "") + (c.bshd ? " bshd" : "") +
@@ -146,6 +154,8 @@ int main() {
       {1, 2, 2, 5, 0, 8, 8, kNone, false, false},         // no keys: zeros
       {0, 2, 2, 5, 5, 8, 8, kNone, false, false},         // empty batch
       {2, 6, 3, 70, 45, 48, 16, kKeep, true, true},
+      {4, 3, 3, 40, 40, 32, 32, kKeep, false, true, true},  // padded batch: keys past each length skipped
+      {3, 2, 1, 21, 50, 16, 24, kKeep, true, false, true},  // ... with causal
   };
   struct Path {
     CpuIsa isa;
