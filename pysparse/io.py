@@ -27,6 +27,7 @@ from .formats import BlockSparseWeight, ChannelSparseWeight
 from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
 from .nn.activation_fusion import activation_name
 from .nn.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
+from .nn.transformers_attention import ATTENTION_NAME, use_pysparse_attention
 from .nn.sparse_conv import _padding_spec
 from .ops import ACTIVATIONS
 from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
@@ -37,6 +38,7 @@ _META_KEY = "pysparse"
 _FORMAT_VERSION = 1
 _SURGERY_KEY = "channel_surgery"
 _FORWARD_KEY = "forward_fusions"
+_ATTENTION_KEY = "attention"
 # kind in the metadata -> (the dense layer it replaces, the pysparse layer)
 _KINDS = {"linear": (nn.Linear, SparseLinear), "conv2d": (nn.Conv2d, SparseConv2d),
           "channel_linear": (nn.Linear, ChannelSparseLinear), "channel_conv2d": (nn.Conv2d, ChannelSparseConv2d)}
@@ -153,6 +155,8 @@ def save(model: nn.Module, path) -> None:
         meta[_SURGERY_KEY] = surgery
     if forward:
         meta[_FORWARD_KEY] = forward
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME:
+        meta[_ATTENTION_KEY] = ATTENTION_NAME   # load switches the fresh model's attention back
     safetensors.torch.save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta), "format": "pt"})
 
 
@@ -234,6 +238,8 @@ def _read_meta(f) -> dict:
     if len(set(names)) != len(names):
         raise _Bad("a layer is listed twice")
     meta[_FORWARD_KEY] = _check_forward_fusions(meta.get(_FORWARD_KEY, {}))
+    if _ATTENTION_KEY in meta and meta[_ATTENTION_KEY] != ATTENTION_NAME:
+        raise _Bad(f"{_ATTENTION_KEY!r} must be {ATTENTION_NAME!r} when present, got {meta[_ATTENTION_KEY]!r}")
     return meta
 
 
@@ -461,4 +467,6 @@ def load(model: nn.Module, path) -> nn.Module:
     for name, (block, plan) in forward.items():  # after the swap: the rewritten forward calls the new layers
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, apply_forward_fusions(block, *plan))
+    if _ATTENTION_KEY in meta:   # saved from a model running pysparse's attention (a no-op unless it runs "sdpa")
+        use_pysparse_attention(model)
     return model

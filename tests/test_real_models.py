@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from checkpoint_tools import assert_load_refused, rewrite
 from pysparse.convert import sparsify
 from pysparse.io import load, save
 from pysparse.nn import SparseConv2d, SparseLinear, conv_weight_from_matrix, conv_weight_matrix
@@ -111,8 +112,12 @@ def test_transformers_bert(tmp_path):
     assert isinstance(fresh.bert.encoder.layer[1].output.dense, SparseLinear)
     assert fresh.bert.encoder.layer[1].intermediate.dense.activation == "gelu"
     assert isinstance(fresh.bert.encoder.layer[1].intermediate.intermediate_act_fn, nn.Identity)
+    assert fresh.config._attn_implementation == "pysparse_sdpa"   # recorded in the file, switched back on load
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, out)
+    # A tampered attention record is refused, the fresh model left as it was.
+    bad = rewrite(path, tmp_path / "bad.safetensors", edit_meta=lambda m: m.update(attention="eager"))
+    assert_load_refused(transformers.BertForMaskedLM(config).eval(), bad, "'attention' must be 'pysparse_sdpa'")
 
 
 def test_transformers_bert_compiles_without_graph_break():
