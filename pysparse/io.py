@@ -27,7 +27,7 @@ from .formats import BlockSparseWeight, ChannelSparseWeight
 from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
 from .nn.activation_fusion import activation_name
 from .nn.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
-from .nn.transformers_attention import ATTENTION_NAME, use_pysparse_attention
+from .nn.transformers_attention import ATTENTION_NAME, attention_implementation, use_pysparse_attention
 from .nn.sparse_conv import _padding_spec
 from .ops import ACTIVATIONS
 from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
@@ -155,7 +155,7 @@ def save(model: nn.Module, path) -> None:
         meta[_SURGERY_KEY] = surgery
     if forward:
         meta[_FORWARD_KEY] = forward
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME:
+    if attention_implementation(model) == ATTENTION_NAME:
         meta[_ATTENTION_KEY] = ATTENTION_NAME   # load switches the fresh model's attention back
     safetensors.torch.save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta), "format": "pt"})
 

@@ -473,12 +473,18 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         transformers does next) copies nothing.
     """
     if attention_kernel_applies(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-        return _call(torch.ops.pysparse.attention.default, query, key, value, attn_mask, bool(is_causal),
-                     None if scale is None else float(scale)).transpose(1, 2)
+        return _attention_bshd(query, key, value, attn_mask, is_causal, scale).transpose(1, 2)
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                             dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                                                             **kwargs)
+
+
+def _attention_bshd(query, key, value, attn_mask, is_causal, scale) -> torch.Tensor:
+    """``torch.ops.pysparse.attention`` (``[batch, q_len, heads, v_dim]``) for arguments the kernel takes
+    (:func:`attention_kernel_applies`), below the autograd layer."""
+    return _call(torch.ops.pysparse.attention.default, query, key, value, attn_mask, bool(is_causal),
+                 None if scale is None else float(scale))
 
 
 @torch.library.register_fake("pysparse::attention")

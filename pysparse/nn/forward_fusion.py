@@ -115,13 +115,13 @@ def plan_forward_fusions(block: nn.Module, layer_at) -> tuple[fx.Graph, list[For
             continue
         chain, end = [], node          # the layer's output through Identities: end is the last of them
         dropout = None                 # or through one nn.Dropout, when a residual add follows (BERT's outputs)
-        while (user := _only_user(end)) is not None and (
-                _plain_identity(block, user)
-                or (dropout is None and isinstance(layer, SparseLinear) and _plain_dropout(block, user))):
+        while (user := _only_user(end)) is not None:
+            if dropout is None and isinstance(layer, SparseLinear) and _plain_dropout(block, user):
+                dropout = user
+            elif not _plain_identity(block, user):
+                break
             chain.append(user)
             end = user
-            if user.op == "call_module" and type(block.get_submodule(user.target)) is nn.Dropout:
-                dropout = user
         user = _only_user(end)
         other = None
         if (user is not None and user.target in _ADDS and user.op == "call_function" and len(user.args) == 2

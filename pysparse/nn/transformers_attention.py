@@ -10,12 +10,11 @@ the largest cost left in a BERT-size encoder, and torch's CPU kernel runs it wel
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..ops import _call, attention_kernel_applies
+from ..ops import _attention_bshd, attention_kernel_applies
 
-__all__ = ["ATTENTION_NAME", "use_pysparse_attention"]
+__all__ = ["ATTENTION_NAME", "attention_implementation", "use_pysparse_attention"]
 
 ATTENTION_NAME = "pysparse_sdpa"
 
@@ -33,9 +32,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         causal = bool(causal) and attention_mask is None and query.shape[2] > 1
         gqa = key.shape[1] != query.shape[1]
         if attention_kernel_applies(query, key, value, attention_mask, dropout, causal, enable_gqa=gqa):
-            out = _call(torch.ops.pysparse.attention.default, query, key, value, attention_mask, causal,
-                        None if scaling is None else float(scaling))
-            return out, None
+            return _attention_bshd(query, key, value, attention_mask, causal, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
@@ -52,6 +49,11 @@ def _register() -> str | None:
     return None
 
 
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention a transformers model runs (``config._attn_implementation``), None for other modules."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def use_pysparse_attention(model: nn.Module) -> str:
     """Switch a transformers model (a ``PreTrainedModel``) whose attention runs ``"sdpa"`` to pysparse's kernel.
 
@@ -60,8 +62,7 @@ def use_pysparse_attention(model: nn.Module) -> str:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
+    current = attention_implementation(model)
     if current == ATTENTION_NAME:
         return f"attention: pysparse CPU kernel ({ATTENTION_NAME}), already set"
     if not hasattr(model, "set_attn_implementation") or current is None:

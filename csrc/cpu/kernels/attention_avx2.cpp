@@ -2,6 +2,7 @@
 // Compiled with function-level target attributes, as bsr_linear_avx2.cpp: no -mavx2 flag, the library still loads on
 // CPUs without AVX2, and the dispatcher calls this only where cpuid reports the features.
 #include "attention.h"
+#include "avx2_reduce.h"
 #include "isa_kernels.h"
 
 #if PYSPARSE_X86
@@ -37,18 +38,8 @@ struct Isa {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static float hmax(V v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-  }
-  static float hsum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float hmax(V v) { return hmax8(v); }
+  static float hsum(V v) { return hsum8(v); }
   // rows[t] <- column t of the 8 x 8 matrix whose rows are rows[0..7].
   static void transpose8(V* rows) {
     const __m256 t0 = _mm256_unpacklo_ps(rows[0], rows[1]), t1 = _mm256_unpackhi_ps(rows[0], rows[1]);

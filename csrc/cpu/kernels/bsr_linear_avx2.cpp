@@ -1,6 +1,7 @@
 // AVX2 + FMA (+ F16C) path: 8 floats per vector, 16 vector registers.
 // Compiled with function-level target attributes (pragma below), so no -mavx2 flag is needed and the library still
 // loads on CPUs without AVX2; dispatch.cpp calls this only where cpuid reports the features.
+#include "avx2_reduce.h"
 #include "isa_kernels.h"
 
 #if PYSPARSE_X86
@@ -45,12 +46,7 @@ struct Isa {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static __m256 half(V v, int) { return v; }  // 256-bit half h of a vector
   static __m256 fold(V v) { return v; }        // a vector whose lane sum is v's, in 256 bits
-  static float hsum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float hsum(V v) { return hsum8(v); }
   static V load_cvt(const float* p) { return load(p); }
   static V load_cvt(const bfloat16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
