@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels/bsr_linear.h"
+#include "cpu/transposed_values.h"
 
 TORCH_LIBRARY(pysparse, m) {
   // y = F.linear(input, W, bias) with W [out_features, in_features] block-sparse in BSR form:
@@ -45,9 +46,15 @@ PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(pysparse::
 
 PyObject* implicit_conv2d(PyObject*, PyObject*) { return PyBool_FromLong(pysparse::bsr_conv2d_available()); }
 
+PyObject* transposed_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(pysparse::transposed_values_cache_bytes());
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
     {"implicit_conv2d", implicit_conv2d, METH_NOARGS, "Whether torch.ops.pysparse.bsr_conv2d_nhwc runs on this CPU."},
+    {"transposed_cache_bytes", transposed_cache_bytes, METH_NOARGS,
+     "Bytes of weights the CPU ops keep transposed for the broadcast kernel (csrc/cpu/transposed_values.h)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -5,6 +5,7 @@
 
 #include "bsr_linear_args.h"
 #include "cpu/output_pool.h"
+#include "cpu/transposed_values.h"
 
 namespace pysparse {
 namespace {
@@ -51,6 +52,8 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
     res = prepare_residual("bsr_conv2d_nhwc", *residual, input, {c.batch, c.ho, c.wo, p.N});
     p.residual = res.const_data_ptr();
   }
+  const at::Tensor transposed = a.values.is_same(values) ? cached_transposed_values(values) : at::Tensor();
+  if (transposed.defined()) p.transposed_values = transposed.const_data_ptr<float>();
   at::Tensor y = empty_output({c.batch, c.ho, c.wo, p.N}, input.options());
   bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), a.values.const_data_ptr<float>(), a.crow.const_data_ptr<int32_t>(),
                       a.col.const_data_ptr<int32_t>(), a.bias ? a.bias->const_data_ptr<float>() : nullptr,

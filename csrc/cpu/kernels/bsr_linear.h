@@ -25,6 +25,10 @@ struct BsrProblem {
   // Optional [M, N] tensor of y's type, row stride N, added to y before the activation (a fused residual connection:
   // ResNet's relu(conv(x) + identity)). Never written; it may not overlap y.
   const void* residual = nullptr;
+  // Optional float32 [nnz][bw][bh]: the blocks transposed (transpose_bsr_blocks), built once per weight by the caller.
+  // The broadcast kernel reads its weights in that layout (bsr_linear_reads_transposed); without it the kernel
+  // transposes the blocks itself on every call.
+  const float* transposed_values = nullptr;
 };
 
 // Returns "" when the BSR indices are well formed for the problem, else a message naming what is wrong.
@@ -42,6 +46,12 @@ const char* active_cpu_isa();
 CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
+
+// Whether bsr_linear_cpu<float> runs `p` on this machine's path through the broadcast kernel, which reads the
+// blocks transposed (BsrProblem::transposed_values). bsr_conv2d_nhwc_cpu always does.
+bool bsr_linear_reads_transposed(const BsrProblem& p);
+// out[b][j][i] = values[b][i][j] for nnz blocks of bh x bw float32 values, with up to num_threads threads.
+void transpose_bsr_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads);
 
 // Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
 // is [N, kh*kw*c] tap-major: column (tap_h * kw + tap_w) * c + channel. The BsrProblem has M = batch*ho*wo and

@@ -25,6 +25,10 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
                 const BsrProblem& p, int num_threads);
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
+// Whether bsr_linear<float> runs p through the broadcast kernel (which reads BsrProblem::transposed_values).
+bool reads_transposed(const BsrProblem& p);
+// transpose_bsr_blocks for bh a multiple of 8, with 8x8 register transposes.
+void transpose_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads);
 }  // namespace avx2
 
 namespace avx512 {
