@@ -51,10 +51,14 @@ def test_copy_is_built_once_and_reused():
     layer, x = _linear()
     before = _cache_bytes()
     _check(layer, x, "first call")
-    grown = _cache_bytes() - before
-    assert grown == (layer.values.numel() * 4 if BROADCAST_PATH else 0)
+    after = _cache_bytes()
+    if BROADCAST_PATH:
+        # The copy is held (a miss also drops the copies of earlier tests' dead weights: hence >=, not ==).
+        assert after >= layer.values.numel() * 4
+    else:
+        assert after == before  # nothing reads a copy: none is made
     _check(layer, x, "second call")
-    assert _cache_bytes() - before == grown  # the same copy, not a second one
+    assert _cache_bytes() == after  # the same copy, not a second one
     # Fewer tokens take another kernel, which reads the blocks as stored.
     torch.testing.assert_close(layer(x[:5]).detach(), _expected(layer, x[:5]), rtol=1e-5, atol=1e-4)
 
