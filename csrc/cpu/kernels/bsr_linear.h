@@ -47,8 +47,8 @@ CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 
-// Whether bsr_linear_cpu<float> runs `p` on this machine's path through the broadcast kernel, which reads the
-// blocks transposed (BsrProblem::transposed_values). bsr_conv2d_nhwc_cpu always does.
+// Whether bsr_linear_cpu<float> on this machine's path runs `p` through the broadcast kernel when given the blocks
+// transposed (BsrProblem::transposed_values), which it then reads. bsr_conv2d_nhwc_cpu always does.
 bool bsr_linear_reads_transposed(const BsrProblem& p);
 // out[b][j][i] = values[b][i][j] for nnz blocks of bh x bw float32 values, with up to num_threads threads.
 void transpose_bsr_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads);

@@ -67,7 +67,7 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
   bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false);
 }
 
-bool reads_transposed(const BsrProblem& p) { return bcast_applies(p); }
+bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true); }
 
 void transpose_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads) {
   const int nth = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nnz * bh * bw >> 16)));
