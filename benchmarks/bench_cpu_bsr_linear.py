@@ -11,6 +11,7 @@ kept weight bytes (values + indices), the bound in that regime.
     python benchmarks/bench_cpu_bsr_linear.py --targets       # the issue's target cases only (~2 min)
     python benchmarks/bench_cpu_bsr_linear.py --shapes 768x3072 --blocks 32 --sparsity 0.9 --m 1 128
     python benchmarks/bench_cpu_bsr_linear.py --targets --threads 1 --dtype bfloat16 --no-torch-bsr
+    python benchmarks/bench_cpu_bsr_linear.py --targets --no-torch-bsr --row-major   # + row-major weight layout
 
 Shapes are ``in->out`` (K x N). Run it on an idle machine; the load average is printed with the table.
 OpenMP threads spin between calls (OMP_WAIT_POLICY=ACTIVE unless the environment says otherwise) for every
@@ -33,7 +34,7 @@ from pysparse.bench.check import LAYER_TOLERANCE, rel_err  # noqa: E402
 from pysparse.bench.options import DTYPES  # noqa: E402
 from pysparse.bench.sweep import block_mask  # noqa: E402
 from pysparse.formats import BlockSparseWeight  # noqa: E402
-from pysparse.ops import bsr_linear  # noqa: E402
+from pysparse.ops import bsr_linear, kernel_layout  # noqa: E402
 
 SHAPES = ((768, 3072), (3072, 768), (4096, 4096))
 BLOCKS = (16, 32, 64)
@@ -61,17 +62,23 @@ def block_sparse_weight(n: int, k: int, block: int, sparsity: float, dtype=torch
 
 
 def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.float32, torch_bsr: bool = True,
-            min_time: float = 0.4, weights=None) -> dict:
-    """Times one point; returns a row of the table (raises if pysparse's result is wrong)."""
+            min_time: float = 0.4, weights=None, row_major: bool = False) -> dict:
+    """Times one point; returns a row of the table (raises if pysparse's result is wrong). pysparse gets its weight
+    in the layout SparseLinear keeps (``ops.kernel_layout``); ``row_major`` also times it on torch's row-major
+    values (the kernels then transpose per call, or take another kernel), in the same rounds."""
     weight, packed = weights or block_sparse_weight(n, k, block, sparsity, dtype)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
-    v, crow, col = packed.values, packed.crow_indices, packed.col_indices
+    v, crow, col = kernel_layout(packed.values), packed.crow_indices, packed.col_indices
     fns = {
         "pysparse": lambda: bsr_linear(x, v, crow, col, bias, n, check_indices=False),
         "dense": lambda: F.linear(x, weight, bias),
     }
+    if row_major:
+        v_rows = packed.values.contiguous()
+        fns["row_major"] = lambda: bsr_linear(x, v_rows, crow, col, bias, n, check_indices=False)
+        assert rel_err(fns["row_major"](), F.linear(x.double(), weight.double(), bias.double())) < LAYER_TOLERANCE[dtype]
     ref = F.linear(x.double(), weight.double(), bias.double())
     err = rel_err(fns["pysparse"](), ref)
     if not err < LAYER_TOLERANCE[dtype]:
@@ -94,12 +101,18 @@ def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.flo
     if torch_bsr:
         row["t_torch_bsr_us"] = t["torch_bsr"] * 1e6
         row["vs_torch_bsr"] = t["torch_bsr"] / t["pysparse"]
+    if row_major:
+        row["t_row_major_us"] = t["row_major"] * 1e6
+        row["layout_gain"] = t["row_major"] / t["pysparse"]
     return row
 
 
 def format_table(rows: list) -> str:
     head = ("| shape | block | sparsity | M | ideal | pysparse us | dense us | vs dense | torch_bsr us | vs torch_bsr "
             "| GFLOP/s useful | GB/s kept weights |")
+    layouts = any("layout_gain" in r for r in rows)
+    if layouts:
+        head += " row-major values us | layout gain |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         bsr_t = f"{r['t_torch_bsr_us']:.0f}" if "t_torch_bsr_us" in r else "-"
@@ -107,7 +120,8 @@ def format_table(rows: list) -> str:
         gbs = f"{r['weight_gbs']:.1f}" if r["m"] <= 4 else ""
         lines.append(f"| {r['shape']} | {r['block']}x{r['block']} | {r['sparsity']:.2f} | {r['m']} | "
                      f"{r['ideal']:.1f}x | {r['t_pysparse_us']:.1f} | {r['t_dense_us']:.1f} | {r['vs_dense']:.1f}x | "
-                     f"{bsr_t} | {bsr_x} | {r['gflops']:.1f} | {gbs} |")
+                     f"{bsr_t} | {bsr_x} | {r['gflops']:.1f} | {gbs} |"
+                     + (f" {r['t_row_major_us']:.1f} | {r['layout_gain']:.2f}x |" if layouts else ""))
     return "\n".join(lines)
 
 
@@ -122,6 +136,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-torch-bsr", action="store_true", help="skip torch sparse_bsr (slow at large M)")
     ap.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per implementation and point")
+    ap.add_argument("--row-major", action="store_true",
+                    help="also time pysparse on row-major values (the layout before v14), in the same rounds")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,7 +156,7 @@ def main(argv=None) -> None:
         if (k, n, b, s) != weights_key:
             weights_key, weights = (k, n, b, s), block_sparse_weight(n, k, b, s, dtype)
         row = measure(k, n, b, s, m, dtype, torch_bsr=not args.no_torch_bsr, min_time=args.min_time,
-                      weights=weights)
+                      weights=weights, row_major=args.row_major)
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
     print(f"\n# load average after {os.getloadavg()[0]:.2f}\n")

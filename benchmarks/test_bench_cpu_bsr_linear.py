@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bench_cpu_bsr_linear import block_sparse_weight
 from pysparse.bench.check import LAYER_TOLERANCE, rel_err
-from pysparse.ops import bsr_linear
+from pysparse.ops import bsr_linear, kernel_layout
 
 # (K, N, block, sparsity, M, dtype)
 CASES = {
@@ -44,7 +44,8 @@ def _setup(case):
 def test_bsr_linear_cpu(benchmark, case, impl):
     weight, packed, x, bias, n, block = _setup(case)
     if impl == "pysparse":
-        fn = lambda: bsr_linear(x, packed.values, packed.crow_indices, packed.col_indices, bias, n,  # noqa: E731
+        values = kernel_layout(packed.values)  # as SparseLinear keeps it
+        fn = lambda: bsr_linear(x, values, packed.crow_indices, packed.col_indices, bias, n,  # noqa: E731
                                 check_indices=False)
     elif impl == "dense":
         fn = lambda: F.linear(x, weight, bias)  # noqa: E731

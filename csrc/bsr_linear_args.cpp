@@ -21,9 +21,22 @@ void check_bsr_dtypes(const char* op, const at::Tensor& input, const at::Tensor&
                    "int64), got ", crow_indices.scalar_type(), " and ", col_indices.scalar_type());
 }
 
+namespace {
+
+// Each block stored column-major, blocks one after another: values.transpose(1, 2) is contiguous. Blocks with one
+// row or column are row-major too (is_contiguous), and no blocks have no layout: both stay on the row-major path.
+bool is_block_transposed(const at::Tensor& values) {
+  const int64_t bh = values.size(1), bw = values.size(2);
+  return values.size(0) > 0 && bh > 1 && bw > 1 && !values.is_contiguous() && values.stride(0) == bh * bw &&
+         values.stride(1) == 1 && values.stride(2) == bh;
+}
+
+}  // namespace
+
 BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at::Tensor& values,
                                const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K) {
+                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K,
+                               bool keep_block_transposed) {
   TORCH_CHECK_VALUE(values.dim() == 3, op, ": values must be 3-D [nnz_blocks, bh, bw], got shape ",
                     values.sizes());
   TORCH_CHECK_VALUE(crow_indices.dim() == 1 && col_indices.dim() == 1,
@@ -59,7 +72,11 @@ BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at
                       out_features, "], got ", b.sizes());
     args.bias = b.contiguous();
   }
-  args.values = values.contiguous();
+  if (keep_block_transposed && is_block_transposed(values)) {
+    args.values_t = values.transpose(1, 2);
+  } else {
+    args.values = values.contiguous();
+  }
   args.crow = crow_indices.contiguous();
   args.col = col_indices.contiguous();
   args.problem.K = K;
@@ -72,14 +89,20 @@ BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at
   return args;
 }
 
+const at::Tensor& row_major_values(BsrLinearArgs& a) {
+  if (!a.values.defined()) a.values = a.values_t.transpose(1, 2).contiguous();
+  return a.values;
+}
+
 BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                  const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                                 int64_t out_features) {
+                                 int64_t out_features, bool keep_block_transposed) {
   check_bsr_dtypes("bsr_linear", input, values, crow_indices, col_indices);
   TORCH_CHECK_VALUE(input.dim() >= 1, "bsr_linear: input must have at least 1 dimension [..., in_features], got a "
                     "0-d tensor");
   const int64_t K = input.size(-1);
-  BsrLinearArgs args = check_bsr_weight("bsr_linear", input, values, crow_indices, col_indices, bias, out_features, K);
+  BsrLinearArgs args = check_bsr_weight("bsr_linear", input, values, crow_indices, col_indices, bias, out_features, K,
+                                        keep_block_transposed);
   // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous and reshape throws.
   const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   at::Tensor x = input.reshape({M, K});

@@ -12,7 +12,11 @@ namespace pysparse {
 
 struct BsrLinearArgs {
   at::Tensor x;       // [M, K] view of the input, unit stride along K
-  at::Tensor values;  // [nnz, bh, bw], contiguous
+  at::Tensor values;  // [nnz, bh, bw], contiguous; undefined when values_t holds the weight (row_major_values)
+  // [nnz, bw, bh] contiguous: the weight when it came block-transposed (each block column-major, values' strides
+  // [bh*bw, 1, bh]: the layout the CPU broadcast kernel reads, which SparseLinear stores where that kernel runs) and
+  // the op allowed it. Otherwise undefined.
+  at::Tensor values_t;
   at::Tensor crow;    // int32, contiguous
   at::Tensor col;     // int32, contiguous
   std::optional<at::Tensor> bias;  // [N], contiguous
@@ -25,10 +29,15 @@ void check_bsr_dtypes(const char* op, const at::Tensor& input, const at::Tensor&
                       const at::Tensor& crow_indices, const at::Tensor& col_indices);
 
 // The rest of the weight checks (dtypes, devices, index shapes, bias) for an op named `op` whose weight is
-// [out_features, K]: fills values / crow / col / bias and every problem field but M and ldx.
+// [out_features, K]: fills values (or values_t, with keep_block_transposed) / crow / col / bias and every problem
+// field but M and ldx.
 BsrLinearArgs check_bsr_weight(const char* op, const at::Tensor& input, const at::Tensor& values,
                                const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K);
+                               const std::optional<at::Tensor>& bias, int64_t out_features, int64_t K,
+                               bool keep_block_transposed = false);
+
+// The row-major [nnz, bh, bw] weight, made from values_t (a copy, this call only) when that holds it.
+const at::Tensor& row_major_values(BsrLinearArgs& a);
 
 // "relu" / "relu6" / "gelu" (exact) as the kernels' Activation; None (no activation) gives kNone; anything else raises.
 Activation parse_activation(const char* op, const std::optional<c10::string_view>& activation);
@@ -40,6 +49,6 @@ at::Tensor prepare_residual(const char* op, const at::Tensor& residual, const at
 
 BsrLinearArgs prepare_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,
                                  const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
-                                 int64_t out_features);
+                                 int64_t out_features, bool keep_block_transposed = false);
 
 }  // namespace pysparse

@@ -3,7 +3,6 @@
 #include <torch/library.h>
 
 #include "cpu/kernels/bsr_linear.h"
-#include "cpu/transposed_values.h"
 
 TORCH_LIBRARY(pysparse, m) {
   // y = F.linear(input, W, bias) with W [out_features, in_features] block-sparse in BSR form:
@@ -46,15 +45,21 @@ PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(pysparse::
 
 PyObject* implicit_conv2d(PyObject*, PyObject*) { return PyBool_FromLong(pysparse::bsr_conv2d_available()); }
 
-PyObject* transposed_cache_bytes(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(pysparse::transposed_values_cache_bytes());
+// cpu_reads_transposed(bh, bw): whether this machine's float32 CPU path reads (bh, bw) blocks transposed at every
+// batch size (the broadcast kernel): then SparseLinear stores its values block-transposed.
+PyObject* cpu_reads_transposed(PyObject*, PyObject* args) {
+  long long bh = 0, bw = 0;
+  if (!PyArg_ParseTuple(args, "LL", &bh, &bw)) return nullptr;
+  pysparse::BsrProblem p;
+  p.M = 1, p.bh = bh, p.bw = bw;
+  return PyBool_FromLong(bh >= 1 && bw >= 1 && pysparse::bsr_linear_reads_transposed(p));
 }
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
     {"implicit_conv2d", implicit_conv2d, METH_NOARGS, "Whether torch.ops.pysparse.bsr_conv2d_nhwc runs on this CPU."},
-    {"transposed_cache_bytes", transposed_cache_bytes, METH_NOARGS,
-     "Bytes of weights the CPU ops keep transposed for the broadcast kernel (csrc/cpu/transposed_values.h)."},
+    {"cpu_reads_transposed", cpu_reads_transposed, METH_VARARGS,
+     "Whether the float32 CPU kernels read (bh, bw) blocks transposed at every batch size (SparseLinear's layout)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

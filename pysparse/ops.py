@@ -17,7 +17,8 @@ from ._validate import as_pair
 from ._weight_layout import weight_from_matrix
 from .formats.bsr import bsr_to_dense, check_bsr_indices
 
-__all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available_backends", "ACTIVATIONS"]
+__all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available_backends", "ACTIVATIONS",
+           "cpu_reads_transposed", "kernel_layout", "is_block_transposed"]
 
 
 def _to_int32_indices(name: str, t: torch.Tensor, limit: int) -> torch.Tensor:
@@ -185,6 +186,33 @@ def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_fea
     """Pure-torch ``bsr_linear``: densify W and call ``F.linear`` (the test oracle and a portable fallback)."""
     weight = bsr_to_dense(values, crow_indices, col_indices, (out_features, input.shape[-1]))
     return torch.nn.functional.linear(input, weight, bias)
+
+
+def cpu_reads_transposed(bh: int, bw: int) -> bool:
+    """Whether this machine's float32 CPU kernels read ``(bh, bw)`` blocks transposed at every batch size (the
+    AVX2 broadcast kernel, bh a multiple of 16). ``bsr_linear`` then takes ``values`` laid out block-transposed
+    (see :func:`is_block_transposed`) in place; any other layout works everywhere, through a row-major copy."""
+    return _C.cpu_reads_transposed(int(bh), int(bw))
+
+
+def kernel_layout(values: torch.Tensor) -> torch.Tensor:
+    """``values [nnz, bh, bw]`` (same numbers) in the memory layout pysparse's kernels read on its device and dtype:
+    block-transposed where :func:`cpu_reads_transposed` (float32 on the CPU), row-major (contiguous) elsewhere.
+    Returns ``values`` itself when it already is; otherwise a copy (``SparseLinear`` keeps its weight so; pass the
+    result to :func:`bsr_linear` to get the same speed from the raw op)."""
+    transposed = (values.device.type == "cpu" and values.dtype == torch.float32
+                  and cpu_reads_transposed(*values.shape[1:]))
+    if transposed:
+        return values if is_block_transposed(values) else values.transpose(1, 2).contiguous().transpose(1, 2)
+    return values.contiguous()
+
+
+def is_block_transposed(values: torch.Tensor) -> bool:
+    """Whether ``values [nnz, bh, bw]`` stores each block column-major, blocks one after another
+    (``values.transpose(1, 2)`` contiguous, ``values`` not), the layout :func:`cpu_reads_transposed` names."""
+    nnz, bh, bw = values.shape
+    return (nnz > 0 and bh > 1 and bw > 1 and not values.is_contiguous()
+            and values.stride() == (bh * bw, 1, bh))
 
 
 def available_backends() -> dict:

@@ -5,7 +5,6 @@
 
 #include "bsr_linear_args.h"
 #include "cpu/output_pool.h"
-#include "cpu/transposed_values.h"
 
 namespace pysparse {
 namespace {
@@ -38,7 +37,7 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
   c.wo = (c.wp - (kw - 1) * dw - 1) / sw + 1;
   // The weight is [out_channels, kh*kw*C]: the same checks as bsr_linear's weight (devices, shapes, bias).
   BsrLinearArgs a = check_bsr_weight("bsr_conv2d_nhwc", input, values, crow_indices, col_indices, bias,
-                                     out_channels, kh * kw * c.c);
+                                     out_channels, kh * kw * c.c, /*keep_block_transposed=*/true);
   BsrProblem& p = a.problem;
   p.M = c.batch * c.ho * c.wo, p.ldx = p.K;
   p.act = parse_activation("bsr_conv2d_nhwc", activation);
@@ -52,10 +51,11 @@ at::Tensor bsr_conv2d_nhwc_cpu_impl(const at::Tensor& input, const at::Tensor& v
     res = prepare_residual("bsr_conv2d_nhwc", *residual, input, {c.batch, c.ho, c.wo, p.N});
     p.residual = res.const_data_ptr();
   }
-  const at::Tensor transposed = a.values.is_same(values) ? cached_transposed_values(values) : at::Tensor();
-  if (transposed.defined()) p.transposed_values = transposed.const_data_ptr<float>();
+  // The kernel is the broadcast kernel: it reads a block-transposed weight in place, and never reads `values` then.
+  if (a.values_t.defined()) p.transposed_values = a.values_t.const_data_ptr<float>();
   at::Tensor y = empty_output({c.batch, c.ho, c.wo, p.N}, input.options());
-  bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), a.values.const_data_ptr<float>(), a.crow.const_data_ptr<int32_t>(),
+  const float* values_ptr = a.values.defined() ? a.values.const_data_ptr<float>() : nullptr;
+  bsr_conv2d_nhwc_cpu(x.const_data_ptr<float>(), values_ptr, a.crow.const_data_ptr<int32_t>(),
                       a.col.const_data_ptr<int32_t>(), a.bias ? a.bias->const_data_ptr<float>() : nullptr,
                       y.mutable_data_ptr<float>(), p, c, at::get_num_threads());
   return y;

@@ -4,23 +4,22 @@
 
 #include "bsr_linear_args.h"
 #include "cpu/output_pool.h"
-#include "cpu/transposed_values.h"
 
 namespace pysparse {
 namespace {
 
 template <typename T, typename AtT>
-void run(BsrLinearArgs& a, const at::Tensor& values, at::Tensor& y) {
-  at::Tensor transposed;
-  // A copy made by the argument checks (non-contiguous values) dies with the call: nothing to cache for it.
+void run(BsrLinearArgs& a, at::Tensor& y) {
+  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr<AtT>()); };
+  const T* values = nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    if (bsr_linear_reads_transposed(a.problem) && a.values.is_same(values)) {
-      transposed = cached_transposed_values(values);
-      if (transposed.defined()) a.problem.transposed_values = transposed.const_data_ptr<float>();
+    // A block-transposed weight is read in place by the broadcast kernel, which then never reads `values`.
+    if (a.values_t.defined() && bsr_linear_reads_transposed(a.problem)) {
+      a.problem.transposed_values = a.values_t.const_data_ptr<float>();
     }
   }
-  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr<AtT>()); };
-  bsr_linear_cpu<T>(ptr(a.x), ptr(a.values), a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
+  if (a.problem.transposed_values == nullptr) values = ptr(row_major_values(a));
+  bsr_linear_cpu<T>(ptr(a.x), values, a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
                     a.bias ? ptr(*a.bias) : nullptr, reinterpret_cast<T*>(y.mutable_data_ptr<AtT>()), a.problem,
                     at::get_num_threads());
 }
@@ -29,7 +28,8 @@ at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& va
                                    const at::Tensor& col_indices, const std::optional<at::Tensor>& bias,
                                    int64_t out_features, Activation act,
                                    const std::optional<at::Tensor>& residual = std::nullopt) {
-  BsrLinearArgs a = prepare_bsr_linear(input, values, crow_indices, col_indices, bias, out_features);
+  BsrLinearArgs a = prepare_bsr_linear(input, values, crow_indices, col_indices, bias, out_features,
+                                       /*keep_block_transposed=*/true);
   a.problem.act = act;
   at::Tensor res;
   if (residual) {
@@ -42,9 +42,9 @@ at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& va
   TORCH_CHECK_VALUE(bad.empty(), "bsr_linear: ", bad);
   at::Tensor y = empty_output({a.problem.M, a.problem.N}, input.options());
   switch (input.scalar_type()) {
-    case at::kFloat: run<float, float>(a, values, y); break;
-    case at::kBFloat16: run<bfloat16_t, at::BFloat16>(a, values, y); break;
-    case at::kHalf: run<float16_t, at::Half>(a, values, y); break;
+    case at::kFloat: run<float, float>(a, y); break;
+    case at::kBFloat16: run<bfloat16_t, at::BFloat16>(a, y); break;
+    case at::kHalf: run<float16_t, at::Half>(a, y); break;
     default: TORCH_CHECK_TYPE(false, "bsr_linear: unsupported dtype ", input.scalar_type());
   }
   return y.view(a.out_shape);

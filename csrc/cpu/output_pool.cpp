@@ -4,16 +4,30 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
+#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
-#include "cpu/process_cache.h"
-
 namespace pysparse {
 namespace {
 
+std::mutex& pool_mutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+
 constexpr size_t kMinPooledBytes = size_t(1) << 20;  // smaller blocks come from malloc's heap, already mapped
+
+size_t limit_from_env() {
+  const char* env = std::getenv("PYSPARSE_CPU_OUTPUT_CACHE_MB");
+  if (env == nullptr || *env == '\0') return size_t(256) << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  return (end != nullptr && *end == '\0' && mb > 0) ? size_t(mb) << 20 : 0;
+}
 
 // Free buffers by byte size. Thread-safe: a tensor may die on any thread.
 class OutputPool final : public c10::Allocator {
@@ -25,7 +39,7 @@ class OutputPool final : public c10::Allocator {
   }
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 
-  const size_t limit = cache_limit_from_env("PYSPARSE_CPU_OUTPUT_CACHE_MB", 256);
+  const size_t limit = limit_from_env();
 
  private:
   struct Block {
@@ -62,14 +76,19 @@ class OutputPool final : public c10::Allocator {
     delete block;
   }
 
-  std::mutex& mutex_ = fork_safe_mutex<OutputPool>();
+  std::mutex& mutex_ = pool_mutex();
   std::unordered_map<size_t, std::vector<void*>> free_;
   size_t pooled_ = 0;
 };
 
 OutputPool& pool() {
-  // Never destroyed: tensors may outlive static destructors.
-  static OutputPool* instance = new OutputPool();
+  // Never destroyed: tensors may outlive static destructors. The lock is held across fork() (as malloc does with
+  // its own), so a child forked while another thread was inside the pool does not inherit a locked mutex.
+  static OutputPool* instance = [] {
+    auto* p = new OutputPool();
+    pthread_atfork([] { pool_mutex().lock(); }, [] { pool_mutex().unlock(); }, [] { pool_mutex().unlock(); });
+    return p;
+  }();
   return *instance;
 }
 

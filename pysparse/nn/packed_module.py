@@ -15,6 +15,15 @@ class PackedWeightModule(nn.Module):
     def _packed_shape(self) -> tuple:
         raise NotImplementedError
 
+    def _settle_layout(self) -> None:
+        """Called whenever the packed parts were replaced or moved (construction, load, ``.to()``): a subclass
+        puts ``values`` in the memory layout its kernels read on that device and dtype. Default: as it is."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._settle_layout()
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         names = ("values", *self._weight_class._index_names)
@@ -47,6 +56,7 @@ class PackedWeightModule(nn.Module):
         for n in names:  # they were loaded above, not missing
             if prefix + n in missing_keys:
                 missing_keys.remove(prefix + n)
+        self._settle_layout()
 
 
 def fill_dense(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

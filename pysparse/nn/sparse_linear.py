@@ -42,6 +42,7 @@ class SparseLinear(PackedWeightModule):
             self.register_buffer("values", weight.values)
         self.register_buffer("crow_indices", weight.crow_indices)
         self.register_buffer("col_indices", weight.col_indices)
+        self._settle_layout()
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
                 got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -111,6 +112,21 @@ class SparseLinear(PackedWeightModule):
 
     def _packed_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def _settle_layout(self) -> None:
+        """Holds ``values`` block-transposed (each block column-major: ``values.transpose(1, 2)`` contiguous) where
+        the CPU kernel reads blocks that way at every batch size (float32 on the AVX2 path, bh a multiple of 16:
+        ``ops.kernel_layout``), row-major (contiguous) everywhere else. Same shape, numbers and state dict,
+        other strides: the kernel reads the layer's own memory, so nothing is re-laid-out per call and every write to
+        ``values`` (in place, through ``.data``, by a fused optimizer) is what the next call computes with."""
+        v = self.values
+        laid_out = ops.kernel_layout(v.detach())
+        if laid_out.data_ptr() == v.data_ptr() and laid_out.stride() == v.stride():
+            return
+        if isinstance(v, nn.Parameter):
+            v.data = laid_out  # the Parameter object optimizers hold stays
+        else:
+            self.values = laid_out
 
     def extra_repr(self) -> str:
         bh, bw = self.block_size

@@ -25,9 +25,10 @@ struct BsrProblem {
   // Optional [M, N] tensor of y's type, row stride N, added to y before the activation (a fused residual connection:
   // ResNet's relu(conv(x) + identity)). Never written; it may not overlap y.
   const void* residual = nullptr;
-  // Optional float32 [nnz][bw][bh]: the blocks transposed (transpose_bsr_blocks), built once per weight by the caller.
-  // The broadcast kernel reads its weights in that layout (bsr_linear_reads_transposed); without it the kernel
-  // transposes the blocks itself on every call.
+  // Optional float32 [nnz][bw][bh]: the blocks transposed (transpose_bsr_blocks), the layout the broadcast kernel
+  // reads. A caller that stores its weight so (SparseLinear does where bsr_linear_reads_transposed) passes it here;
+  // without it the kernel transposes the blocks itself on every call. When it is given and
+  // bsr_linear_reads_transposed(p) holds, the kernels never read `values`, which may then be null.
   const float* transposed_values = nullptr;
 };
 
