@@ -36,7 +36,7 @@ struct Isa {
   static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
   // Broadcast kernel: tokens x vectors of outputs per tile (T*NVO accumulators + NVO weights + 1 broadcast <= 16).
   static constexpr bool kBcastKernel = true;
-  static constexpr int bcast_tokens(int nvo) { return nvo == 2 ? 6 : 12; }
+  static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 2 : nvo == 2 ? 6 : 12; }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }

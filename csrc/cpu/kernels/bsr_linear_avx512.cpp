@@ -44,7 +44,7 @@ struct Isa {
   // Broadcast kernel: off until it is measured on an AVX-512 machine (this path keeps the outer-product kernel).
   // Its tile would be T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32).
   static constexpr bool kBcastKernel = false;
-  static constexpr int bcast_tokens(int nvo) { return nvo == 2 ? 12 : 16; }
+  static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 4 : nvo == 2 ? 12 : 16; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
