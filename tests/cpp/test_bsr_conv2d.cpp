@@ -8,6 +8,7 @@
 
 #include "bsr_linear.h"
 #include "check.h"
+#include "transposed_blocks.h"
 
 using namespace pysparse;
 
@@ -54,12 +55,8 @@ void run_case(const ConvCase& k, int threads, bool with_residual, bool pre_trans
   for (float& v : residual) v = normal(rng);
   if (with_residual) p.residual = residual.data();
   // Half the cases read the blocks transposed once by the caller (BsrProblem::transposed_values).
-  std::vector<float> transposed;
-  if (pre_transposed) {
-    transposed.resize(values.size());
-    transpose_bsr_blocks(values.data(), p.nnz, p.bh, p.bw, transposed.data(), threads);
-    p.transposed_values = transposed.data();
-  }
+  const std::vector<float> transposed = pre_transposed ? transposed_blocks(values, p.bh, p.bw) : std::vector<float>();
+  if (pre_transposed) p.transposed_values = transposed.data();
   std::vector<float> y(size_t(p.M * p.N), nan);  // poisoned: every output must be written
   bsr_conv2d_nhwc_cpu(x.data(), values.data(), crow.data(), col.data(), bias.data(), y.data(), p, g, threads);
 

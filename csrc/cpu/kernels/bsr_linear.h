@@ -25,8 +25,8 @@ struct BsrProblem {
   // Optional [M, N] tensor of y's type, row stride N, added to y before the activation (a fused residual connection:
   // ResNet's relu(conv(x) + identity)). Never written; it may not overlap y.
   const void* residual = nullptr;
-  // Optional float32 [nnz][bw][bh]: the blocks transposed (transpose_bsr_blocks), the layout the broadcast kernel
-  // reads. A caller that stores its weight so (SparseLinear does where bsr_linear_reads_transposed) passes it here;
+  // Optional float32 [nnz][bw][bh]: the blocks transposed (out[b][j][i] = values[b][i][j]), the layout the broadcast
+  // kernel reads. A caller that stores its weight so (SparseLinear does where bsr_linear_reads_transposed) passes it here;
   // without it the kernel transposes the blocks itself on every call. When it is given and
   // bsr_linear_reads_transposed(p) holds, the kernels never read `values`, which may then be null.
   const float* transposed_values = nullptr;
@@ -51,8 +51,6 @@ bool cpu_isa_supported(CpuIsa isa);
 // Whether bsr_linear_cpu<float> on this machine's path runs `p` through the broadcast kernel when given the blocks
 // transposed (BsrProblem::transposed_values), which it then reads. bsr_conv2d_nhwc_cpu always does.
 bool bsr_linear_reads_transposed(const BsrProblem& p);
-// out[b][j][i] = values[b][i][j] for nnz blocks of bh x bw float32 values, with up to num_threads threads.
-void transpose_bsr_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads);
 
 // Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
 // is [N, kh*kw*c] tap-major: column (tap_h * kw + tap_w) * c + channel. The BsrProblem has M = batch*ho*wo and

@@ -69,12 +69,6 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 
 bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true); }
 
-void transpose_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads) {
-  const int nth = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, nnz * bh * bw >> 16)));
-#pragma omp parallel num_threads(nth) if (nth > 1)
-  transpose_blocks_omp(values, nnz, bh, bw, out);
-}
-
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads) {
   bcast_conv2d(x, values, crow, col, bias, y, p, c, num_threads);

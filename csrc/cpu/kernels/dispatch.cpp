@@ -121,16 +121,6 @@ bool bsr_linear_reads_transposed(const BsrProblem& p) {
   return false;
 }
 
-void transpose_bsr_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads) {
-#if PYSPARSE_X86
-  if (bh % 8 == 0 && supported(CpuIsa::kAvx2)) return avx2::transpose_blocks(values, nnz, bh, bw, out, num_threads);
-#endif
-  (void)num_threads;
-  for (int64_t b = 0; b < nnz; ++b, values += bh * bw, out += bh * bw)
-    for (int64_t i = 0; i < bh; ++i)
-      for (int64_t j = 0; j < bw; ++j) out[j * bh + i] = values[i * bw + j];
-}
-
 std::string bsr_conv2d_unsupported(const BsrProblem& p, const ConvGeometry& c) {
   if (c.batch < 0 || c.c < 1 || c.kh < 1 || c.kw < 1 || c.sh < 1 || c.sw < 1 || c.dh < 1 || c.dw < 1) {
     return "convolution geometry has a non-positive size";

@@ -27,8 +27,6 @@ void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const 
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
 // Whether bsr_linear<float> runs p through the broadcast kernel (which reads BsrProblem::transposed_values).
 bool reads_transposed(const BsrProblem& p);
-// transpose_bsr_blocks for bh a multiple of 8, with 8x8 register transposes.
-void transpose_blocks(const float* values, int64_t nnz, int64_t bh, int64_t bw, float* out, int num_threads);
 }  // namespace avx2
 
 namespace avx512 {
