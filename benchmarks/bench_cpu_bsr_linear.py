@@ -75,11 +75,11 @@ def measure(k: int, n: int, block: int, sparsity: float, m: int, dtype=torch.flo
         "pysparse": lambda: bsr_linear(x, v, crow, col, bias, n, check_indices=False),
         "dense": lambda: F.linear(x, weight, bias),
     }
+    ref = F.linear(x.double(), weight.double(), bias.double())
     if row_major:
         v_rows = packed.values.contiguous()
         fns["row_major"] = lambda: bsr_linear(x, v_rows, crow, col, bias, n, check_indices=False)
-        assert rel_err(fns["row_major"](), F.linear(x.double(), weight.double(), bias.double())) < LAYER_TOLERANCE[dtype]
-    ref = F.linear(x.double(), weight.double(), bias.double())
+        assert rel_err(fns["row_major"](), ref) < LAYER_TOLERANCE[dtype]
     err = rel_err(fns["pysparse"](), ref)
     if not err < LAYER_TOLERANCE[dtype]:
         raise AssertionError(f"pysparse result is wrong for {k}->{n} block {block} sparsity {sparsity} M={m}: "

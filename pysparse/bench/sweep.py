@@ -77,7 +77,9 @@ def run_case(case: LayerCase, weight: torch.Tensor, bias: torch.Tensor, x: torch
     want = F.linear(x.double(), dense_w.double(), bias.double())
     tol = LAYER_TOLERANCE[dtype]
     crow, col = bsw.crow_indices, bsw.col_indices
-    err = rel_err(ops.bsr_linear(x, ops.kernel_layout(bsw.values), crow, col, bias, n), want)
+    # pysparse reads its weights in the layout SparseLinear keeps them in (ops.kernel_layout); torch's, row-major.
+    kernel_values = ops.kernel_layout(bsw.values)
+    err = rel_err(ops.bsr_linear(x, kernel_values, crow, col, bias, n), want)
     row = dict(mode="layer", shape=f"{n}x{k}", n=n, k=k, m=case.m, block=f"{case.block[0]}x{case.block[1]}",
                sparsity=case.sparsity, density=bsw.density, dtype=str(dtype).removeprefix("torch."), device=device,
                rel_err=err, tolerance=tol, correct=err < tol, weight_bytes=dense_w.nbytes, packed_bytes=bsw.nbytes,
@@ -87,8 +89,7 @@ def run_case(case: LayerCase, weight: torch.Tensor, bias: torch.Tensor, x: torch
     n_copies = (lambda nbytes: copies_for(nbytes, l2_bytes())) if device == "cuda" else (lambda nbytes: 1)
     dense_ws = [dense_w] + [dense_w.clone() for _ in range(n_copies(dense_w.nbytes) - 1)]
     values = [bsw.values] + [bsw.values.clone() for _ in range(n_copies(bsw.values.nbytes) - 1)]
-    # pysparse reads its weights in the layout SparseLinear keeps them in (ops.kernel_layout); torch's, row-major.
-    laid_out = [ops.kernel_layout(v) for v in values]
+    laid_out = [kernel_values] + [kernel_values.clone() for _ in values[1:]]
     fns = {"dense": [lambda w=w: F.linear(x, w, bias) for w in dense_ws],
            "pysparse": [lambda v=v: ops.bsr_linear(x, v, crow, col, bias, n, check_indices=False) for v in laid_out]}
     if not row["correct"]:
