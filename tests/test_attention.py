@@ -767,21 +767,33 @@ def test_use_pysparse_attention_on_bert():
         torch.testing.assert_close(model(**inputs).last_hidden_state, expect, rtol=0, atol=1e-5)
 
 
-def test_bert_training_falls_back_to_sdpa():
-    """With gradients (train mode) transformers' SDPA runs: same outputs and gradients as the sdpa model under the
-    same seed (attention dropout off so that the only dropout is the hidden one, drawn the same way)."""
+def _sdpa_and_switched(sdpa):
+    """``sdpa`` and a copy of it switched to pysparse's attention."""
     from pysparse.nn import use_pysparse_attention
 
-    sdpa = _bert(attention_probs_dropout_prob=0.0).train()
     model = copy.deepcopy(sdpa)
     use_pysparse_attention(model)
-    inputs = _bert_inputs()
-    torch.manual_seed(7)
+    return sdpa, model
+
+
+def _same_draws_without_kernel(sdpa, model, inputs, seed):
+    """Both models' last hidden states under the same random draws: the switched model must not have run the
+    kernel (it fell back to SDPA) and must give the sdpa model's result."""
+    torch.manual_seed(seed)
     expect = sdpa(**inputs).last_hidden_state
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     calls, got = kernel_calls(lambda: model(**inputs).last_hidden_state)
     assert calls == 0
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+    return expect, got
+
+
+def test_bert_training_falls_back_to_sdpa():
+    """With gradients (train mode) transformers' SDPA runs: same outputs and gradients as the sdpa model under the
+    same seed (attention dropout off so that the only dropout is the hidden one, drawn the same way)."""
+    sdpa, model = _sdpa_and_switched(_bert(attention_probs_dropout_prob=0.0).train())
+    inputs = _bert_inputs()
+    expect, got = _same_draws_without_kernel(sdpa, model, inputs, seed=7)
     expect.square().sum().backward()
     got.square().sum().backward()
     for (name, p_ref), (_, p) in zip(sdpa.named_parameters(), model.named_parameters()):
@@ -793,16 +805,8 @@ def test_bert_training_falls_back_to_sdpa():
     q_grad = model.encoder.layer[0].attention.self.query.weight.grad
     assert q_grad is not None and float(q_grad.abs().max()) > 0
     # Train mode without gradients but with attention dropout: also SDPA (torch's RNG), same result.
-    sdpa_do = _bert().train()
-    model_do = copy.deepcopy(sdpa_do)
-    use_pysparse_attention(model_do)
     with torch.no_grad():
-        torch.manual_seed(8)
-        expect = sdpa_do(**inputs).last_hidden_state
-        torch.manual_seed(8)
-        calls, got = kernel_calls(lambda: model_do(**inputs).last_hidden_state)
-    assert calls == 0
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+        _same_draws_without_kernel(*_sdpa_and_switched(_bert().train()), inputs, seed=8)
 
 
 def test_use_pysparse_attention_leaves_other_models_alone():
