@@ -13,15 +13,15 @@ namespace pysparse {
 struct BsrLinearArgs {
   at::Tensor x;       // [M, K] view of the input, unit stride along K
   at::Tensor values;  // [nnz, bh, bw], contiguous; undefined when values_t holds the weight (row_major_values)
-  // [nnz, bw, bh] contiguous: the weight when it came block-transposed (each block column-major, values' strides
-  // [bh*bw, 1, bh]: the layout the CPU broadcast kernel reads, which SparseLinear stores where that kernel runs) and
-  // the op allowed it. Otherwise undefined.
+  // The weight as given when it came block-transposed (each block column-major: strides [bh*bw, 1, bh], the layout
+  // the CPU broadcast kernel reads, which SparseLinear stores where that kernel runs) and the op allowed it; its data
+  // is then [nnz, bw, bh] contiguous. Otherwise undefined.
   at::Tensor values_t;
   at::Tensor crow;    // int32, contiguous
   at::Tensor col;     // int32, contiguous
   std::optional<at::Tensor> bias;  // [N], contiguous
   BsrProblem problem;
-  std::vector<int64_t> out_shape;  // input.shape[:-1] + [N]
+  std::vector<int64_t> out_shape;  // input.shape[:-1] + [N]: the output, written as [M, N] row-major
 };
 
 // The dtype checks shared by the bsr ops (input float32 / bfloat16 / float16, values alike, int32 indices).

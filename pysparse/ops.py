@@ -35,6 +35,9 @@ def _to_int32_indices(name: str, t: torch.Tensor, limit: int) -> torch.Tensor:
 
 def _bsr_int32_indices(values: torch.Tensor, crow_indices, col_indices) -> tuple[torch.Tensor, torch.Tensor]:
     """``(crow, col)`` as the kernels take them: int32, range-checked when they come as int64."""
+    if (isinstance(crow_indices, torch.Tensor) and isinstance(col_indices, torch.Tensor)
+            and crow_indices.dtype == col_indices.dtype == torch.int32):
+        return crow_indices, col_indices  # what layers and formats pass: nothing to convert or range-check
     limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
     return (_to_int32_indices("crow_indices", crow_indices, limit),
             _to_int32_indices("col_indices", col_indices, limit))
@@ -83,15 +86,14 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     otherwise (training, CUDA, a residual that broadcasts or promotes) torch adds the residual and applies the
     activation after the op.
     """
-    if activation is None and residual is None:
-        return _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias,
-                     out_features)
-    if (input.device.type == "cpu" and not _wants_grad(input, values, bias, residual)
+    if (input.is_cpu and not _wants_grad(input, values, bias, residual)
             and (residual is None or _fits_output(residual, (*input.shape[:-1], out_features), input))):
+        # The same kernel as bsr_linear, without a Python autograd kernel to step around: at batch 1 every
+        # microsecond of Python is a few percent of the call.
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
                                                          out_features, activation, residual)
     y = _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
-    return _torch_epilogue(y, activation, residual)
+    return y if activation is None and residual is None else _torch_epilogue(y, activation, residual)
 
 
 def _torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
@@ -144,7 +146,8 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     # Checked here so a bad value is named as such, not reported as a wrong crow_indices length.
-    if isinstance(out_features, bool) or not isinstance(out_features, (numbers.Integral, torch.SymInt)):
+    if type(out_features) is not int and (isinstance(out_features, bool)
+                                          or not isinstance(out_features, (numbers.Integral, torch.SymInt))):
         raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")

@@ -40,14 +40,14 @@ at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& va
   const std::string bad = check_bsr_indices(a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
                                             a.problem);
   TORCH_CHECK_VALUE(bad.empty(), "bsr_linear: ", bad);
-  at::Tensor y = empty_output({a.problem.M, a.problem.N}, input.options());
+  at::Tensor y = empty_output(a.out_shape, input.options());  // [M, N] row-major memory, the output's own shape
   switch (input.scalar_type()) {
     case at::kFloat: run<float, float>(a, y); break;
     case at::kBFloat16: run<bfloat16_t, at::BFloat16>(a, y); break;
     case at::kHalf: run<float16_t, at::Half>(a, y); break;
     default: TORCH_CHECK_TYPE(false, "bsr_linear: unsupported dtype ", input.scalar_type());
   }
-  return y.view(a.out_shape);
+  return y;
 }
 
 at::Tensor bsr_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,

@@ -73,8 +73,7 @@ class ChannelSparseLinear(_ChannelSparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
-        return ops.channel_sparse_linear(x, self.values, self.out_index, self.in_index, self.bias,
-                                         self.out_features, check_indices=False)
+        return ops.channel_sparse_linear(x, *self._packed_parts(), self.out_features, check_indices=False)
 
     def to_linear(self) -> nn.Linear:
         """An equivalent dense nn.Linear (same device and dtype)."""
@@ -129,9 +128,8 @@ class ChannelSparseConv2d(_ChannelSparseBase):
                    conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.channel_sparse_conv2d(x, self.values, self.out_index, self.in_index, self.bias,
-                                         self.out_channels, self.stride, self.padding, self.dilation,
-                                         check_indices=False)
+        return ops.channel_sparse_conv2d(x, *self._packed_parts(), self.out_channels, self.stride, self.padding,
+                                         self.dilation, check_indices=False)
 
     def to_conv2d(self) -> nn.Conv2d:
         """An equivalent dense nn.Conv2d (same device and dtype)."""

@@ -210,17 +210,16 @@ class SparseConv2d(nn.Module):
     def _conv_nhwc(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         """``[B, Ho, Wo, O]`` = activation(the convolution of the padded NHWC ``x`` + ``residual``), where
         ``residual`` is None or NHWC of the output's shape and dtype."""
-        lin = self.linear
+        values, crow_indices, col_indices, bias = self.linear._packed_parts()
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
 
         def gemm(rows, act=activation, res=None):  # rows of channels or patches -> rows of outputs
-            return ops.bsr_linear_packed(rows, lin.values, lin.crow_indices, lin.col_indices, lin.bias,
-                                         lin.out_features, act, res)
+            return ops.bsr_linear_packed(rows, values, crow_indices, col_indices, bias, self.out_channels, act, res)
 
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
             return gemm(x, res=residual)   # a view of the NHWC input: rows of channels, multiplied in place
         if self._implicit(x):
-            return ops.bsr_conv2d_nhwc(x, lin.values, lin.crow_indices, lin.col_indices, lin.bias, self.out_channels,
+            return ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, bias, self.out_channels,
                                        self.kernel_size, self.stride, self.dilation, activation, residual)
         if kh == 1 and kw == 1:
             return gemm(x[:, ::sh, ::sw, :], res=residual)   # a view; the kernel packs it as it reads it

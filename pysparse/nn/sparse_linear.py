@@ -99,16 +99,16 @@ class SparseLinear(PackedWeightModule):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         ops._check_residual(residual)
+        values, crow_indices, col_indices, bias = self._packed_parts()
         if residual_dropout is not None:
             if residual is None:
                 raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
             if residual_dropout.training and residual_dropout.p > 0:
-                y = ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                          self.out_features, None, None)
+                y = ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, None, None)
                 return ops._torch_epilogue(residual_dropout(y), self.activation, residual)
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
-        return ops.bsr_linear_packed(x, self.values, self.crow_indices, self.col_indices, self.bias,
-                                     self.out_features, self.activation, residual)
+        return ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, self.activation,
+                                     residual)
 
     def _packed_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)

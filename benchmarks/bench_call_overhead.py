@@ -1,0 +1,83 @@
+"""The fixed cost of one call at batch 1: each layer of pysparse's call path against torch's dense ``nn.Linear``.
+
+At M=1 the kernel of a 90%-sparse 768->3072 layer takes ~20 us on two cores, and every microsecond of Python or
+dispatch around it is a few percent of the call: issue 7's M=1 target (>= 8x over dense) is decided there. For each
+weight it times, interleaved in one process (``pysparse.analysis.alternating_medians``), with the same input:
+
+* ``SparseLinear``: the layer users swap in (``nn.Module.__call__``, its checks, the op);
+* ``ops.bsr_linear``: the functional form, with its argument checks (``check_indices=False``);
+* ``ops.bsr_linear_packed``: no Python checks, the dispatch decision only;
+* ``op``: ``torch.ops.pysparse.bsr_linear_act`` called directly (torch's dispatcher, the C++ checks, the kernel);
+* ``nn.Linear`` and ``F.linear`` on the dense weight.
+
+"1 block" (a 32x32 weight) leaves almost only the fixed cost. Every pysparse variant's output is first checked
+against the dense layer.
+
+    python benchmarks/bench_call_overhead.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # as bench_cpu_bsr_linear.py: time the kernels, not wake-ups
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pysparse import ops  # noqa: E402
+from pysparse._text_table import left_aligned  # noqa: E402
+from pysparse.analysis.timing import alternating_medians  # noqa: E402
+from pysparse.bench.sweep import block_mask  # noqa: E402
+from pysparse.nn import SparseLinear  # noqa: E402
+
+CASES = {"1 block (32->32)": (32, 32, 0.0), "768->3072 90%": (768, 3072, 0.9)}
+
+
+def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(k, n)
+    mask = block_mask(n, k, (32, 32), sparsity, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = SparseLinear.from_dense(dense, (32, 32), mask=mask)
+    v, crow, col, bias = layer.values, layer.crow_indices, layer.col_indices, layer.bias
+    x = torch.randn(1, k)
+    op = torch.ops.pysparse.bsr_linear_act.default
+    fns = {
+        "SparseLinear": lambda: layer(x),
+        "ops.bsr_linear": lambda: ops.bsr_linear(x, v, crow, col, bias, n, check_indices=False),
+        "bsr_linear_packed": lambda: ops.bsr_linear_packed(x, v, crow, col, bias, n),
+        "op": lambda: op(x, v, crow, col, bias, n, None, None),
+        "nn.Linear": lambda: dense(x),
+        "F.linear": lambda: F.linear(x, dense.weight, dense.bias),
+    }
+    with torch.no_grad():
+        want = dense(x)
+        for name in ("SparseLinear", "ops.bsr_linear", "bsr_linear_packed", "op"):
+            torch.testing.assert_close(fns[name](), want, rtol=1e-5, atol=1e-5, msg=name)
+    return {name: s * 1e6 for name, s in alternating_medians(fns, rounds=rounds, min_run_time=0.3).items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for label, (k, n, sparsity) in CASES.items():
+        us = measure(k, n, sparsity, args.rounds)
+        rows.append([label, *(f"{us[name]:.1f}" for name in us), f"{us['SparseLinear'] - us['op']:.1f}",
+                     f"{us['F.linear'] / us['SparseLinear']:.2f}x"])
+    head = ["weight, M=1 (us per call)", "SparseLinear", "ops.bsr_linear", "bsr_linear_packed", "op", "nn.Linear",
+            "F.linear", "layer - op", "F.linear / layer"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
+    print("\n".join(left_aligned(head, rows)))
+
+
+if __name__ == "__main__":
+    main()
