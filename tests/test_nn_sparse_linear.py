@@ -139,6 +139,27 @@ def test_input_with_wrong_in_features_is_refused():
         layer(torch.tensor(1.0))
 
 
+def test_forward_follows_parts_replaced_by_hand():
+    """forward reads its packed parts from the module's dicts (fast); a part deleted or re-registered by hand falls
+    back to the normal attribute lookup, so the layer computes with what it holds or fails as any module would."""
+    linear, mask, layer = random_layer("by-hand", 24, 40, (8, 8), 0.5)
+    x = torch.randn(3, 40, generator=generator_for("by-hand-x"))
+    with torch.no_grad():
+        want = nn.functional.linear(x, linear.weight * mask, linear.bias)
+        bias = layer.bias.detach().clone()
+        del layer.bias
+        with pytest.raises(AttributeError, match="bias"):
+            layer(x)
+        layer.register_buffer("bias", bias + 1)  # a buffer now, not a parameter
+        torch.testing.assert_close(layer(x), want + 1)
+        layer.bias = None
+        torch.testing.assert_close(layer(x), want - linear.bias)
+        values = layer.values
+        del layer.values
+        layer.values = nn.Parameter(values * 2)  # trainable from now on: read from _parameters
+        torch.testing.assert_close(layer(x), 2 * (want - linear.bias))
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """One small compile (slow on 2 cores): a model holding two SparseLinear layers, traced whole."""
