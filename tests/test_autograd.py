@@ -151,6 +151,33 @@ def test_only_requested_grads():
     assert values.grad is not None and x2.grad is None
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_only_bias_wants_grad(activation, with_residual):
+    """An inference call without no_grad on a frozen layer (only its bias Parameter wants a gradient): the kernel
+    computes the product and torch adds the bias. Same float32 numbers as under no_grad, bias.grad right, and no
+    gradient reaches what does not ask for one."""
+    w = _block_sparse(29, 37, (16, 16), 0.5)
+    layer = SparseLinear(w, torch.randn(29), activation=activation)   # values: a buffer
+    x = torch.randn(2, 3, 37)
+    residual = torch.randn(2, 3, 29) if with_residual else None
+    with torch.no_grad():
+        want = layer(x, residual)
+    y = layer(x, residual)
+    assert y.requires_grad
+    # The graph holds torch's add (and epilogue), not the op's Python autograd node: that is the point of the path.
+    assert "bsr_linear" not in type(y.grad_fn).__name__
+    assert torch.equal(y, want) if activation != "gelu" else _rel(y, want) < 1e-6  # eager GELU vs the kernel's
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    bias = layer.bias.detach().clone().requires_grad_()
+    out = F.linear(x, w.to_dense(), bias) + (0 if residual is None else residual)
+    out = {None: out, "relu": F.relu(out), "gelu": F.gelu(out)}[activation]
+    out.backward(grad)
+    assert _rel(layer.bias.grad, bias.grad) < 1e-5
+    assert layer.values.grad is None and x.grad is None
+
+
 def test_sparse_linear_finetune_step_matches_masked_dense():
     """One SGD step through a trainable SparseLinear = the masked dense step restricted to the kept blocks."""
     torch.manual_seed(0)
