@@ -153,6 +153,32 @@ def test_grads_match_masked_dense_conv(device):
     assert _rel(sparse.linear.values.grad, grad_w.values) < 1e-5
 
 
+@pytest.mark.skipif(not sparse_conv._IMPLICIT_CONV2D, reason="no implicit-im2col conv kernel on this CPU")
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_frozen_conv_without_no_grad_runs_the_implicit_op(monkeypatch, activation, with_residual):
+    """A frozen layer called without no_grad (only its bias Parameter wants a gradient) still runs the
+    implicit-im2col op, torch adding the bias: the no_grad numbers, and the dense conv's bias gradient."""
+    conv = _block_pruned_conv(dict(in_channels=24, out_channels=33, kernel_size=3, padding=1))
+    sparse = SparseConv2d.from_dense(conv, block_size=(16, 8), activation=activation)
+    x = torch.randn(2, 24, 9, 7)
+    residual = torch.randn(2, 33, 9, 7) if with_residual else None
+    with torch.no_grad():
+        want = sparse(x, residual)
+    calls = []
+    op = sparse_conv.ops.bsr_conv2d_nhwc
+    monkeypatch.setattr(sparse_conv.ops, "bsr_conv2d_nhwc", lambda *a: calls.append(a[4]) or op(*a))
+    y = sparse(x, residual)
+    assert len(calls) == 1 and calls[0] is None  # the op ran, without the bias
+    assert torch.equal(y, want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    out = conv(x) + (0 if residual is None else residual)
+    (out if activation is None else torch.relu(out)).backward(g)
+    assert _rel(sparse.bias.grad, conv.bias.grad) < 1e-5
+    assert sparse.linear.values.grad is None
+
+
 def test_compile_matches_eager():
     torch._dynamo.reset()
     conv = _block_pruned_conv(dict(in_channels=24, out_channels=33, kernel_size=3, stride=2, padding=1))

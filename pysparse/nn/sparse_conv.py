@@ -218,7 +218,13 @@ class SparseConv2d(nn.Module):
 
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
             return gemm(x, res=residual)   # a view of the NHWC input: rows of channels, multiplied in place
-        if self._implicit(x):
+        if self._implicit(x, values):
+            if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+                # Only the bias wants a gradient (a frozen layer called without no_grad): the op computes the rest
+                # and torch adds the bias, as bsr_linear_packed does. Same numbers: the kernel adds it last too.
+                y = ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, None, self.out_channels,
+                                        self.kernel_size, self.stride, self.dilation, None, None) + bias
+                return ops._torch_epilogue(y, activation, residual)
             return ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, bias, self.out_channels,
                                        self.kernel_size, self.stride, self.dilation, activation, residual)
         if kh == 1 and kw == 1:
@@ -232,16 +238,15 @@ class SparseConv2d(nn.Module):
         y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None))
         return ops._torch_epilogue(y, activation, residual)
 
-    def _implicit(self, x: torch.Tensor) -> bool:
+    def _implicit(self, x: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks
-        that do not straddle two taps (bw divides C) with bh a multiple of 8, and no gradient needed (the op has
-        no backward; the im2col path goes through bsr_linear's)."""
+        that do not straddle two taps (bw divides C) with bh a multiple of 8, and no gradient needed for the input
+        or the weight (the op has no backward; the im2col path goes through bsr_linear's). A bias that wants one is
+        added by torch after the op."""
         bh, bw = self.block_size
-        lin = self.linear
-        return (_IMPLICIT_CONV2D and x.device.type == "cpu" and x.dtype == torch.float32
-                and lin.values.dtype == torch.float32 and self.in_channels % bw == 0 and bh % 8 == 0
-                and not (torch.is_grad_enabled() and (x.requires_grad or lin.values.requires_grad
-                                                      or (lin.bias is not None and lin.bias.requires_grad))))
+        return (_IMPLICIT_CONV2D and x.is_cpu and x.dtype == torch.float32 and values.dtype == torch.float32
+                and self.in_channels % bw == 0 and bh % 8 == 0
+                and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)))
 
     def _im2col_gemm(self, patches: torch.Tensor, linear) -> torch.Tensor:
         """``[B, Ho, Wo, O]`` from patch views ``[B, Ho, Wo, kh, kw, C]`` through ``linear`` (rows of patches to
