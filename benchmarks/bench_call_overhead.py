@@ -8,7 +8,9 @@ weight it times, interleaved in one process (``pysparse.analysis.alternating_med
 * ``ops.bsr_linear``: the functional form, with its argument checks (``check_indices=False``);
 * ``ops.bsr_linear_packed``: no Python checks, the dispatch decision only;
 * ``op``: ``torch.ops.pysparse.bsr_linear_act`` called directly (torch's dispatcher, the C++ checks, the kernel);
-* ``nn.Linear`` and ``F.linear`` on the dense weight.
+* ``nn.Linear`` and ``F.linear`` on the dense weight;
+* the two layers again with grad mode on (``torch.enable_grad()`` around the call: an inference call made without
+  ``no_grad``; the frozen layer's bias is still a Parameter that wants a gradient).
 
 "1 block" (a 32x32 weight) leaves almost only the fixed cost. Every pysparse variant's output is first checked
 against the dense layer.
@@ -36,6 +38,11 @@ from pysparse.nn import SparseLinear  # noqa: E402
 CASES = {"1 block (32->32)": (32, 32, 0.0), "768->3072 90%": (768, 3072, 0.9)}
 
 
+def with_grad(module, x):
+    with torch.enable_grad():  # the timing runs under no_grad
+        return module(x)
+
+
 def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
     torch.manual_seed(0)
     dense = torch.nn.Linear(k, n)
@@ -53,10 +60,12 @@ def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
         "op": lambda: op(x, v, crow, col, bias, n, None, None),
         "nn.Linear": lambda: dense(x),
         "F.linear": lambda: F.linear(x, dense.weight, dense.bias),
+        "SparseLinear, grad on": lambda: with_grad(layer, x),
+        "nn.Linear, grad on": lambda: with_grad(dense, x),
     }
     with torch.no_grad():
         want = dense(x)
-        for name in ("SparseLinear", "ops.bsr_linear", "bsr_linear_packed", "op"):
+        for name in ("SparseLinear", "ops.bsr_linear", "bsr_linear_packed", "op", "SparseLinear, grad on"):
             torch.testing.assert_close(fns[name](), want, rtol=1e-5, atol=1e-5, msg=name)
     return {name: s * 1e6 for name, s in alternating_medians(fns, rounds=rounds, min_run_time=0.3).items()}
 
@@ -74,7 +83,7 @@ def main(argv=None) -> None:
         rows.append([label, *(f"{us[name]:.1f}" for name in us), f"{us['SparseLinear'] - us['op']:.1f}",
                      f"{us['F.linear'] / us['SparseLinear']:.2f}x"])
     head = ["weight, M=1 (us per call)", "SparseLinear", "ops.bsr_linear", "bsr_linear_packed", "op", "nn.Linear",
-            "F.linear", "layer - op", "F.linear / layer"]
+            "F.linear", "SparseLinear, grad on", "nn.Linear, grad on", "layer - op", "F.linear / layer"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
     print("\n".join(left_aligned(head, rows)))
 
