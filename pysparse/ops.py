@@ -102,7 +102,7 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
                                                       None, None) + bias
         return _torch_epilogue(y, activation, residual)
     y = _call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
-    return y if activation is None and residual is None else _torch_epilogue(y, activation, residual)
+    return _torch_epilogue(y, activation, residual)
 
 
 def _torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
