@@ -52,6 +52,14 @@ def _wants_grad(*args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+def _only_bias_wants_grad(bias, *others) -> bool:
+    """Whether ``bias`` is the one argument autograd must see (a frozen layer, whose bias is still a Parameter,
+    called without no_grad): then the op runs without it and torch adds it, so autograd records one add instead of
+    the op's Python autograd (~60 us a call, more than the kernel at batch 1). Same numbers: the kernels add the
+    bias last, in float32, as that add does."""
+    return bias is not None and torch.is_grad_enabled() and bias.requires_grad and not _wants_grad(*others)
+
+
 def _call(op, *args):
     """``op(*args)``, below the autograd layer when no argument needs a gradient.
 
@@ -92,12 +100,8 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
         # microsecond of Python is a few percent of the call.
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
                                                          out_features, activation, residual)
-    if (bias is not None and input.is_cpu and input.dtype == torch.float32 and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not _wants_grad(input, values, residual)):
-        # Only the bias wants a gradient: an inference call made without no_grad on a layer whose bias is a
-        # Parameter. The kernel computes the product and torch adds the bias, so autograd records one add instead of
-        # this op's Python autograd (~60 us a call, more than the kernel at batch 1). Same numbers: the kernels add
-        # the bias last, in float32, as this add does.
+    if input.is_cpu and input.dtype == torch.float32 and _only_bias_wants_grad(bias, input, values):
+        # float32 only: in bf16 / fp16 rounding the product before the add would differ from the kernel by an ulp.
         y = torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, None, out_features,
                                                       None, None) + bias
         return _torch_epilogue(y, activation, residual)

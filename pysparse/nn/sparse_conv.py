@@ -219,9 +219,7 @@ class SparseConv2d(nn.Module):
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
             return gemm(x, res=residual)   # a view of the NHWC input: rows of channels, multiplied in place
         if self._implicit(x, values):
-            if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-                # Only the bias wants a gradient (a frozen layer called without no_grad): the op computes the rest
-                # and torch adds the bias, as bsr_linear_packed does. Same numbers: the kernel adds it last too.
+            if ops._only_bias_wants_grad(bias, x, values):  # the op has no backward: torch adds the bias
                 y = ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, None, self.out_channels,
                                         self.kernel_size, self.stride, self.dilation, None, None) + bias
                 return ops._torch_epilogue(y, activation, residual)
