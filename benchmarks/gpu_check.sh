@@ -58,8 +58,13 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -k "not cuda" tests/test_cp
   tests/test_activation_fusion.py tests/test_residual_epilogue.py 2>&1 | tee -a "$OUT_DIR/cpu.log" | tail -2
 cpu_py_rc=${PIPESTATUS[0]}
 pin=(); command -v taskset >/dev/null && pin=(taskset -c 0,1)  # issue 7's targets are for two cores
-timeout 180 "${pin[@]}" python3 benchmarks/bench_cpu_bsr_linear.py --targets --threads 2 --no-torch-bsr 2>&1 \
-  | tee -a "$OUT_DIR/cpu.log" | tail -9
+# A/B of the float32 broadcast kernel on AVX-512 (off by default there until measured; SparseLinear's layout follows):
+# the targets with the path's default, then with PYSPARSE_CPU_BCAST=1. Both tables are printed again at the end.
+for bcast in "" 1; do
+  PYSPARSE_CPU_BCAST=$bcast timeout 150 "${pin[@]}" python3 benchmarks/bench_cpu_bsr_linear.py --targets --threads 2 \
+    --no-torch-bsr > "$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log" 2>&1
+  tail -9 "$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log" | tee -a "$OUT_DIR/cpu.log"
+done
 
 step "benchmark (bf16)"
 bench_args=()
@@ -70,4 +75,8 @@ fi
 timeout 400 python3 benchmarks/bench_cuda_bsr_linear.py "${bench_args[@]}" --json "$OUT_DIR/bench_cuda.json" "$@" 2>&1 | tee "$OUT_DIR/bench.log" \
   | grep -v "^ *[0-9]*x[0-9]* M=" 
 echo
+for f in "$OUT_DIR"/cpu_targets_bcast_default.log "$OUT_DIR"/cpu_targets_bcast1.log; do
+  echo "CPU targets, $(basename "$f" .log) (2 threads, vs dense F.linear):"
+  grep -E "^\| [0-9]+->" "$f" | tail -6 | cut -d'|' -f2-9
+done
 echo "tests rc=$tests_rc sanitizer rc=$san_rc cpu ctest rc=$cpu_rc cpu pytest rc=$cpu_py_rc"

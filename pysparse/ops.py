@@ -206,7 +206,8 @@ def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_fea
 
 def cpu_reads_transposed(bh: int, bw: int) -> bool:
     """Whether this machine's float32 CPU kernels read ``(bh, bw)`` blocks transposed at every batch size (the
-    AVX2 broadcast kernel, bh a multiple of 16). ``bsr_linear`` then takes ``values`` laid out block-transposed
+    broadcast kernel: on AVX2 for bh a multiple of 16; on AVX-512, bh a multiple of 32, only with
+    ``PYSPARSE_CPU_BCAST=1`` until measured there). ``bsr_linear`` then takes ``values`` laid out block-transposed
     (see :func:`is_block_transposed`) in place; any other layout works everywhere, through a row-major copy."""
     return _C.cpu_reads_transposed(int(bh), int(bw))
 

@@ -1,5 +1,5 @@
-"""Every CPU kernel path this machine runs (generic, AVX2, AVX-512), forced with PYSPARSE_CPU_ISA, against the
-dense reference: float32 / bfloat16 / float16, the block shapes the SIMD kernels specialise and odd ones, ragged
+"""Every CPU kernel path this machine runs (generic, AVX2, AVX-512), forced with PYSPARSE_CPU_ISA, with and without
+the float32 broadcast kernel (PYSPARSE_CPU_BCAST), against the dense reference: float32 / bfloat16 / float16, the block shapes the SIMD kernels specialise and odd ones, ragged
 M (register-tile and small-M tails), ragged K / N (padding filled with NaN, which must be ignored), empty rows,
 fully dense and fully empty weights, strided inputs, and concurrent calls from several Python threads.
 
@@ -16,10 +16,12 @@ import sys
 import pytest
 
 PATHS = ("generic", "avx2", "avx512")
+# Each SIMD path with its default broadcast-kernel setting (AVX2 on, AVX-512 off) and with the other one.
+PATH_VARIANTS = [(isa, "") for isa in PATHS] + [("avx2", "0"), ("avx512", "1")]
 
 
-def _run_worker(isa: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYSPARSE_CPU_ISA=isa)
+def _run_worker(isa: str, *args: str, bcast: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYSPARSE_CPU_ISA=isa, PYSPARSE_CPU_BCAST=bcast)
     return subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -29,11 +31,14 @@ def _last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("isa", PATHS)
-def test_isa_path_matches_reference(isa):
-    report = _last_json(_run_worker(isa))
+@pytest.mark.parametrize("isa,bcast", PATH_VARIANTS)
+def test_isa_path_matches_reference(isa, bcast):
+    report = _last_json(_run_worker(isa, bcast=bcast))
     if report["isa"] != isa:  # the library fell back: this CPU lacks the path
         pytest.skip(f"this CPU cannot run the {isa} path (got {report['isa']})")
+    # SparseLinear's layout follows the switch: block-transposed exactly where the broadcast kernel runs.
+    expect_transposed = {"": isa == "avx2", "0": False, "1": isa != "generic"}[bcast]
+    assert report["reads_transposed_32x32"] == expect_transposed
     assert report["checked"] > 100
     assert not report["failures"], "\n".join(report["failures"][:20])
 
@@ -42,6 +47,13 @@ def test_bad_isa_request_warns_and_falls_back():
     proc = _run_worker("no-such-isa", "--which")
     assert "PYSPARSE_CPU_ISA must be generic, avx2 or avx512, got 'no-such-isa'" in proc.stderr
     assert _last_json(proc)["isa"] in PATHS
+
+
+def test_bad_bcast_request_warns_and_keeps_the_default():
+    proc = _run_worker("avx2", "--which", bcast="yes")
+    assert "PYSPARSE_CPU_BCAST must be 0 or 1, got 'yes'" in proc.stderr
+    report = _last_json(proc)
+    assert report["reads_transposed_32x32"] == (report["isa"] == "avx2")
 
 
 # ---- worker (runs in a subprocess with PYSPARSE_CPU_ISA set) ------------------------------------------------
@@ -86,11 +98,12 @@ def _worker(which_only: bool) -> None:
     import torch
 
     import pysparse
-    from pysparse.ops import bsr_linear, bsr_linear_reference
+    from pysparse.ops import bsr_linear, bsr_linear_reference, kernel_layout
 
     isa = pysparse.ops.available_backends()["cpu"]
+    transposed_32 = pysparse.ops.cpu_reads_transposed(32, 32)
     if which_only or isa != os.environ.get("PYSPARSE_CPU_ISA"):
-        print(json.dumps({"isa": isa, "checked": 0, "failures": []}))
+        print(json.dumps({"isa": isa, "reads_transposed_32x32": transposed_32, "checked": 0, "failures": []}))
         return
     gen = torch.Generator().manual_seed(0)
     failures, checked = [], 0
@@ -106,17 +119,20 @@ def _worker(which_only: bool) -> None:
         bias = torch.randn(n, generator=gen).to(dtype) if case["bias"] else None
         ref = bsr_linear_reference(x.double(), values.double(), crow, col,
                                    None if bias is None else bias.double(), n)
-        # The op allocates its output; freeing a NaN tensor of that size first makes the allocator likely to hand
-        # the same memory back, so an output element the kernel forgot would show up as NaN.
-        del_me = torch.full((m, n), float("nan"), dtype=dtype)
-        del del_me
-        y = bsr_linear(x, values, crow, col, bias, n)
-        err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
-        scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
-        checked += 1
-        if not (torch.isfinite(y).all() and err / scale < tols[dtype]):
-            failures.append(f"{isa} {dtype} {case} threads={threads}: rel err {err / scale:.3g}, "
-                            f"finite={bool(torch.isfinite(y).all())}")
+        # Row-major values, then (where it differs) the layout SparseLinear keeps for this path.
+        laid_out = kernel_layout(values)
+        for vals in (values, laid_out) if laid_out is not values else (values,):
+            # The op allocates its output; freeing a NaN tensor of that size first makes the allocator likely to
+            # hand the same memory back, so an output element the kernel forgot would show up as NaN.
+            del_me = torch.full((m, n), float("nan"), dtype=dtype)
+            del del_me
+            y = bsr_linear(x, vals, crow, col, bias, n)
+            err = (y.double() - ref).abs().max().item() if y.numel() else 0.0
+            scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+            checked += 1
+            if not (torch.isfinite(y).all() and err / scale < tols[dtype]):
+                failures.append(f"{isa} {dtype} {case} threads={threads} block-transposed={vals is laid_out}: "
+                                f"rel err {err / scale:.3g}, finite={bool(torch.isfinite(y).all())}")
 
     cases = _cases()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -158,7 +174,7 @@ def _worker(which_only: bool) -> None:
     checked += 1
     if errors:
         failures.append(f"{isa} concurrent callers disagreed with the reference: inputs {sorted(set(errors))}")
-    print(json.dumps({"isa": isa, "checked": checked, "failures": failures}))
+    print(json.dumps({"isa": isa, "reads_transposed_32x32": transposed_32, "checked": checked, "failures": failures}))
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

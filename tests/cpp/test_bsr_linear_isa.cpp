@@ -1,5 +1,6 @@
-// Every CPU kernel path this machine can run (generic, AVX2, AVX-512, AVX-512 with BF16), every storage type,
-// against a double-precision reference: ragged shapes, block sizes that do not divide the matrix, the shapes the
+// Every CPU kernel path this machine can run (generic, AVX2, AVX-512, AVX-512 with BF16; the SIMD paths with and
+// without the broadcast kernel; on AVX2 machines also the AVX-512 path's tiles on emulated 16-lane vectors), every
+// storage type, against a double-precision reference: ragged shapes, block sizes that do not divide the matrix, the shapes the
 // SIMD kernels specialise (multiples of 8 / 16), empty rows, fully dense and fully empty weights, strided x,
 // non-finite values in the padding, NaN-poisoned outputs, 1..3 threads and concurrent callers.
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx2_as_16_lanes.h"
 #include "bsr_linear.h"
 #include "check.h"
 #include "transposed_blocks.h"
@@ -106,6 +108,28 @@ const char* isa_name(CpuIsa isa) {
   return "?";
 }
 
+// A kernel path under test: an instruction set, whether float32 may take the broadcast kernel, and whether it runs
+// as the AVX-512 path's tiles emulated on AVX2 (avx2_as_16_lanes.h) instead of through the dispatcher.
+struct Path {
+  CpuIsa isa;
+  bool bcast;
+  bool emulated_16_lanes = false;
+  std::string name() const {
+    return std::string(emulated_16_lanes ? "avx2_as_16_lanes" : isa_name(isa)) + (bcast ? "+bcast" : "");
+  }
+};
+
+template <typename T>
+void run_path(const Path& path, const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias,
+              T* y, const BsrProblem& p, int threads) {
+#if PYSPARSE_X86
+  if (path.emulated_16_lanes) {
+    return avx2_as_16_lanes::bsr_linear<T>(x, values, crow, col, bias, y, p, threads, path.bcast);
+  }
+#endif
+  bsr_linear_cpu_isa<T>(path.isa, path.bcast, x, values, crow, col, bias, y, p, threads);
+}
+
 const char* act_name(Activation a) {
   switch (a) {
     case Activation::kRelu: return "relu";
@@ -124,7 +148,7 @@ double activate_ref(double v, Activation a) {
 }
 
 template <typename T>
-void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt19937& rng, const char* dtype,
+void run_case(const Path& path, const Case& c, int threads, bool with_bias, std::mt19937& rng, const char* dtype,
               double tol, Activation act = Activation::kNone, bool with_residual = false) {
   Bsr w = make_bsr(c, rng);
   w.p.act = act;
@@ -157,8 +181,8 @@ void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt199
   for (int pass = 0; pass < (transposed.empty() ? 1 : 2); ++pass) {
     w.p.transposed_values = pass == 1 ? transposed.data() : nullptr;
     std::vector<T> y = cast<T>(std::vector<float>(size_t(p.M * p.N), std::nanf("")));  // poisoned
-    bsr_linear_cpu_isa<T>(isa, x.data(), values.data(), w.crow.data(), w.col.data(),
-                          with_bias ? bias.data() : nullptr, y.data(), p, threads);
+    run_path<T>(path, x.data(), values.data(), w.crow.data(), w.col.data(), with_bias ? bias.data() : nullptr,
+                y.data(), p, threads);
     double max_err = 0.0, max_ref = 0.0;
     bool finite = true;
     for (size_t i = 0; i < ref.size(); ++i) {
@@ -168,7 +192,7 @@ void run_case(CpuIsa isa, const Case& c, int threads, bool with_bias, std::mt199
       max_ref = std::max(max_ref, std::fabs(ref[i]));
     }
     const double rel = max_err / std::max(max_ref, 1e-30);
-    CHECK(finite && rel < tol, isa_name(isa) << " " << dtype << " M=" << c.M << " K=" << c.K << " N=" << c.N
+    CHECK(finite && rel < tol, path.name() << " " << dtype << " M=" << c.M << " K=" << c.K << " N=" << c.N
                                              << " block=" << c.bh << "x" << c.bw << " density=" << c.density
                                              << " threads=" << threads << " bias=" << with_bias
                                              << " activation=" << act_name(act) << " residual=" << with_residual
@@ -207,26 +231,26 @@ std::vector<Case> cases() {
 }
 
 template <typename T>
-void run_all(CpuIsa isa, const char* dtype, double tol) {
+void run_all(const Path& path, const char* dtype, double tol) {
   std::mt19937 rng(1234);
   int i = 0;
   for (const Case& c : cases()) {
     // A quarter of the cases each fuse ReLU, GELU and ReLU6, and a third add a residual, so each kernel's
     // epilogue meets ragged tiles with every combination.
-    run_case<T>(isa, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 4), i % 3 == 1);
+    run_case<T>(path, c, 1 + i % 3, i % 2 == 0, rng, dtype, tol, Activation((i / 2) % 4), i % 3 == 1);
     ++i;
   }
 }
 
 // Several caller threads at once (each call uses 2 OpenMP threads): per-call buffers must not be shared.
-void concurrent(CpuIsa isa) {
+void concurrent(const Path& path) {
   std::vector<std::thread> callers;
   for (int c = 0; c < 4; ++c) {
-    callers.emplace_back([isa, c] {
+    callers.emplace_back([&path, c] {
       std::mt19937 rng(77 + c);
       for (int rep = 0; rep < 3; ++rep) {
-        run_case<float>(isa, {int64_t(40 + 13 * c), 96 + 7 * c, 128, 32, 32, 0.5}, 2, true, rng, "float32", 1e-5);
-        run_case<float>(isa, {int64_t(1 + c), 96, 130, 16, 16, 0.5}, 2, true, rng, "float32", 1e-5);
+        run_case<float>(path, {int64_t(40 + 13 * c), 96 + 7 * c, 128, 32, 32, 0.5}, 2, true, rng, "float32", 1e-5);
+        run_case<float>(path, {int64_t(1 + c), 96, 130, 16, 16, 0.5}, 2, true, rng, "float32", 1e-5);
       }
     });
   }
@@ -236,20 +260,32 @@ void concurrent(CpuIsa isa) {
 }  // namespace
 
 int main() {
-  int paths = 0;
+  std::vector<Path> paths;
   for (CpuIsa isa : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
     if (!cpu_isa_supported(isa)) {
       std::printf("skip %s: not supported by this CPU\n", isa_name(isa));
       continue;
     }
-    ++paths;
-    run_all<float>(isa, "float32", 1e-5);
-    run_all<bfloat16_t>(isa, "bfloat16", 1e-2);
-    run_all<float16_t>(isa, "float16", 1e-2);
-    concurrent(isa);
-    std::printf("%s: checked\n", isa_name(isa));
+    paths.push_back({isa, false});
+    // The broadcast kernel is float32 only, so kAvx512Bf16 (which differs from kAvx512 in bfloat16 alone) skips it.
+    if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) paths.push_back({isa, true});
   }
-  std::printf("active path: %s\n", active_cpu_isa());
-  CHECK(paths >= 1, "no kernel path ran");
+  // Where AVX-512 is missing, its tiles still run here, on emulated 16-lane vectors.
+  if (cpu_isa_supported(CpuIsa::kAvx2) && !cpu_isa_supported(CpuIsa::kAvx512)) {
+    paths.push_back({CpuIsa::kAvx2, false, true});
+    paths.push_back({CpuIsa::kAvx2, true, true});
+  }
+  for (const Path& path : paths) {
+    run_all<float>(path, "float32", 1e-5);
+    if (!path.bcast) {  // the broadcast switch changes float32 only: the other types ran without it
+      run_all<bfloat16_t>(path, "bfloat16", 1e-2);
+      run_all<float16_t>(path, "float16", 1e-2);
+    }
+    concurrent(path);
+    std::printf("%s: checked\n", path.name().c_str());
+  }
+  std::printf("active path: %s, broadcast kernel %s\n", active_cpu_isa(),
+              cpu_bcast_enabled(active_cpu_isa_id()) ? "on" : "off");
+  CHECK(!paths.empty(), "no kernel path ran");
   return check::report("test_bsr_linear_isa");
 }

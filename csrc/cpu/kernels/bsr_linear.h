@@ -48,8 +48,14 @@ CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 
+// Whether the float32 kernels on `isa`'s path may take the broadcast kernel (see simd_kernels.inc). AVX2: yes.
+// AVX-512: only where the environment variable PYSPARSE_CPU_BCAST=1, until it is measured faster there than the
+// outer-product kernel. PYSPARSE_CPU_BCAST=0 turns it off on every path (A/B runs). Read once, at load. Generic: no.
+// bsr_conv2d_nhwc_cpu (the implicit-im2col convolution) is built on it and ignores the switch.
+bool cpu_bcast_enabled(CpuIsa isa);
+
 // Whether bsr_linear_cpu<float> on this machine's path runs `p` through the broadcast kernel when given the blocks
-// transposed (BsrProblem::transposed_values), which it then reads. bsr_conv2d_nhwc_cpu always does.
+// transposed (BsrProblem::transposed_values), which it then reads.
 bool bsr_linear_reads_transposed(const BsrProblem& p);
 
 // Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
@@ -76,9 +82,10 @@ template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads);
 
-// Same, on a given path (tests force every path the machine can run); `isa` must be supported.
+// Same, on a given path (tests force every path the machine can run); `isa` must be supported. bcast: whether
+// float32 may take the broadcast kernel (ignored where the path has none).
 template <typename T>
-void bsr_linear_cpu_isa(CpuIsa isa, const T* x, const T* values, const int32_t* crow, const int32_t* col,
+void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, const int32_t* crow, const int32_t* col,
                         const T* bias, T* y, const BsrProblem& p, int num_threads);
 
 }  // namespace pysparse

@@ -35,7 +35,6 @@ struct Isa {
   // Small-M register tile: outputs per tile for MT <= 3 tokens (R * MT accumulators + MT x vectors <= 16).
   static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
   // Broadcast kernel: tokens x vectors of outputs per tile (T*NVO accumulators + NVO weights + 1 broadcast <= 16).
-  static constexpr bool kBcastKernel = true;
   static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 2 : nvo == 2 ? 6 : 12; }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -63,11 +62,11 @@ struct Isa {
 
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
-                const BsrProblem& p, int num_threads) {
-  bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false);
+                const BsrProblem& p, int num_threads, bool bcast) {
+  bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false, bcast);
 }
 
-bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true); }
+bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true, true); }
 
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads) {
@@ -75,11 +74,11 @@ void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const 
 }
 
 template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
-                                const BsrProblem&, int);
+                                const BsrProblem&, int, bool);
 template void bsr_linear<bfloat16_t>(const bfloat16_t*, const bfloat16_t*, const int32_t*, const int32_t*,
-                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int);
+                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int, bool);
 template void bsr_linear<float16_t>(const float16_t*, const float16_t*, const int32_t*, const int32_t*,
-                                    const float16_t*, float16_t*, const BsrProblem&, int);
+                                    const float16_t*, float16_t*, const BsrProblem&, int, bool);
 
 }  // namespace avx2
 }  // namespace pysparse

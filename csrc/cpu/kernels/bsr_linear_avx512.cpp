@@ -2,6 +2,7 @@
 // Compiled with function-level target attributes (pragma below), so no -mavx512* flag is needed and the library
 // still loads on CPUs without AVX-512; dispatch.cpp calls this only where cpuid reports the features, and passes
 // native_bf16 only where the CPU has AVX512-BF16.
+#include "avx512_tiles.h"
 #include "isa_kernels.h"
 
 #if PYSPARSE_X86
@@ -34,17 +35,8 @@ namespace pysparse {
 namespace avx512 {
 namespace {
 
-struct Isa {
+struct Isa : Avx512Tiles {
   using V = __m512;
-  static constexpr int L = 16;
-  // 8 outputs x 3 vectors (48 tokens): 24 accumulators + 3 x vectors + 1 broadcast of the 32 registers.
-  static constexpr int kVecs = 3;
-  static constexpr int outer_rows(int) { return 8; }
-  static constexpr int dot_rows(int) { return 8; }  // 8 x 3 accumulators at most
-  // Broadcast kernel: off until it is measured on an AVX-512 machine (this path keeps the outer-product kernel).
-  // Its tile would be T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32).
-  static constexpr bool kBcastKernel = false;
-  static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 4 : nvo == 2 ? 12 : 16; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -54,6 +46,7 @@ struct Isa {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static __m256 half(V v, int h) { return h ? _mm512_extractf32x8_ps(v, 1) : _mm512_castps512_ps256(v); }
   static __m256 fold(V v) { return _mm256_add_ps(half(v, 0), half(v, 1)); }
+  static V join(__m256 lo, __m256 hi) { return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static V load_cvt(const float* p) { return load(p); }
   static V load_cvt(const bfloat16_t* p) {
@@ -73,16 +66,18 @@ struct Isa {
 
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
-                const BsrProblem& p, int num_threads, bool native_bf16) {
-  bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, native_bf16);
+                const BsrProblem& p, int num_threads, bool native_bf16, bool bcast) {
+  bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, native_bf16, bcast);
 }
 
+bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true, true); }
+
 template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
-                                const BsrProblem&, int, bool);
+                                const BsrProblem&, int, bool, bool);
 template void bsr_linear<bfloat16_t>(const bfloat16_t*, const bfloat16_t*, const int32_t*, const int32_t*,
-                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int, bool);
+                                     const bfloat16_t*, bfloat16_t*, const BsrProblem&, int, bool, bool);
 template void bsr_linear<float16_t>(const float16_t*, const float16_t*, const int32_t*, const int32_t*,
-                                    const float16_t*, float16_t*, const BsrProblem&, int, bool);
+                                    const float16_t*, float16_t*, const BsrProblem&, int, bool, bool);
 
 }  // namespace avx512
 }  // namespace pysparse

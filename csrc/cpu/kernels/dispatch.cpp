@@ -1,5 +1,6 @@
 // Chooses the CPU kernel path once, at load: the best instruction set that cpuid (and the OS's saved register
-// state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests and users can force any path.
+// state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests and users can force any path; and whether
+// float32 takes the broadcast kernel there (PYSPARSE_CPU_BCAST=0|1 overrides each path's default).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -70,16 +71,37 @@ CpuIsa choose_isa() {
   return want;
 }
 
-// Read once per process; the static below also runs the choice when the library is loaded.
+// PYSPARSE_CPU_BCAST: -1 unset (each path's default), 0 off, 1 on.
+int bcast_request() {
+  const char* env = std::getenv("PYSPARSE_CPU_BCAST");
+  if (env == nullptr || env[0] == '\0') return -1;
+  if (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0) return env[0] - '0';
+  std::fprintf(stderr, "pysparse: PYSPARSE_CPU_BCAST must be 0 or 1, got '%s'; using each path's default\n", env);
+  return -1;
+}
+
+// Read once per process; the statics below also run the choices when the library is loaded.
 CpuIsa chosen_isa() {
   static const CpuIsa isa = choose_isa();
   return isa;
 }
+int chosen_bcast() {
+  static const int request = bcast_request();
+  return request;
+}
 const CpuIsa chosen_at_load = chosen_isa();
+const int bcast_at_load = chosen_bcast();
 
 }  // namespace
 
 bool cpu_isa_supported(CpuIsa isa) { return supported(isa); }
+
+// AVX2 measured the broadcast kernel 1.0-2.2x faster than the outer-product and dot kernels at every M (NOTES_cpu.md);
+// on AVX-512 it has not been measured yet, so the outer-product kernel stays the default there.
+bool cpu_bcast_enabled(CpuIsa isa) {
+  if (isa == CpuIsa::kGeneric) return false;
+  return chosen_bcast() == -1 ? isa == CpuIsa::kAvx2 : chosen_bcast() == 1;
+}
 
 CpuIsa active_cpu_isa_id() { return chosen_isa(); }
 
@@ -94,14 +116,14 @@ const char* active_cpu_isa() {
 }
 
 template <typename T>
-void bsr_linear_cpu_isa(CpuIsa isa, const T* x, const T* values, const int32_t* crow, const int32_t* col,
+void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, const int32_t* crow, const int32_t* col,
                         const T* bias, T* y, const BsrProblem& p, int num_threads) {
   if (num_threads < 1) num_threads = 1;
   switch (isa) {
 #if PYSPARSE_X86
-    case CpuIsa::kAvx2: avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads); return;
-    case CpuIsa::kAvx512: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, false); return;
-    case CpuIsa::kAvx512Bf16: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, true); return;
+    case CpuIsa::kAvx2: avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast); return;
+    case CpuIsa::kAvx512: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, false, bcast); return;
+    case CpuIsa::kAvx512Bf16: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, true, bcast); return;
 #endif
     default: generic::bsr_linear(x, values, crow, col, bias, y, p, num_threads); return;
   }
@@ -110,12 +132,15 @@ void bsr_linear_cpu_isa(CpuIsa isa, const T* x, const T* values, const int32_t* 
 template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads) {
-  bsr_linear_cpu_isa(chosen_isa(), x, values, crow, col, bias, y, p, num_threads);
+  bsr_linear_cpu_isa(chosen_isa(), cpu_bcast_enabled(chosen_isa()), x, values, crow, col, bias, y, p, num_threads);
 }
 
 bool bsr_linear_reads_transposed(const BsrProblem& p) {
+  const CpuIsa isa = chosen_isa();
+  if (!cpu_bcast_enabled(isa)) return false;
 #if PYSPARSE_X86
-  if (chosen_isa() == CpuIsa::kAvx2) return avx2::reads_transposed(p);
+  if (isa == CpuIsa::kAvx2) return avx2::reads_transposed(p);
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) return avx512::reads_transposed(p);
 #endif
   (void)p;
   return false;
@@ -150,7 +175,7 @@ void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* cro
 #define PYSPARSE_INSTANTIATE(T)                                                                                  \
   template void bsr_linear_cpu<T>(const T*, const T*, const int32_t*, const int32_t*, const T*, T*,              \
                                   const BsrProblem&, int);                                                       \
-  template void bsr_linear_cpu_isa<T>(CpuIsa, const T*, const T*, const int32_t*, const int32_t*, const T*, T*, \
+  template void bsr_linear_cpu_isa<T>(CpuIsa, bool, const T*, const T*, const int32_t*, const int32_t*, const T*, T*, \
                                       const BsrProblem&, int);
 PYSPARSE_INSTANTIATE(float)
 PYSPARSE_INSTANTIATE(bfloat16_t)

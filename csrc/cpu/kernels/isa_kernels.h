@@ -19,13 +19,15 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 }  // namespace generic
 
 #if PYSPARSE_X86
+// bcast: whether float32 may take the broadcast kernel (cpu_bcast_enabled).
 namespace avx2 {
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
-                const BsrProblem& p, int num_threads);
+                const BsrProblem& p, int num_threads, bool bcast);
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
-// Whether bsr_linear<float> runs p through the broadcast kernel (which reads BsrProblem::transposed_values).
+// Whether bsr_linear<float> with bcast runs p through the broadcast kernel (which reads
+// BsrProblem::transposed_values).
 bool reads_transposed(const BsrProblem& p);
 }  // namespace avx2
 
@@ -33,7 +35,8 @@ namespace avx512 {
 // native_bf16: use vdpbf16ps for bfloat16 (needs AVX512-BF16); otherwise bfloat16 is widened to float32.
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
-                const BsrProblem& p, int num_threads, bool native_bf16);
+                const BsrProblem& p, int num_threads, bool native_bf16, bool bcast);
+bool reads_transposed(const BsrProblem& p);  // as avx2::reads_transposed
 }  // namespace avx512
 #endif
 
