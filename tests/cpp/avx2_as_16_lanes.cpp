@@ -43,18 +43,18 @@ struct Isa : Avx512Tiles {
   static V join(__m256 lo, __m256 hi) { return {lo, hi}; }
   static float hsum(V v) { return avx2::hsum8(fold(v)); }
   static V load_cvt(const float* p) { return load(p); }
-  static __m256 widen8(const bfloat16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static __m256 widen8(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static V load_cvt(const bfloat16_t* p) { return {widen8(p), widen8(p + 8)}; }
-  static V load_cvt(const float16_t* p) { return {widen8(p), widen8(p + 8)}; }
+  template <typename T>
+  static V load_cvt(const T* p);  // 16-bit types: defined below with the kernels' own 8-lane widening
 };
 
 #define PYSPARSE_ISA_HAS_BF16_DOT 0
 #include "simd_kernels.inc"
 #undef PYSPARSE_ISA_HAS_BF16_DOT
+
+template <typename T>
+Isa::V Isa::load_cvt(const T* p) {
+  return {load8_f32(p), load8_f32(p + 8)};
+}
 
 }  // namespace
 
