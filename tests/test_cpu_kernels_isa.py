@@ -89,6 +89,8 @@ def _cases():
             density = 1.0 if c % 7 == 0 else 0.0 if c % 11 == 0 else 0.45
             out.append(dict(m=m, k=k, n=n, bh=bh, bw=bw, density=density, bias=c % 2 == 0, strided=c % 5 == 0))
     out.append(dict(m=130, k=200, n=300, bh=32, bw=32, density=0.3, bias=True, strided=False))
+    # ~5.5 MB of float32 weights: past the broadcast kernel's cache-resident size (its large-weight blocking).
+    out.append(dict(m=75, k=1500, n=1530, bh=32, bw=32, density=0.9, bias=True, strided=True))
     return out
 
 
