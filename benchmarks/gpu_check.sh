@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one script a lent GPU runs: build the extension for sm_90(a), run the CUDA tests, compute-sanitizer memcheck
 # on a small case, the channel-sparse check, the CPU kernels on the host's AVX-512 (the dev VM has only AVX2: this
-# is where those paths get tested and issue 7's targets measured), then the bf16 benchmark table (pysparse vs
-# cuBLAS dense vs torch BSR). Prints the table last.
+# is where those paths get tested and issue 7's targets measured), the bf16 benchmark table (pysparse vs cuBLAS
+# dense vs torch BSR), then the CPU targets with and without the AVX-512 broadcast kernel. Prints the GPU summary last.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh [extra bench args]
 # Logs and JSON go to $OUT when set (the device tool returns that folder), else to ./gpu_check_out.
 set -uo pipefail
@@ -57,14 +57,6 @@ tail -3 "$OUT_DIR/cpu.log"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -k "not cuda" tests/test_cpu_kernels_isa.py \
   tests/test_activation_fusion.py tests/test_residual_epilogue.py 2>&1 | tee -a "$OUT_DIR/cpu.log" | tail -2
 cpu_py_rc=${PIPESTATUS[0]}
-pin=(); command -v taskset >/dev/null && pin=(taskset -c 0,1)  # issue 7's targets are for two cores
-# A/B of the float32 broadcast kernel on AVX-512 (off by default there until measured; SparseLinear's layout follows):
-# the targets with the path's default, then with PYSPARSE_CPU_BCAST=1. Both tables are printed again at the end.
-for bcast in "" 1; do
-  PYSPARSE_CPU_BCAST=$bcast timeout 150 "${pin[@]}" python3 benchmarks/bench_cpu_bsr_linear.py --targets --threads 2 \
-    --no-torch-bsr > "$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log" 2>&1
-  tail -9 "$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log" | tee -a "$OUT_DIR/cpu.log"
-done
 
 step "benchmark (bf16)"
 bench_args=()
@@ -74,9 +66,18 @@ if [ "$tests_rc" != 0 ]; then  # a failing kernel must not take the table down w
 fi
 timeout 400 python3 benchmarks/bench_cuda_bsr_linear.py "${bench_args[@]}" --json "$OUT_DIR/bench_cuda.json" "$@" 2>&1 | tee "$OUT_DIR/bench.log" \
   | grep -v "^ *[0-9]*x[0-9]* M=" 
-echo
-for f in "$OUT_DIR"/cpu_targets_bcast_default.log "$OUT_DIR"/cpu_targets_bcast1.log; do
-  echo "CPU targets, $(basename "$f" .log) (2 threads, vs dense F.linear):"
-  grep -E "^\| [0-9]+->" "$f" | tail -6 | cut -d'|' -f2-9
+
+# Issue 7 on this host's AVX-512, after the GPU table so a slow CPU step cannot cost it: the targets with the path's
+# default (outer-product kernel), then with the broadcast kernel (PYSPARSE_CPU_BCAST=1; SparseLinear's layout follows).
+step "CPU targets on two pinned cores: AVX-512 default vs PYSPARSE_CPU_BCAST=1"
+pin=(); command -v taskset >/dev/null && pin=(taskset -c 0,1)  # issue 7's targets are for two cores
+for bcast in "" 1; do
+  log="$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log"
+  PYSPARSE_CPU_BCAST=$bcast timeout 150 "${pin[@]}" python3 benchmarks/bench_cpu_bsr_linear.py --targets --threads 2 \
+    --no-torch-bsr > "$log" 2>&1
+  echo "$(basename "$log" .log) (2 threads; pysparse us | dense us | vs dense):"
+  grep -E "^\| [0-9]+->" "$log" | tail -6 | cut -d'|' -f2-9
 done
+echo
+grep -A30 "^SUMMARY" "$OUT_DIR/bench.log" | head -40
 echo "tests rc=$tests_rc sanitizer rc=$san_rc cpu ctest rc=$cpu_rc cpu pytest rc=$cpu_py_rc"
