@@ -1,8 +1,8 @@
 // Every CPU kernel path this machine can run (generic, AVX2, AVX-512, AVX-512 with BF16; the SIMD paths with and
 // without the broadcast kernel; on AVX2 machines also the AVX-512 path's tiles on emulated 16-lane vectors), every
-// storage type, against a double-precision reference: ragged shapes, block sizes that do not divide the matrix, the shapes the
-// SIMD kernels specialise (multiples of 8 / 16), empty rows, fully dense and fully empty weights, strided x,
-// non-finite values in the padding, NaN-poisoned outputs, 1..3 threads and concurrent callers.
+// storage type, against a double-precision reference: ragged shapes, block sizes that do not divide the matrix, the
+// shapes the SIMD kernels specialise (multiples of 8 / 16), empty rows, fully dense and fully empty weights, strided
+// x, non-finite values in the padding, NaN-poisoned outputs, 1..3 threads and concurrent callers.
 #include <cmath>
 #include <cstdio>
 #include <limits>

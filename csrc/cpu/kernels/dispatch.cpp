@@ -175,8 +175,8 @@ void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* cro
 #define PYSPARSE_INSTANTIATE(T)                                                                                  \
   template void bsr_linear_cpu<T>(const T*, const T*, const int32_t*, const int32_t*, const T*, T*,              \
                                   const BsrProblem&, int);                                                       \
-  template void bsr_linear_cpu_isa<T>(CpuIsa, bool, const T*, const T*, const int32_t*, const int32_t*, const T*, T*, \
-                                      const BsrProblem&, int);
+  template void bsr_linear_cpu_isa<T>(CpuIsa, bool, const T*, const T*, const int32_t*, const int32_t*, const T*,  \
+                                      T*, const BsrProblem&, int);
 PYSPARSE_INSTANTIATE(float)
 PYSPARSE_INSTANTIATE(bfloat16_t)
 PYSPARSE_INSTANTIATE(float16_t)
