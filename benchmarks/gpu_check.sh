@@ -71,6 +71,14 @@ timeout 400 python3 benchmarks/bench_cuda_bsr_linear.py "${bench_args[@]}" --jso
 # default (outer-product kernel), then with the broadcast kernel (PYSPARSE_CPU_BCAST=1; SparseLinear's layout follows).
 step "CPU targets on two pinned cores: AVX-512 default vs PYSPARSE_CPU_BCAST=1"
 pin=(); command -v taskset >/dev/null && pin=(taskset -c 0,1)  # issue 7's targets are for two cores
+# In-process first (calls alternate between the two paths; the ctest build above made kernel_ab), then through Python.
+ab=/tmp/pysparse-ctest/kernel_ab
+if [ -x "$ab" ]; then
+  for c in "3072 768 128 32 0.1 2 100" "3072 768 1 32 0.1 2 1000" "3072 768 32 32 0.5 2 100" \
+           "3072 768 128 32 0.5 2 40" "3072 768 128 16 0.1 2 100" "3072 768 128 64 0.1 2 100"; do
+    timeout 60 "${pin[@]}" "$ab" $c avx512 avx512+bcast 2>&1 | tee -a "$OUT_DIR/cpu_kernel_ab.log"
+  done
+fi
 for bcast in "" 1; do
   log="$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log"
   PYSPARSE_CPU_BCAST=$bcast timeout 150 "${pin[@]}" python3 benchmarks/bench_cpu_bsr_linear.py --targets --threads 2 \
