@@ -1,7 +1,8 @@
 """Every CPU kernel path this machine runs (generic, AVX2, AVX-512), forced with PYSPARSE_CPU_ISA, with and without
-the float32 broadcast kernel (PYSPARSE_CPU_BCAST), against the dense reference: float32 / bfloat16 / float16, the block shapes the SIMD kernels specialise and odd ones, ragged
-M (register-tile and small-M tails), ragged K / N (padding filled with NaN, which must be ignored), empty rows,
-fully dense and fully empty weights, strided inputs, and concurrent calls from several Python threads.
+the float32 broadcast kernel (PYSPARSE_CPU_BCAST), against the dense reference: float32 / bfloat16 / float16, the
+block shapes the SIMD kernels specialise and odd ones, ragged M (register-tile and small-M tails), ragged K / N
+(padding filled with NaN, which must be ignored), empty rows, fully dense and fully empty weights, strided inputs,
+and concurrent calls from several Python threads.
 
 The path is chosen once when the library loads, so each path runs in its own interpreter (this file, run as a
 script with --worker); the test asks that interpreter which path it got and skips paths the CPU lacks.

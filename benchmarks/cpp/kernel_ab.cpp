@@ -18,6 +18,7 @@
 
 #include "bsr_linear.h"
 #include "dtypes.h"
+#include "transposed_blocks.h"  // tests/cpp: the layout SparseLinear keeps, built the plain way
 
 using namespace pysparse;
 
@@ -58,12 +59,7 @@ int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads
   for (auto& v : values) v = from_float<T>(u(rng));
   for (auto& v : x) v = from_float<T>(u(rng));
   std::vector<float> transposed;  // [nnz][bw][bh], float32 only
-  if constexpr (std::is_same_v<T, float>) {
-    transposed.resize(values.size());
-    for (int64_t b = 0; b < p.nnz; ++b)
-      for (int64_t i = 0; i < bs; ++i)
-        for (int64_t j = 0; j < bs; ++j) transposed[size_t(b * elems + j * bs + i)] = values[size_t(b * elems + i * bs + j)];
-  }
+  if constexpr (std::is_same_v<T, float>) transposed = transposed_blocks(values, bs, bs);
   std::vector<T> y[2] = {std::vector<T>(size_t(M * N)), std::vector<T>(size_t(M * N))};
   std::vector<double> times[2];
   std::vector<char> flush(cold ? size_t(96) << 20 : 0);
