@@ -78,6 +78,10 @@ if [ -x "$ab" ]; then
            "3072 768 128 32 0.5 2 40" "3072 768 128 16 0.1 2 100" "3072 768 128 64 0.1 2 100"; do
     timeout 60 "${pin[@]}" "$ab" $c avx512 avx512+bcast 2>&1 | tee -a "$OUT_DIR/cpu_kernel_ab.log"
   done
+  # bfloat16 (v19: the broadcast kernel widens 16-bit weights): decode with weights from memory, and M=128.
+  for c in "4096 4096 1 32 0.5 2 40 avx512 avx512+bcast bf16 cold" "3072 768 128 32 0.1 2 100 avx512 avx512+bcast bf16"; do
+    timeout 60 "${pin[@]}" "$ab" $c 2>&1 | tee -a "$OUT_DIR/cpu_kernel_ab.log"
+  done
 fi
 for bcast in "" 1; do
   log="$OUT_DIR/cpu_targets_bcast${bcast:-_default}.log"

@@ -45,21 +45,29 @@ PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(pysparse::
 
 PyObject* implicit_conv2d(PyObject*, PyObject*) { return PyBool_FromLong(pysparse::bsr_conv2d_available()); }
 
-// cpu_reads_transposed(bh, bw): whether this machine's float32 CPU path reads (bh, bw) blocks transposed at every
-// batch size (the broadcast kernel): then SparseLinear stores its values block-transposed.
+// cpu_reads_transposed(bh, bw, dtype): whether this machine's CPU path reads (bh, bw) blocks of dtype ("float32",
+// "bfloat16" or "float16") transposed at every batch size (the broadcast kernel): then SparseLinear stores its values
+// block-transposed.
 PyObject* cpu_reads_transposed(PyObject*, PyObject* args) {
   long long bh = 0, bw = 0;
-  if (!PyArg_ParseTuple(args, "LL", &bh, &bw)) return nullptr;
+  const char* dtype = nullptr;
+  if (!PyArg_ParseTuple(args, "LLs", &bh, &bw, &dtype)) return nullptr;
   pysparse::BsrProblem p;
   p.M = 1, p.bh = bh, p.bw = bw;
-  return PyBool_FromLong(bh >= 1 && bw >= 1 && pysparse::bsr_linear_reads_transposed(p));
+  if (bh < 1 || bw < 1) Py_RETURN_FALSE;
+  const std::string name(dtype);
+  if (name == "float32") return PyBool_FromLong(pysparse::bsr_linear_reads_transposed<float>(p));
+  if (name == "bfloat16") return PyBool_FromLong(pysparse::bsr_linear_reads_transposed<pysparse::bfloat16_t>(p));
+  if (name == "float16") return PyBool_FromLong(pysparse::bsr_linear_reads_transposed<pysparse::float16_t>(p));
+  PyErr_Format(PyExc_ValueError, "dtype must be float32, bfloat16 or float16, got %s", dtype);
+  return nullptr;
 }
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
     {"implicit_conv2d", implicit_conv2d, METH_NOARGS, "Whether torch.ops.pysparse.bsr_conv2d_nhwc runs on this CPU."},
     {"cpu_reads_transposed", cpu_reads_transposed, METH_VARARGS,
-     "Whether the float32 CPU kernels read (bh, bw) blocks transposed at every batch size (SparseLinear's layout)."},
+     "Whether the CPU kernels read (bh, bw) blocks of dtype transposed at every batch size (SparseLinear's layout)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

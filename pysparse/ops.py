@@ -204,21 +204,27 @@ def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_fea
     return torch.nn.functional.linear(input, weight, bias)
 
 
-def cpu_reads_transposed(bh: int, bw: int) -> bool:
-    """Whether this machine's float32 CPU kernels read ``(bh, bw)`` blocks transposed at every batch size (the
-    broadcast kernel: on AVX2 for bh a multiple of 16; on AVX-512, bh a multiple of 32, only with
-    ``PYSPARSE_CPU_BCAST=1`` until measured there). ``bsr_linear`` then takes ``values`` laid out block-transposed
-    (see :func:`is_block_transposed`) in place; any other layout works everywhere, through a row-major copy."""
-    return _C.cpu_reads_transposed(int(bh), int(bw))
+_CPU_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def cpu_reads_transposed(bh: int, bw: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this machine's CPU kernels read ``(bh, bw)`` blocks of ``dtype`` (float32, bfloat16 or float16)
+    transposed at every batch size (the broadcast kernel: on AVX2 for bh a multiple of 16; on AVX-512, bh a multiple
+    of 32, only with ``PYSPARSE_CPU_BCAST=1`` until measured there). ``bsr_linear`` then takes ``values`` laid out
+    block-transposed (see :func:`is_block_transposed`) in place; any other layout works everywhere, through a
+    row-major copy."""
+    if dtype not in _CPU_DTYPE_NAMES:
+        raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return _C.cpu_reads_transposed(int(bh), int(bw), _CPU_DTYPE_NAMES[dtype])
 
 
 def kernel_layout(values: torch.Tensor) -> torch.Tensor:
     """``values [nnz, bh, bw]`` (same numbers) in the memory layout pysparse's kernels read on its device and dtype:
-    block-transposed where :func:`cpu_reads_transposed` (float32 on the CPU), row-major (contiguous) elsewhere.
+    block-transposed where :func:`cpu_reads_transposed` (on the CPU), row-major (contiguous) elsewhere.
     Returns ``values`` itself when it already is; otherwise a copy (``SparseLinear`` keeps its weight so; pass the
     result to :func:`bsr_linear` to get the same speed from the raw op)."""
-    transposed = (values.device.type == "cpu" and values.dtype == torch.float32
-                  and cpu_reads_transposed(*values.shape[1:]))
+    transposed = (values.device.type == "cpu" and values.dtype in _CPU_DTYPE_NAMES
+                  and cpu_reads_transposed(*values.shape[1:], values.dtype))
     if transposed:
         return values if is_block_transposed(values) else values.transpose(1, 2).contiguous().transpose(1, 2)
     return values.contiguous()

@@ -1,5 +1,5 @@
 """Every CPU kernel path this machine runs (generic, AVX2, AVX-512), forced with PYSPARSE_CPU_ISA, with and without
-the float32 broadcast kernel (PYSPARSE_CPU_BCAST), against the dense reference: float32 / bfloat16 / float16, the
+the broadcast kernel (PYSPARSE_CPU_BCAST), against the dense reference: float32 / bfloat16 / float16, the
 block shapes the SIMD kernels specialise and odd ones, ragged M (register-tile and small-M tails), ragged K / N
 (padding filled with NaN, which must be ignored), empty rows, fully dense and fully empty weights, strided inputs,
 and concurrent calls from several Python threads.

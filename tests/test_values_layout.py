@@ -1,5 +1,6 @@
 """SparseLinear stores ``values`` block-transposed (each block column-major) where the CPU broadcast kernel reads
-blocks that way at every batch size (float32, AVX2 path, bh a multiple of 16), row-major elsewhere. The op reads
+blocks that way at every batch size (float32, bfloat16 or float16; AVX2 path, bh a multiple of 16), row-major
+elsewhere. The op reads
 that memory in place, so no re-layout happens per call and no second copy can go stale. These tests change the
 weight every way a user can (in place, through ``.data``, through numpy, with fused and foreach optimizers, by
 loading, by moving between dtypes) and check each next call, at large and small batch, against the dense
@@ -49,16 +50,26 @@ def test_layout_follows_the_kernel():
     _check(narrow, x8, "8x8 blocks")
 
 
-def test_layout_follows_dtype_and_back():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layout_follows_dtype_and_back(dtype):
     layer, x = _linear(seed=2)
-    half = copy.deepcopy(layer).to(torch.bfloat16)
-    assert half.values.is_contiguous()  # the bfloat16 kernels read row-major blocks
+    half = copy.deepcopy(layer).to(dtype)
+    # The 16-bit kernels read the same layout as float32 (the broadcast kernel widens the weights as it loads them).
+    assert ops.cpu_reads_transposed(32, 16, dtype) == TRANSPOSED_HERE
+    assert ops.is_block_transposed(half.values) == TRANSPOSED_HERE
+    assert torch.equal(half.values, layer.values.to(dtype))
     with torch.no_grad():
-        want = F.linear(x.bfloat16().double(), half.weight.to_dense().double(), half.bias.double())
-        torch.testing.assert_close(half(x.bfloat16()).double(), want, rtol=2e-2, atol=2e-1)
+        for rows in (x, x[:1], x[:7]):  # the large-M path and the small-M paths
+            want = F.linear(rows.to(dtype).double(), half.weight.to_dense().double(), half.bias.double())
+            torch.testing.assert_close(half(rows.to(dtype)).double(), want, rtol=2e-2, atol=2e-1)
     back = half.float()
     assert ops.is_block_transposed(back.values) == TRANSPOSED_HERE
-    _check(back, x, "bfloat16 and back")
+    _check(back, x, f"{dtype} and back")
+
+
+def test_reads_transposed_rejects_other_dtypes():
+    with pytest.raises(TypeError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16, got"):
+        ops.cpu_reads_transposed(32, 32, torch.int8)
 
 
 def test_every_kind_of_write_is_seen():

@@ -3,7 +3,7 @@
 // Each path gets the weight layout SparseLinear would keep for it: block-transposed with the broadcast kernel,
 // row-major without. Built by CMake next to the C++ tests (target kernel_ab); gpu_check.sh runs it on AVX-512.
 //
-//   kernel_ab N K M block density threads rounds path_a path_b [f32|bf16] [cold]
+//   kernel_ab N K M block density threads rounds path_a path_b [f32|bf16|f16] [cold]
 //   path: generic | avx2 | avx2+bcast | avx512 | avx512+bcast
 //   cold: touch 96 MB between calls, so the weights come from memory as in a model larger than the caches
 #include <algorithm>
@@ -40,6 +40,11 @@ bool parse_path(const std::string& s, Path* out) {
 }
 
 template <typename T>
+const char* dtype_name() {
+  return std::is_same_v<T, float> ? "f32" : std::is_same_v<T, bfloat16_t> ? "bf16" : "f16";
+}
+
+template <typename T>
 int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads, int rounds, const Path (&paths)[2],
         const char* names[2], bool cold) {
   std::mt19937 rng(1);
@@ -58,8 +63,7 @@ int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads
   std::vector<T> values(size_t(p.nnz * elems)), x(size_t(M * K));
   for (auto& v : values) v = from_float<T>(u(rng));
   for (auto& v : x) v = from_float<T>(u(rng));
-  std::vector<float> transposed;  // [nnz][bw][bh], float32 only
-  if constexpr (std::is_same_v<T, float>) transposed = transposed_blocks(values, bs, bs);
+  const std::vector<T> transposed = transposed_blocks(values, bs, bs);  // [nnz][bw][bh]
   std::vector<T> y[2] = {std::vector<T>(size_t(M * N)), std::vector<T>(size_t(M * N))};
   std::vector<double> times[2];
   std::vector<char> flush(cold ? size_t(96) << 20 : 0);
@@ -88,7 +92,7 @@ int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads
   }
   std::printf("%ldx%ld (N x K) M=%ld %ldx%ld density %.2f %s, %d threads, %d rounds%s | %s %.1f us (best %.1f, %.1f "
               "GFLOP/s) | %s %.1f us (best %.1f, %.1f GFLOP/s) | b vs a %.3fx (best %.3fx) | rel diff %.1e\n",
-              long(N), long(K), long(M), long(bs), long(bs), density, std::is_same_v<T, float> ? "f32" : "bf16",
+              long(N), long(K), long(M), long(bs), long(bs), density, dtype_name<T>(),
               threads, rounds, cold ? ", cold" : "", names[0], med[0], best[0], flop / med[0] / 1e3, names[1], med[1],
               best[1], flop / med[1] / 1e3, med[0] / med[1], best[0] / best[1], diff / scale);
   return diff / scale < (std::is_same_v<T, float> ? 1e-4 : 2e-2) ? 0 : 3;  // the paths must agree
@@ -98,7 +102,8 @@ int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads
 
 int main(int argc, char** argv) {
   if (argc < 10) {
-    std::fprintf(stderr, "usage: %s N K M block density threads rounds path_a path_b [f32|bf16] [cold]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s N K M block density threads rounds path_a path_b [f32|bf16|f16] [cold]\n",
+                 argv[0]);
     return 2;
   }
   Path paths[2];
@@ -109,7 +114,11 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const bool bf16 = argc > 10 && std::strcmp(argv[10], "bf16") == 0;
+  const std::string dtype = argc > 10 ? argv[10] : "f32";
+  if (dtype != "f32" && dtype != "bf16" && dtype != "f16") {
+    std::fprintf(stderr, "dtype must be f32, bf16 or f16, got '%s'\n", dtype.c_str());
+    return 2;
+  }
   const bool cold = argc > 11 && std::strcmp(argv[11], "cold") == 0;
   const int64_t N = std::atol(argv[1]), K = std::atol(argv[2]), M = std::atol(argv[3]), bs = std::atol(argv[4]);
   const double density = std::atof(argv[5]);
@@ -118,6 +127,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "N, K, M, block and threads must be positive\n");
     return 2;
   }
-  return bf16 ? run<bfloat16_t>(N, K, M, bs, density, threads, rounds, paths, names, cold)
-              : run<float>(N, K, M, bs, density, threads, rounds, paths, names, cold);
+  if (dtype == "bf16") return run<bfloat16_t>(N, K, M, bs, density, threads, rounds, paths, names, cold);
+  if (dtype == "f16") return run<float16_t>(N, K, M, bs, density, threads, rounds, paths, names, cold);
+  return run<float>(N, K, M, bs, density, threads, rounds, paths, names, cold);
 }

@@ -12,11 +12,9 @@ template <typename T, typename AtT>
 void run(BsrLinearArgs& a, at::Tensor& y) {
   auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr<AtT>()); };
   const T* values = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    // A block-transposed weight is read in place by the broadcast kernel, which then never reads `values`.
-    if (a.values_t.defined() && bsr_linear_reads_transposed(a.problem)) {
-      a.problem.transposed_values = a.values_t.const_data_ptr<float>();
-    }
+  // A block-transposed weight is read in place by the broadcast kernel, which then never reads `values`.
+  if (a.values_t.defined() && bsr_linear_reads_transposed<T>(a.problem)) {
+    a.problem.transposed_values = a.values_t.const_data_ptr();
   }
   if (a.problem.transposed_values == nullptr) values = ptr(row_major_values(a));
   bsr_linear_cpu<T>(ptr(a.x), values, a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),

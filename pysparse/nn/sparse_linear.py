@@ -115,7 +115,7 @@ class SparseLinear(PackedWeightModule):
 
     def _settle_layout(self) -> None:
         """Holds ``values`` block-transposed (each block column-major: ``values.transpose(1, 2)`` contiguous) where
-        the CPU kernel reads blocks that way at every batch size (float32 on the AVX2 path, bh a multiple of 16:
+        the CPU kernel reads blocks that way at every batch size (the AVX2 path, bh a multiple of 16:
         ``ops.kernel_layout``), row-major (contiguous) everywhere else. Same shape, numbers and state dict,
         other strides: the kernel reads the layer's own memory, so nothing is re-laid-out per call and every write to
         ``values`` (in place, through ``.data``, by a fused optimizer) is what the next call computes with."""

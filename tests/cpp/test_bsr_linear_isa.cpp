@@ -108,7 +108,7 @@ const char* isa_name(CpuIsa isa) {
   return "?";
 }
 
-// A kernel path under test: an instruction set, whether float32 may take the broadcast kernel, and whether it runs
+// A kernel path under test: an instruction set, whether the broadcast kernel may run, and whether it runs
 // as the AVX-512 path's tiles emulated on AVX2 (avx2_as_16_lanes.h) instead of through the dispatcher.
 struct Path {
   CpuIsa isa;
@@ -174,10 +174,9 @@ void run_case(const Path& path, const Case& c, int threads, bool with_bias, std:
     w.p.residual = residual.data();
   }
   for (double& v : ref) v = activate_ref(v, act);
-  // float32 runs twice: the kernels transposing the blocks themselves, then reading them in the layout SparseLinear
-  // stores (BsrProblem::transposed_values; paths without the broadcast kernel ignore it).
-  std::vector<float> transposed;
-  if constexpr (std::is_same_v<T, float>) transposed = transposed_blocks(w.values, p.bh, p.bw);
+  // Each case runs twice: on row-major blocks (float32: the broadcast kernel transposes them itself), then on the
+  // layout SparseLinear stores (BsrProblem::transposed_values; paths without the broadcast kernel ignore it).
+  const std::vector<T> transposed = transposed_blocks(values, p.bh, p.bw);
   for (int pass = 0; pass < (transposed.empty() ? 1 : 2); ++pass) {
     w.p.transposed_values = pass == 1 ? transposed.data() : nullptr;
     std::vector<T> y = cast<T>(std::vector<float>(size_t(p.M * p.N), std::nanf("")));  // poisoned
@@ -267,8 +266,7 @@ int main() {
       continue;
     }
     paths.push_back({isa, false});
-    // The broadcast kernel is float32 only, so kAvx512Bf16 (which differs from kAvx512 in bfloat16 alone) skips it.
-    if (isa == CpuIsa::kAvx2 || isa == CpuIsa::kAvx512) paths.push_back({isa, true});
+    if (isa != CpuIsa::kGeneric) paths.push_back({isa, true});
   }
   // Where AVX-512 is missing, its tiles still run here, on emulated 16-lane vectors.
   if (cpu_isa_supported(CpuIsa::kAvx2) && !cpu_isa_supported(CpuIsa::kAvx512)) {
@@ -281,13 +279,17 @@ int main() {
     // large-weight blocking (4 MiB panels, chunks of rows sized for L2), with ragged M, K and N.
     std::mt19937 rng(99);
     run_case<float>(path, {75, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "float32", 1e-5, Activation::kRelu, true);
-    if (!path.bcast) {  // the broadcast switch changes float32 only: the other types ran without it
-      run_all<bfloat16_t>(path, "bfloat16", 1e-2);
-      run_all<float16_t>(path, "float16", 1e-2);
-      // 16-bit weights past 1 MB at M <= 4: the dot kernel's weight prefetch (the first pass of M = 4 only).
-      run_case<bfloat16_t>(path, {4, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "bfloat16", 1e-2);
-      run_case<float16_t>(path, {1, 1500, 1530, 32, 32, 0.9}, 2, false, rng, "float16", 1e-2, Activation::kGelu);
-    }
+    run_all<bfloat16_t>(path, "bfloat16", 1e-2);
+    run_all<float16_t>(path, "float16", 1e-2);
+    // 16-bit weights past 1 MB at M <= 4: the dot kernel's weight prefetch (the first pass of M = 4 only) on
+    // row-major blocks, the broadcast kernel on transposed ones.
+    run_case<bfloat16_t>(path, {4, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "bfloat16", 1e-2);
+    run_case<float16_t>(path, {1, 1500, 1530, 32, 32, 0.9}, 2, false, rng, "float16", 1e-2, Activation::kGelu);
+    // 16-bit x, widened in groups of panels of up to 4 MiB: seven panels in one group (1.2 MB of widened x), then
+    // two groups (4.5 MB), then 16-bit weights past the kernel's cache-resident size (6.8 MB: large-weight blocking).
+    run_case<bfloat16_t>(path, {203, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "bfloat16", 1e-2, Activation::kRelu, true);
+    run_case<bfloat16_t>(path, {700, 1600, 70, 32, 32, 0.8}, 2, true, rng, "bfloat16", 1e-2);
+    run_case<float16_t>(path, {40, 2200, 1530, 32, 32, 1.0}, 3, true, rng, "float16", 1e-2);
     concurrent(path);
     std::printf("%s: checked\n", path.name().c_str());
   }

@@ -3,8 +3,9 @@
 #include <cstdint>
 #include <vector>
 
-inline std::vector<float> transposed_blocks(const std::vector<float>& values, int64_t bh, int64_t bw) {
-  std::vector<float> out(values.size());
+template <typename E>
+std::vector<E> transposed_blocks(const std::vector<E>& values, int64_t bh, int64_t bw) {
+  std::vector<E> out(values.size());
   const int64_t elems = bh * bw, nnz = elems ? int64_t(values.size()) / elems : 0;
   for (int64_t b = 0; b < nnz; ++b)
     for (int64_t i = 0; i < bh; ++i)

@@ -14,6 +14,9 @@ struct Avx512Tiles {
   // Broadcast kernel: T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32). Off unless
   // PYSPARSE_CPU_BCAST=1 until it is measured on an AVX-512 machine (dispatch.cpp).
   static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 4 : nvo == 2 ? 12 : 16; }
+  // The broadcast kernel widens bfloat16 weights one vector at a time (the AVX2 path's split loads are not measured
+  // on AVX-512).
+  static constexpr bool kBf16Split = false;
 };
 
 }  // namespace pysparse

@@ -25,11 +25,12 @@ struct BsrProblem {
   // Optional [M, N] tensor of y's type, row stride N, added to y before the activation (a fused residual connection:
   // ResNet's relu(conv(x) + identity)). Never written; it may not overlap y.
   const void* residual = nullptr;
-  // Optional float32 [nnz][bw][bh]: the blocks transposed (out[b][j][i] = values[b][i][j]), the layout the broadcast
-  // kernel reads. A caller that stores its weight so (SparseLinear does where bsr_linear_reads_transposed) passes it here;
-  // without it the kernel transposes the blocks itself on every call. When it is given and
-  // bsr_linear_reads_transposed(p) holds, the kernels never read `values`, which may then be null.
-  const float* transposed_values = nullptr;
+  // Optional [nnz][bw][bh] of the call's element type: the blocks transposed (out[b][j][i] = values[b][i][j]), the
+  // layout the broadcast kernel reads. A caller that stores its weight so (SparseLinear does where
+  // bsr_linear_reads_transposed<T>) passes it here; without it the kernel transposes float32 blocks itself on every
+  // call (16-bit ones take the other kernels). When it is given and bsr_linear_reads_transposed<T>(p) holds, the
+  // kernels never read `values`, which may then be null.
+  const void* transposed_values = nullptr;
 };
 
 // Returns "" when the BSR indices are well formed for the problem, else a message naming what is wrong.
@@ -48,14 +49,15 @@ CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 
-// Whether the float32 kernels on `isa`'s path may take the broadcast kernel (see simd_kernels.inc). AVX2: yes.
+// Whether the kernels on `isa`'s path may take the broadcast kernel (see simd_kernels.inc). AVX2: yes.
 // AVX-512: only where the environment variable PYSPARSE_CPU_BCAST=1, until it is measured faster there than the
 // outer-product kernel. PYSPARSE_CPU_BCAST=0 turns it off on every path (A/B runs). Read once, at load. Generic: no.
 // bsr_conv2d_nhwc_cpu (the implicit-im2col convolution) is built on it and ignores the switch.
 bool cpu_bcast_enabled(CpuIsa isa);
 
-// Whether bsr_linear_cpu<float> on this machine's path runs `p` through the broadcast kernel when given the blocks
+// Whether bsr_linear_cpu<T> on this machine's path runs `p` through the broadcast kernel when given the blocks
 // transposed (BsrProblem::transposed_values), which it then reads.
+template <typename T>
 bool bsr_linear_reads_transposed(const BsrProblem& p);
 
 // Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
@@ -83,7 +85,7 @@ void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int3
                     const BsrProblem& p, int num_threads);
 
 // Same, on a given path (tests force every path the machine can run); `isa` must be supported. bcast: whether
-// float32 may take the broadcast kernel (ignored where the path has none).
+// the broadcast kernel may run (ignored where the path has none).
 template <typename T>
 void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, const int32_t* crow, const int32_t* col,
                         const T* bias, T* y, const BsrProblem& p, int num_threads);

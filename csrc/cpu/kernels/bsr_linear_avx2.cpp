@@ -52,6 +52,20 @@ struct Isa {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   static V load_cvt(const float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  // 2L bfloat16 as two vectors in one load, a shift and an and: even[i] = p[2i], odd[i] = p[2i + 1] (two widening
+  // loads take twice the shuffle and shift ops, which compete with the FMAs for Zen 3's FP pipes); interleave puts
+  // results computed that way back in order.
+  static constexpr bool kBf16Split = true;
+  static void load_bf16_split(const bfloat16_t* p, V& even, V& odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+  }
+  static void interleave(V even, V odd, V& first, V& second) {
+    const __m256 a = _mm256_unpacklo_ps(even, odd), b = _mm256_unpackhi_ps(even, odd);
+    first = _mm256_permute2f128_ps(a, b, 0x20);
+    second = _mm256_permute2f128_ps(a, b, 0x31);
+  }
 };
 
 #define PYSPARSE_ISA_HAS_BF16_DOT 0
@@ -66,7 +80,13 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
   bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, false, bcast);
 }
 
-bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true, true); }
+template <typename T>
+bool reads_transposed(const BsrProblem& p) {
+  return bcast_applies<T>(p, true, true, false);
+}
+template bool reads_transposed<float>(const BsrProblem&);
+template bool reads_transposed<bfloat16_t>(const BsrProblem&);
+template bool reads_transposed<float16_t>(const BsrProblem&);
 
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads) {

@@ -70,7 +70,13 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
   bsr_linear_impl(x, values, crow, col, bias, y, p, num_threads, native_bf16, bcast);
 }
 
-bool reads_transposed(const BsrProblem& p) { return bcast_applies(p, true, true); }
+template <typename T>
+bool reads_transposed(const BsrProblem& p, bool native_bf16) {
+  return bcast_applies<T>(p, true, true, native_bf16);
+}
+template bool reads_transposed<float>(const BsrProblem&, bool);
+template bool reads_transposed<bfloat16_t>(const BsrProblem&, bool);
+template bool reads_transposed<float16_t>(const BsrProblem&, bool);
 
 template void bsr_linear<float>(const float*, const float*, const int32_t*, const int32_t*, const float*, float*,
                                 const BsrProblem&, int, bool, bool);

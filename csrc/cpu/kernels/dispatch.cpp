@@ -1,6 +1,6 @@
 // Chooses the CPU kernel path once, at load: the best instruction set that cpuid (and the OS's saved register
 // state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests and users can force any path; and whether
-// float32 takes the broadcast kernel there (PYSPARSE_CPU_BCAST=0|1 overrides each path's default).
+// the broadcast kernel runs there (PYSPARSE_CPU_BCAST=0|1 overrides each path's default).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -135,12 +135,15 @@ void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int3
   bsr_linear_cpu_isa(chosen_isa(), cpu_bcast_enabled(chosen_isa()), x, values, crow, col, bias, y, p, num_threads);
 }
 
+template <typename T>
 bool bsr_linear_reads_transposed(const BsrProblem& p) {
   const CpuIsa isa = chosen_isa();
   if (!cpu_bcast_enabled(isa)) return false;
 #if PYSPARSE_X86
-  if (isa == CpuIsa::kAvx2) return avx2::reads_transposed(p);
-  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) return avx512::reads_transposed(p);
+  if (isa == CpuIsa::kAvx2) return avx2::reads_transposed<T>(p);
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) {
+    return avx512::reads_transposed<T>(p, isa == CpuIsa::kAvx512Bf16);
+  }
 #endif
   (void)p;
   return false;
@@ -176,7 +179,8 @@ void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* cro
   template void bsr_linear_cpu<T>(const T*, const T*, const int32_t*, const int32_t*, const T*, T*,              \
                                   const BsrProblem&, int);                                                       \
   template void bsr_linear_cpu_isa<T>(CpuIsa, bool, const T*, const T*, const int32_t*, const int32_t*, const T*,  \
-                                      T*, const BsrProblem&, int);
+                                      T*, const BsrProblem&, int);                                                \
+  template bool bsr_linear_reads_transposed<T>(const BsrProblem&);
 PYSPARSE_INSTANTIATE(float)
 PYSPARSE_INSTANTIATE(bfloat16_t)
 PYSPARSE_INSTANTIATE(float16_t)

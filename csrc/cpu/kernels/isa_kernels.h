@@ -19,15 +19,15 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 }  // namespace generic
 
 #if PYSPARSE_X86
-// bcast: whether float32 may take the broadcast kernel (cpu_bcast_enabled).
+// bcast: whether the broadcast kernel may run (cpu_bcast_enabled).
 namespace avx2 {
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                 const BsrProblem& p, int num_threads, bool bcast);
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
-// Whether bsr_linear<float> with bcast runs p through the broadcast kernel (which reads
-// BsrProblem::transposed_values).
+// Whether bsr_linear<T> with bcast runs p through the broadcast kernel (which reads BsrProblem::transposed_values).
+template <typename T>
 bool reads_transposed(const BsrProblem& p);
 }  // namespace avx2
 
@@ -36,7 +36,9 @@ namespace avx512 {
 template <typename T>
 void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                 const BsrProblem& p, int num_threads, bool native_bf16, bool bcast);
-bool reads_transposed(const BsrProblem& p);  // as avx2::reads_transposed
+// As avx2::reads_transposed; native_bf16 as for bsr_linear.
+template <typename T>
+bool reads_transposed(const BsrProblem& p, bool native_bf16);
 }  // namespace avx512
 #endif
 
