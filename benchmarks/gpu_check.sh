@@ -79,7 +79,8 @@ if [ -x "$ab" ]; then
     timeout 60 "${pin[@]}" "$ab" $c avx512 avx512+bcast 2>&1 | tee -a "$OUT_DIR/cpu_kernel_ab.log"
   done
   # bfloat16 (v19: the broadcast kernel widens 16-bit weights): decode with weights from memory, and M=128.
-  for c in "4096 4096 1 32 0.5 2 40 avx512 avx512+bcast bf16 cold" "3072 768 128 32 0.1 2 100 avx512 avx512+bcast bf16"; do
+  for c in "4096 4096 1 32 0.5 2 40 avx512 avx512+bcast bf16 cold" \
+           "3072 768 128 32 0.1 2 100 avx512 avx512+bcast bf16"; do
     timeout 60 "${pin[@]}" "$ab" $c 2>&1 | tee -a "$OUT_DIR/cpu_kernel_ab.log"
   done
 fi

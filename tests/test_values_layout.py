@@ -1,10 +1,9 @@
 """SparseLinear stores ``values`` block-transposed (each block column-major) where the CPU broadcast kernel reads
 blocks that way at every batch size (float32, bfloat16 or float16; AVX2 path, bh a multiple of 16), row-major
-elsewhere. The op reads
-that memory in place, so no re-layout happens per call and no second copy can go stale. These tests change the
-weight every way a user can (in place, through ``.data``, through numpy, with fused and foreach optimizers, by
-loading, by moving between dtypes) and check each next call, at large and small batch, against the dense
-reference; and the raw op against every layout a caller can pass."""
+elsewhere. The op reads that memory in place, so no re-layout happens per call and no second copy can go stale.
+These tests change the weight every way a user can (in place, through ``.data``, through numpy, with fused and
+foreach optimizers, by loading, by moving between dtypes) and check each next call, at large and small batch,
+against the dense reference; and the raw op against every layout a caller can pass."""
 import copy
 import io
 

@@ -70,7 +70,7 @@ int run(int64_t N, int64_t K, int64_t M, int64_t bs, double density, int threads
   for (int r = 0; r < rounds + 1; ++r) {  // round 0 warms up
     for (int k = 0; k < 2; ++k) {
       BsrProblem q = p;
-      q.transposed_values = paths[k].bcast && !transposed.empty() ? transposed.data() : nullptr;
+      q.transposed_values = paths[k].bcast ? transposed.data() : nullptr;
       for (size_t i = 0; i < flush.size(); i += 64) flush[i] = char(flush[i] + 1);
       const auto t0 = std::chrono::steady_clock::now();
       bsr_linear_cpu_isa<T>(paths[k].isa, paths[k].bcast, x.data(), values.data(), crow.data(), col.data(), nullptr,
