@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ._module_hooks import has_forward_hooks
 from ._text_table import left_aligned
-from .prune.masking import WeightMask
+from .prune.mask_holding import WeightMask
 
 __all__ = ["fold_batchnorm", "FoldEntry", "FoldReport"]
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from .._validate import as_pair
 from ..formats import BlockSparseWeight
-from ..prune.masking import LAYER_TYPES
-from ..prune.masks import matrix_view
+from ..prune.mask_holding import LAYER_TYPES
+from ..prune.mask_selection import matrix_view
 
 __all__ = ["LayerStats", "SparsityReport", "sparsity_report"]
 

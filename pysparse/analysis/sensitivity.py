@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..nn import SparseLinear
-from ..prune.masking import prunable_layers, remove_masks
-from ..prune.masks import check_norm, check_pattern, check_sparsity, magnitude_mask
+from ..prune.mask_holding import prunable_layers, remove_masks
+from ..prune.mask_selection import check_norm, check_pattern, check_sparsity, magnitude_mask
 from .timing import median_seconds
 
 __all__ = ["SensitivityRow", "SensitivityResult", "sensitivity", "pack_block_size"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .masking import LAYER_TYPES
+from .mask_holding import LAYER_TYPES
 
 __all__ = ["taylor_scores", "wanda_scores"]
 
