@@ -33,8 +33,8 @@ def test_taylor_is_mean_abs_weight_times_grad_per_batch():
     model.train()
     scores = taylor_scores(model, data, F.cross_entropy)
     assert scores.keys() == expected.keys()
-    for n in expected:
-        torch.testing.assert_close(scores[n], expected[n])
+    for n, want in expected.items():
+        torch.testing.assert_close(scores[n], want)
     assert all(p.grad is None for p in model.parameters())   # calibration leaves .grad alone
     assert model.training                                     # and restores the mode
 
@@ -67,7 +67,7 @@ def brute_conv_column_sumsq(conv, x):
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         pad = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
     x = F.pad(x, pad)
-    b, c, h, w = x.shape
+    _, c, h, w = x.shape
     cg = c // conv.groups
     out = torch.zeros(conv.groups, cg * kh * kw, dtype=torch.float64)
     for i in range(0, h - dh * (kh - 1), sh):
@@ -109,8 +109,58 @@ def test_prune_with_importance_groups_like_magnitude(pattern):
     scores = wanda_scores(model, batches())
     expected = {n: magnitude_mask(scores[n], sparsity=0.5, pattern=pattern, block_size=(4, 4)) for n in ("fc1", "fc2")}
     masks = prune_(model, sparsity=0.5, pattern=pattern, block_size=(4, 4), importance=scores)
-    for n in expected:
-        assert torch.equal(masks[n], expected[n])
+    for n, want in expected.items():
+        assert torch.equal(masks[n], want)
+
+
+class Tokens(nn.Module):
+    """A model called with keyword inputs, as transformers models are: ``model(features=..., attention_mask=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, features, attention_mask=None):
+        return self.out(torch.relu(self.fc(features))).mean(1)
+
+
+def test_wanda_on_dict_batches_leaves_padding_out():
+    model = Tokens()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    scores = wanda_scores(model, [{"features": x, "attention_mask": mask}], names=["fc"])["fc"]
+    real = x[mask.bool()]                                   # the 5 real tokens' inputs
+    torch.testing.assert_close(scores, model.fc.weight.detach().abs() * real.norm(dim=0))
+    # the same batch as a plain tensor counts every position, padding included
+    plain = wanda_scores(model.fc, [x])[""]
+    torch.testing.assert_close(plain, model.fc.weight.detach().abs() * x.reshape(-1, 6).norm(dim=0))
+
+
+def test_taylor_takes_dict_inputs():
+    model = Tokens()
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(2, 4, 6, generator=g), torch.randint(0, 3, (2,), generator=g)) for _ in range(2)]
+    as_tensors = taylor_scores(model, data, F.cross_entropy)
+    as_dicts = taylor_scores(model, [({"features": x}, y) for x, y in data], F.cross_entropy)
+    assert as_dicts.keys() == as_tensors.keys() == {"fc", "out"}
+    for n in as_tensors:
+        torch.testing.assert_close(as_dicts[n], as_tensors[n])
+
+
+def test_wanda_on_tiny_bert_tokenizer_style_batches():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config)
+    ids = torch.randint(0, 50, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    scores = wanda_scores(model, [batch, (batch, None)])
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert list(scores) == linears and all(bool((scores[n] > 0).any()) for n in linears)
 
 
 def test_criteria_bad_input():

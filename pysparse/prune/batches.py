@@ -4,7 +4,9 @@ Calibration (Wanda, Taylor, SparseGPT) and recovery (fine-tune, distill) all tak
 and all of them call the model the same way, through :func:`call_model`:
 
 - a tensor ``x``: ``model(x)``;
-- a tuple or list: ``model(*batch)`` for calibration and distillation; ``fine_tune`` reads ``(input, target)``;
+- a tuple or list: ``model(*batch)`` for distillation; ``fine_tune`` and ``taylor_scores`` read ``(input, target)``,
+  and activation-only calibration (Wanda, SparseGPT) takes the first element as the input
+  (:func:`calibration_input`), so the ``(input, target)`` batches of a labelled ``DataLoader`` calibrate as they are;
 - a dict (``tokenizer(...)`` output, a ``BatchEncoding``): ``model(**batch)``.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["call_model", "batch_size", "to_device"]
+__all__ = ["batch_size", "calibration_input", "call_model", "input_rows", "to_device"]
 
 
 def call_model(model: nn.Module, batch):
@@ -25,6 +27,22 @@ def call_model(model: nn.Module, batch):
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def calibration_input(batch):
+    """The input of a calibration ``batch``: the first element of a tuple or list (an ``(input, target)`` pair;
+    the input itself may be a tensor, tuple or dict), else the batch itself. Call it with :func:`call_model`."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def input_rows(x: torch.Tensor, batch) -> torch.Tensor:
+    """A layer's input ``x`` ``[..., K]`` as rows ``[R, K]``, leaving out padding: when ``batch`` is a dict with an
+    ``attention_mask`` of ``x``'s leading shape ``[B, T]``, only the rows of real tokens (mask != 0) are kept, so
+    calibration statistics do not depend on how much a batch was padded."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask.to(x.device) != 0]
+    return x.reshape(-1, x.shape[-1])
 
 
 def batch_size(batch) -> int:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .batches import calibration_input, call_model, input_rows
 from .mask_holding import LAYER_TYPES
 
 __all__ = ["taylor_scores", "wanda_scores"]
@@ -22,8 +23,9 @@ def _layers(model: nn.Module, names, types) -> dict[str, nn.Module]:
     layers = {}
     for name in names:
         if not isinstance(modules.get(name), types):
-            raise ValueError(f"names holds {name!r}, which is not one of the model's "
-                             f"{'/'.join(t.__name__ for t in types)} layers")
+            kinds = "/".join(t.__name__ for t in types)
+            # A name that is not such a layer is a wrong value (names are strings, as expected), not a wrong type.
+            raise ValueError(f"names holds {name!r}, which is not one of the model's {kinds} layers")  # noqa: TRY004
         layers[name] = modules[name]
     return layers
 
@@ -36,7 +38,9 @@ def taylor_scores(model: nn.Module, batches, loss_fn, *, names=None) -> dict[str
     touch the parameters' ``.grad``.
 
     Args:
-        batches: iterable of ``(input, target)``; ``loss_fn(model(input), target)`` must return a scalar.
+        batches: iterable of ``(input, target)``; ``loss_fn(model(input), target)`` must return a scalar. The
+            input may be a tensor, a tuple of positional inputs or a dict of keyword inputs (a tokenizer's
+            output): see :func:`pysparse.prune.batches.call_model`.
         names: layer names to score (default: every Linear/Conv layer).
     """
     layers = _layers(model, names, LAYER_TYPES)
@@ -49,7 +53,7 @@ def taylor_scores(model: nn.Module, batches, loss_fn, *, names=None) -> dict[str
             # cached(): the forward reads the very masked-weight tensors we differentiate with respect to.
             with parametrize.cached():
                 weights = [m.weight for m in layers.values()]
-                loss = loss_fn(model(inputs), targets)
+                loss = loss_fn(call_model(model, inputs), targets)
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for (name, total), w, g in zip(totals.items(), weights, grads):
                 if g is not None:
@@ -65,11 +69,12 @@ def taylor_scores(model: nn.Module, batches, loss_fn, *, names=None) -> dict[str
 _WANDA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def _input_sumsq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of each weight column's input over all tokens / positions: ``[groups, in_cols]``."""
+def _input_sumsq(module: nn.Module, x: torch.Tensor, batch) -> torch.Tensor:
+    """Sum of squares of each weight column's input over all (real, not padding) tokens / positions:
+    ``[groups, in_cols]``."""
     x = x.detach().float()
     if isinstance(module, nn.Linear):
-        return x.reshape(-1, module.in_features).pow(2).sum(0)[None]
+        return input_rows(x, batch).pow(2).sum(0)[None]
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
@@ -82,20 +87,22 @@ def _input_sumsq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def wanda_scores(model: nn.Module, batches, *, names=None) -> dict[str, torch.Tensor]:
     """Activation-aware importance ``|w_ij| * ||x_j||_2`` (Wanda, Sun et al. 2023) from calibration ``batches``.
 
-    ``||x_j||`` is the norm of input column j over every token (Linear) or every sliding-window position (Conv,
-    via unfold: memory grows with the batch's unfolded size, so keep calibration batches small). Runs the
-    model forward only, in eval mode.
+    ``||x_j||`` is the norm of input column j over every token (Linear; padding is left out where a dict batch has
+    an ``attention_mask``) or every sliding-window position (Conv, via unfold: memory grows with the batch's
+    unfolded size, so keep calibration batches small). Runs the model forward only, in eval mode.
 
     Args:
-        batches: iterable of inputs, or of tuples whose first element is the input.
+        batches: iterable of inputs (tensors, or dicts of keyword inputs such as a tokenizer's output), or of
+            tuples whose first element is the input (see :func:`pysparse.prune.batches.calibration_input`).
         names: layer names to score (default: every Linear, Conv1d and Conv2d layer).
     """
     layers = _layers(model, names, _WANDA_TYPES)
     sums: dict[str, torch.Tensor] = {}
+    current = {}   # the batch being run, whose attention mask (if any) tells padding apart
 
     def hook_for(name):
         def hook(module, args):
-            s = _input_sumsq(module, args[0])
+            s = _input_sumsq(module, args[0], current.get("batch"))
             sums[name] = sums[name] + s if name in sums else s
         return hook
 
@@ -105,7 +112,8 @@ def wanda_scores(model: nn.Module, batches, *, names=None) -> dict[str, torch.Te
     try:
         with torch.no_grad():
             for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                current["batch"] = calibration_input(batch)
+                call_model(model, current["batch"])
     finally:
         for h in handles:
             h.remove()
