@@ -1,4 +1,4 @@
-"""Backward of pysparse::bsr_linear (pysparse/autograd.py).
+"""Backward of pysparse::bsr_linear (pysparse/ops/bsr_linear_op.py).
 
 Which precision checks what:
 * float64 gradcheck: the kernels have no float64, so the *same* setup_context/backward formulas are registered on
@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import pysparse  # noqa: F401  (registers the op and its backward)
-from pysparse import autograd as ps_autograd
 from pysparse.formats import BlockSparseWeight
 from pysparse.nn import SparseLinear
-from pysparse.ops import bsr_linear_reference
+from pysparse.ops import bsr_linear_op, bsr_linear_reference
 
 # (out_features, in_features, block_size, leading dims of the input, density)
 CASES = [
@@ -49,7 +48,7 @@ GRADCHECK_CASES = [
     (12, 8, (4, 4), (3,), 0.0),
 ]
 
-_setup_ref, _backward_ref = ps_autograd.bsr_linear_autograd(bsr_linear_reference)
+_setup_ref, _backward_ref = bsr_linear_op.bsr_linear_autograd(bsr_linear_reference)
 
 
 @torch.library.custom_op("pysparse_test::bsr_linear_ref", mutates_args=())
@@ -126,15 +125,15 @@ def test_values_grad_chunks(monkeypatch):
     x = torch.randn(7, 96)
     g = torch.randn(7, 64)
     args = (g, x, w.crow_indices, w.col_indices, w.block_size, w.nnz_blocks)
-    whole = ps_autograd._values_grad(*args)
-    monkeypatch.setattr(ps_autograd, "_GATHER_BYTES", 7 * 32 * 4 * 3)  # 3 blocks per chunk
-    chunked = ps_autograd._values_grad(*args)
+    whole = bsr_linear_op._values_grad(*args)
+    monkeypatch.setattr(bsr_linear_op, "_GATHER_BYTES", 7 * 32 * 4 * 3)  # 3 blocks per chunk
+    chunked = bsr_linear_op._values_grad(*args)
     assert torch.equal(whole, chunked)
 
 
 def test_transpose_bsr_is_the_transpose():
     w = _block_sparse(29, 37, (8, 16), 0.5)
-    values_t, crow_t, col_t = ps_autograd.transpose_bsr(w.values, w.crow_indices, w.col_indices, w.n_block_cols)
+    values_t, crow_t, col_t = bsr_linear_op.transpose_bsr(w.values, w.crow_indices, w.col_indices, w.n_block_cols)
     wt = BlockSparseWeight(values_t, crow_t, col_t, (37, 29))   # validates the indices
     assert torch.equal(wt.to_dense(), w.to_dense().t())
 

@@ -11,6 +11,7 @@ from .._validate import as_pair, check_tensor
 from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
 from .._weight_layout import weight_matrix as conv_weight_matrix
 from ..formats import BlockSparseWeight
+from ..ops.layer_support import check_activation, check_residual, fits_output, only_bias_wants_grad, torch_epilogue
 from .activation_fusion import with_activation
 from .packed_module import fill_dense
 from .sparse_linear import SparseLinear
@@ -133,7 +134,7 @@ class SparseConv2d(nn.Module):
 
     @activation.setter
     def activation(self, name: str | None) -> None:
-        ops._check_activation(name)
+        check_activation(name)
         self.linear.activation = name
 
     @property
@@ -176,7 +177,7 @@ class SparseConv2d(nn.Module):
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"input must have shape [B, {self.in_channels}, H, W] or [{self.in_channels}, H, W] "
                              f"(in_channels={self.in_channels}), got {tuple(x.shape)}")
-        ops._check_residual(residual)
+        check_residual(residual)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -197,14 +198,14 @@ class SparseConv2d(nn.Module):
                              f"{span_h}x{span_w}")
         out_shape = (self.out_channels, (h - span_h) // sh + 1, (w - span_w) // sw + 1)
         activation = self.linear.activation
-        fused = residual is None or ops._fits_output(residual, out_shape if unbatched else (b, *out_shape), x)
+        fused = residual is None or fits_output(residual, out_shape if unbatched else (b, *out_shape), x)
         res = None
         if residual is not None and fused:
             res = (residual.unsqueeze(0) if unbatched else residual).permute(0, 2, 3, 1)  # NHWC, as y
         y = self._conv_nhwc(x, activation if fused else None, res).permute(0, 3, 1, 2)  # NCHW view, NHWC memory
         y = y.squeeze(0) if unbatched else y
         if not fused:  # a residual that broadcasts or promotes: torch adds it
-            y = ops._torch_epilogue(y, activation, residual)
+            y = torch_epilogue(y, activation, residual)
         return y
 
     def _conv_nhwc(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
@@ -219,10 +220,10 @@ class SparseConv2d(nn.Module):
         if kh == 1 and kw == 1 and (sh, sw) == (1, 1):
             return gemm(x, res=residual)   # a view of the NHWC input: rows of channels, multiplied in place
         if self._implicit(x, values):
-            if ops._only_bias_wants_grad(bias, x, values):  # the op has no backward: torch adds the bias
+            if only_bias_wants_grad(bias, x, values):  # the op has no backward: torch adds the bias
                 y = ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, None, self.out_channels,
                                         self.kernel_size, self.stride, self.dilation, None, None) + bias
-                return ops._torch_epilogue(y, activation, residual)
+                return torch_epilogue(y, activation, residual)
             return ops.bsr_conv2d_nhwc(x, values, crow_indices, col_indices, bias, self.out_channels,
                                        self.kernel_size, self.stride, self.dilation, activation, residual)
         if kh == 1 and kw == 1:
@@ -234,7 +235,7 @@ class SparseConv2d(nn.Module):
             return self._im2col_gemm(patches, gemm)
         # The chunks' products first, then the residual and the activation over the whole output.
         y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None))
-        return ops._torch_epilogue(y, activation, residual)
+        return torch_epilogue(y, activation, residual)
 
     def _implicit(self, x: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks

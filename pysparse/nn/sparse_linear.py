@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import BlockSparseWeight
+from ..ops.layer_support import check_activation, check_residual, torch_epilogue
 from .activation_fusion import with_activation
 from .packed_module import PackedWeightModule, fill_dense
 
@@ -29,7 +30,7 @@ class SparseLinear(PackedWeightModule):
         super().__init__()
         if not isinstance(weight, BlockSparseWeight):
             raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
-        ops._check_activation(activation)
+        check_activation(activation)
         self.activation = activation
         # Set by sparsify when the activation was taken from a sibling module (this attribute of the parent,
         # now an nn.Identity): pysparse.save records it so load can redo the fusion on a fresh dense model.
@@ -98,14 +99,14 @@ class SparseLinear(PackedWeightModule):
         # the padded weight and return a wrong result instead of failing.
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
-        ops._check_residual(residual)
+        check_residual(residual)
         values, crow_indices, col_indices, bias = self._packed_parts()
         if residual_dropout is not None:
             if residual is None:
                 raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
             if residual_dropout.training and residual_dropout.p > 0:
                 y = ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, None, None)
-                return ops._torch_epilogue(residual_dropout(y), self.activation, residual)
+                return torch_epilogue(residual_dropout(y), self.activation, residual)
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
         return ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, self.activation,
                                      residual)

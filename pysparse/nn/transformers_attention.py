@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops import _attention_bshd, attention_kernel_applies
+from ..ops.attention import attention_bshd, attention_kernel_applies
 
 __all__ = ["ATTENTION_NAME", "attention_implementation", "use_pysparse_attention"]
 
@@ -32,7 +32,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         causal = bool(causal) and attention_mask is None and query.shape[2] > 1
         gqa = key.shape[1] != query.shape[1]
         if attention_kernel_applies(query, key, value, attention_mask, dropout, causal, enable_gqa=gqa):
-            return _attention_bshd(query, key, value, attention_mask, causal, scaling), None
+            return attention_bshd(query, key, value, attention_mask, causal, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

@@ -1,0 +1,103 @@
+"""What the op wrappers and the layers of ``pysparse.nn`` share: when a call can step below the autograd layer,
+the epilogue the CPU kernels fuse (activation and residual) with its torch equivalent, and argument checks.
+
+Internal: the names are public within pysparse (``nn`` imports them), not part of the user-facing API.
+"""
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+
+__all__ = ["ACTIVATIONS", "wants_grad", "only_bias_wants_grad", "call", "check_activation", "check_residual",
+           "torch_epilogue", "fits_output", "fake_with_residual", "bsr_int32_indices", "conv_output_length"]
+
+# Activations the kernels can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
+ACTIVATIONS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6, "gelu": torch.nn.functional.gelu}
+
+
+def wants_grad(*args) -> bool:
+    """Whether autograd must see this call (a backward graph is wanted). Dual tensors of forward-mode AD are
+    refused: no op here has a jvp formula, and torch would return the result without its tangent."""
+    if _forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise NotImplementedError("pysparse ops have no forward-mode AD (jvp) formula: a dual tensor was passed")
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def only_bias_wants_grad(bias, *others) -> bool:
+    """Whether ``bias`` is the one argument autograd must see (a frozen layer, whose bias is still a Parameter,
+    called without no_grad): then the op runs without it and torch adds it, so autograd records one add instead of
+    the op's Python autograd (~60 us a call, more than the kernel at batch 1). Same numbers: the kernels add the
+    bias last, in float32, as that add does."""
+    return bias is not None and torch.is_grad_enabled() and bias.requires_grad and not wants_grad(*others)
+
+
+def call(op, *args):
+    """``op(*args)``, below the autograd layer when no argument needs a gradient.
+
+    The backward of these ops is registered from Python (``torch.library.register_autograd``), so every call,
+    even under ``no_grad``, used to enter Python once more to find out no graph is wanted: ~10-25 us per call,
+    as much as the whole kernel at batch 1. Under ``torch.compile`` the plain call is traced (no per-call cost).
+    """
+    if torch.compiler.is_compiling() or wants_grad(*args):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def check_activation(activation) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def check_residual(residual) -> None:
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+
+
+def torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """``activation(y + residual)`` in torch (either optional): what the CPU kernels' epilogue computes, for the
+    paths that cannot fuse it (gradients, CUDA, a residual that broadcasts or promotes)."""
+    if residual is not None:
+        y = y + residual
+    return y if activation is None else ACTIVATIONS[activation](y)
+
+
+def fits_output(residual: torch.Tensor, shape, like: torch.Tensor) -> bool:
+    """Whether a kernel can add ``residual`` itself: exactly the output's ``shape`` and ``like``'s dtype and
+    device (anything else is added by torch, with its broadcasting and type promotion)."""
+    return residual.shape == tuple(shape) and residual.dtype == like.dtype and residual.device == like.device
+
+
+def fake_with_residual(y: torch.Tensor, residual) -> torch.Tensor:
+    """``y`` (a fake op's output), after the check the op makes of its residual's shape."""
+    torch._check(residual is None or residual.shape == y.shape,
+                 lambda: f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    return y
+
+
+def _to_int32_indices(name: str, t: torch.Tensor, limit: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.int32:
+        return t
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > limit):
+        raise ValueError(f"{name} has entries outside [0, {limit}]: min {int(t.min())}, max {int(t.max())}")
+    return t.to(torch.int32)
+
+
+def bsr_int32_indices(values: torch.Tensor, crow_indices, col_indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(crow, col)`` as the BSR kernels take them: int32, range-checked when they come as int64."""
+    if (isinstance(crow_indices, torch.Tensor) and isinstance(col_indices, torch.Tensor)
+            and crow_indices.dtype == col_indices.dtype == torch.int32):
+        return crow_indices, col_indices  # what layers and formats pass: nothing to convert or range-check
+    limit = max(int(values.shape[0]) if values.dim() else 0, 2**31 - 1)
+    return (_to_int32_indices("crow_indices", crow_indices, limit),
+            _to_int32_indices("col_indices", col_indices, limit))
+
+
+def conv_output_length(size, k, s, d):
+    """Output length of a convolution over ``size`` (padding included) with kernel k, stride s, dilation d."""
+    return (size - d * (k - 1) - 1) // s + 1
