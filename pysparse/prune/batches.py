@@ -19,14 +19,14 @@ from torch import nn
 __all__ = ["batch_size", "calibration_input", "call_model", "input_rows", "to_device"]
 
 
-def call_model(model: nn.Module, batch):
+def call_model(model: nn.Module, batch, **kwargs):
     """``model`` applied to ``batch``: ``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple or list,
-    ``model(batch)`` otherwise."""
+    ``model(batch)`` otherwise; ``kwargs`` (e.g. ``output_hidden_states=True``) are passed as well."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**batch, **kwargs)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+        return model(*batch, **kwargs)
+    return model(batch, **kwargs)
 
 
 def calibration_input(batch):

@@ -1,66 +1,307 @@
-"""Recovery training: the loop that fine-tunes a pruned model with its masks held, pruning on a schedule."""
+"""Recovery training: one loop that trains a pruned model with its masks held, pruning on a schedule, used by
+``fine_tune`` (labelled batches, a task loss) and ``distill`` (unlabelled batches, a dense teacher's outputs).
+
+The loop adds a :class:`~pysparse.prune.regularize.SparsityRegularizer`'s penalty (or applies its proximal step),
+steps a learning-rate scheduler, evaluates periodically, and writes resumable checkpoints (safetensors + JSON,
+see :mod:`pysparse.prune.train_checkpoint`).
+"""
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from numbers import Integral
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .mask_holding import mask_sparsity, prune_
+from .batches import call_model
+from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
+from .regularize import SparsityRegularizer
 from .schedules import GradualSchedule
+from .train_checkpoint import load_training_state, rng_states, save_training_state, set_rng_states
 
-__all__ = ["fine_tune"]
+__all__ = ["DISTILL_LOSSES", "distill", "fine_tune"]
+
+DISTILL_LOSSES = ("hidden", "logits")
+_END = object()
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def fine_tune(model: nn.Module, data, loss_fn, optimizer: torch.optim.Optimizer, *, steps: int,
-              schedule: GradualSchedule | None = None, lr_scheduler=None, progress: bool = True,
+              schedule: GradualSchedule | None = None, lr_scheduler=None, regularizer: SparsityRegularizer | None = None,
+              eval_fn=None, eval_every: int | None = None, checkpoint: str | os.PathLike | None = None,
+              checkpoint_every: int | None = None, resume: bool = False, progress: bool = True,
               desc: str = "fine-tune", **prune_kwargs) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps, pruning on ``schedule`` and holding masks throughout.
 
     Args:
         data: an iterable of ``(input, target)`` batches, iterated again (a new epoch) whenever it runs out,
-            so a shuffling ``DataLoader`` reshuffles.
+            so a shuffling ``DataLoader`` reshuffles. ``input`` reaches the model through
+            :func:`~pysparse.prune.batches.call_model` (a tensor, a tuple of positional inputs or a dict of
+            keyword inputs).
         loss_fn: ``loss_fn(model(input), target) -> scalar tensor``.
         schedule: when given, ``prune_(model, sparsity=schedule(step), **prune_kwargs)`` runs at each of its
             pruning steps (before that step's update). Without it, the masks the model already holds (if any)
             are kept as they are: one-shot pruning followed by fine-tuning, or plain training.
         lr_scheduler: a ``torch.optim.lr_scheduler`` stepped after every optimizer step.
-        progress: show a tqdm bar with the loss and the measured sparsity of the masked layers.
+        regularizer: a :class:`SparsityRegularizer` on ``model``: its penalty is added to the loss (or, when it is
+            proximal, its :meth:`~SparsityRegularizer.proximal_step` runs after each optimizer step with the first
+            parameter group's learning rate); ``regularizer.update(step)`` anneals alpha before each step.
+        eval_fn: ``eval_fn(model) -> result`` (a number or a dict of numbers), called after every ``eval_every``
+            steps and after the last one; the model is put back in train mode afterwards.
+        checkpoint: a path written every ``checkpoint_every`` steps and after the last one: model state (masks
+            included), optimizer and scheduler state, step, RNG states, data position, history.
+        resume: continue from ``checkpoint`` when it exists (a fresh start otherwise), bit for bit: the model
+            and optimizer must be built as for the interrupted run; its masks are restored from the checkpoint.
+            Batches replay from the start of the interrupted epoch, with the RNG states (torch's, and a
+            ``DataLoader``'s own ``generator``) it started with, so a shuffled ``DataLoader`` yields the same order.
+        progress: show a tqdm bar with the loss, the measured sparsity of the masked layers and the penalty.
     Returns:
-        one ``{"step", "loss", "sparsity"}`` record per step.
+        one ``{"step", "loss", "sparsity"}`` record per step (all steps, including those before a resume), with
+        ``"penalty"`` when a regularizer is given (``loss`` is the task loss, without it) and ``"eval"`` at the
+        evaluated steps.
     """
-    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    _check_int("steps", steps, 0)
+
+    def step_loss(batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"fine_tune's data must yield (input, target) pairs, got {type(batch).__name__}")
+        inputs, targets = batch
+        return loss_fn(call_model(model, inputs), targets)
+
+    return _train(model, data, step_loss, optimizer, steps=steps, schedule=schedule, lr_scheduler=lr_scheduler,
+                  regularizer=regularizer, eval_fn=eval_fn, eval_every=eval_every, checkpoint=checkpoint,
+                  checkpoint_every=checkpoint_every, resume=resume, progress=progress, desc=desc,
+                  prune_kwargs=prune_kwargs)
+
+
+def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim.Optimizer, *, steps: int,
+            schedule: GradualSchedule | None = None, loss: str = "hidden", temperature: float = 2.0, layers=None,
+            intermediate: bool = False, intermediate_weight: float = 1.0, lr_scheduler=None,
+            regularizer: SparsityRegularizer | None = None, eval_fn=None, eval_every: int | None = None,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None, resume: bool = False,
+            progress: bool = True, desc: str = "distill", **prune_kwargs) -> list[dict]:
+    """Train the pruned ``student`` to reproduce the dense ``teacher`` on unlabelled ``data``, masks held.
+
+    Both models are called on each batch through :func:`~pysparse.prune.batches.call_model` (a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs such as a tokenizer's output). The teacher runs in eval mode
+    under ``no_grad``. The loop, and ``schedule`` / ``lr_scheduler`` / ``regularizer`` / ``eval_fn`` /
+    ``checkpoint`` / ``resume`` / ``progress`` / ``prune_kwargs``, are those of :func:`fine_tune`.
+
+    Args:
+        loss: ``"hidden"``: ``1 - cosine + MSE`` between the outputs (a transformers output's
+            ``last_hidden_state``, else its first tensor; a plain tensor output itself), cosine along the last
+            dimension; ``"logits"``: ``T^2 x KL(teacher || student)`` of the softmax at temperature ``T``
+            (``.logits`` of a transformers output), over the last dimension.
+        temperature: ``T`` for ``loss="logits"``.
+        layers: ``[(student module name, teacher module name), ...]``: the MSE between those modules' outputs
+            (first tensor of a tuple output) is added, mean over pairs, times ``intermediate_weight``.
+        intermediate: for transformers models: call both with ``output_hidden_states=True`` and add the mean of
+            the per-layer MSE between their ``hidden_states`` (times ``intermediate_weight``).
+    Returns:
+        :func:`fine_tune`'s history, ``loss`` being the distillation loss.
+    """
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    _check_int("steps", steps, 1)
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {loss!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    captured, hooks = {}, []
+    for pair in layers or ():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"layers must be (student module name, teacher module name) pairs, got {pair!r}")
+        for who, model, name in (("student", student, pair[0]), ("teacher", teacher, pair[1])):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"layers names {name!r}, which is not a module of the {who}") from None
+            hooks.append(module.register_forward_hook(
+                lambda _m, _i, out, key=(who, name): captured.__setitem__(key, _first_tensor(out))))
+    extra = {"output_hidden_states": True} if intermediate else {}
+    teacher.eval()
+
+    def step_loss(batch):
+        with torch.no_grad():
+            t_out = call_model(teacher, batch, **extra)
+        s_out = call_model(student, batch, **extra)
+        s, t = _output(s_out, loss), _output(t_out, loss)
+        if s.shape != t.shape:
+            raise ValueError(f"student and teacher outputs differ in shape: student {tuple(s.shape)}, teacher "
+                             f"{tuple(t.shape)} (loss={loss!r})")
+        value = _hidden_loss(s, t) if loss == "hidden" else _logits_loss(s, t, temperature)
+        pairs = [(captured[("student", a)], captured[("teacher", b)]) for a, b in layers or ()]
+        if intermediate:
+            pairs += list(zip(_hidden_states(s_out, "student"), _hidden_states(t_out, "teacher")))
+        if pairs:
+            value = value + intermediate_weight * sum(F.mse_loss(a, b) for a, b in pairs) / len(pairs)
+        return value
+
+    try:
+        return _train(student, data, step_loss, optimizer, steps=steps, schedule=schedule,
+                      lr_scheduler=lr_scheduler, regularizer=regularizer, eval_fn=eval_fn, eval_every=eval_every,
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=progress,
+                      desc=desc, prune_kwargs=prune_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# ---- distillation losses ------------------------------------------------------------------------------------------
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"model output holds no tensor: {type(out).__name__}")
+
+
+def _output(out, loss: str) -> torch.Tensor:
+    """The tensor a loss compares: ``.last_hidden_state`` / ``.logits`` of a transformers output, else its first."""
+    key = "last_hidden_state" if loss == "hidden" else "logits"
+    if isinstance(out, Mapping) and isinstance(out.get(key), torch.Tensor):
+        return out[key]
+    return _first_tensor(out)
+
+
+def _hidden_states(out, who: str) -> tuple:
+    states = out.get("hidden_states") if isinstance(out, Mapping) else None
+    if not states:
+        raise ValueError(f"intermediate=True needs the {who}'s output to have hidden_states (a transformers model "
+                         f"called with output_hidden_states=True), got {type(out).__name__}")
+    return states
+
+
+def _hidden_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    cosine = F.cosine_similarity(s.flatten(0, -2), t.flatten(0, -2), dim=-1) if s.dim() > 1 else \
+        F.cosine_similarity(s, t, dim=0)
+    return (1 - cosine).mean() + F.mse_loss(s, t)
+
+
+def _logits_loss(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    classes = s.shape[-1]
+    log_p_s = F.log_softmax(s.reshape(-1, classes) / temperature, dim=-1)
+    log_p_t = F.log_softmax(t.reshape(-1, classes) / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_scheduler, regularizer, eval_fn,
+           eval_every, checkpoint, checkpoint_every, resume, progress, desc, prune_kwargs) -> list[dict]:
+    """``steps`` optimizer steps on ``step_loss(batch) -> scalar`` over ``data`` (see :func:`fine_tune`)."""
     if schedule is not None and not isinstance(schedule, GradualSchedule):
         raise TypeError(f"schedule must be a GradualSchedule or None, got {type(schedule).__name__}")
     if schedule is None and prune_kwargs:
         raise TypeError(f"pruning arguments {sorted(prune_kwargs)} need a schedule")
+    if regularizer is not None:
+        if not isinstance(regularizer, SparsityRegularizer):
+            raise TypeError(f"regularizer must be a SparsityRegularizer or None, got {type(regularizer).__name__}")
+        if regularizer.model is not model:
+            raise ValueError("regularizer was built on another model than the one trained")
+    if eval_every is not None:
+        _check_int("eval_every", eval_every, 1)
+        if eval_fn is None:
+            raise ValueError("eval_every needs eval_fn")
+    if checkpoint_every is not None:
+        _check_int("checkpoint_every", checkpoint_every, 1)
+    if checkpoint is None and (checkpoint_every is not None or resume):
+        raise ValueError("checkpoint_every and resume need checkpoint=<path>")
+    generator = getattr(data, "generator", None)
+    generator = generator if isinstance(generator, torch.Generator) else None
+
+    history, skip, epoch_rng = [], 0, None
+    if resume and os.path.exists(checkpoint):
+        state = load_training_state(checkpoint)
+        apply_masks(model, masks_from_state_dict(state["model"]))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if regularizer is not None:
+            regularizer.alpha = state["alpha"]
+        history, skip, epoch_rng = state["history"], state["epoch_batches"], state["epoch_rng"]
+        resume_rng = state["rng"]
+
+    def save(epoch_rng, epoch_batches):
+        save_training_state(checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+            "alpha": None if regularizer is None else regularizer.alpha, "history": history,
+            "epoch_batches": epoch_batches, "epoch_rng": epoch_rng, "rng": rng_states(generator)})
+
     model.train()
-    history = []
     sparsity = mask_sparsity(model)
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=steps, initial=len(history), desc=desc, disable=not progress, leave=False) as bar:
         while len(history) < steps:
-            epoch_batches = 0
-            for inputs, targets in data:
+            if skip:  # resuming mid-epoch: replay the epoch's start, skip the batches already trained on
+                set_rng_states(epoch_rng, generator)
+                batches = iter(data)
+                for _ in range(skip):
+                    if next(batches, _END) is _END:
+                        raise ValueError(f"cannot resume: the checkpoint is {skip} batches into an epoch, but data "
+                                         f"now yields fewer")
+                set_rng_states(resume_rng, generator)
+            else:
+                epoch_rng = rng_states(generator)
+                batches = iter(data)
+            epoch_batches, skip = skip, 0
+            for batch in batches:
                 step = len(history)
-                if step >= steps:
-                    break
                 if schedule is not None and schedule.is_pruning_step(step):
                     prune_(model, sparsity=schedule(step), **prune_kwargs)
                     sparsity = mask_sparsity(model)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-                optimizer.step()
+                record = _step(model, batch, step_loss, optimizer, regularizer, step)
                 if lr_scheduler is not None:
                     lr_scheduler.step()
-                value = loss.item()
-                history.append({"step": step, "loss": value, "sparsity": sparsity})
-                bar.set_postfix(loss=f"{value:.4f}", sparsity=f"{sparsity:.3f}", refresh=False)
-                bar.update(1)
+                record["sparsity"] = sparsity
                 epoch_batches += 1
+                done = len(history) + 1 == steps
+                if eval_fn is not None and (done or (eval_every is not None and (step + 1) % eval_every == 0)):
+                    record["eval"] = eval_fn(model)
+                    model.train()
+                history.append(record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "sparsity", "penalty")},
+                                refresh=False)
+                bar.update(1)
+                if checkpoint is not None and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+                    save(epoch_rng, epoch_batches)
+                if done:
+                    break
             if epoch_batches == 0:
                 raise ValueError("data yielded no batches (pass a re-iterable such as a list or a DataLoader, "
                                  "not a one-shot iterator)")
     return history
+
+
+def _step(model, batch, step_loss, optimizer, regularizer, step) -> dict:
+    """One optimizer step; the record of its loss (and penalty)."""
+    optimizer.zero_grad(set_to_none=True)
+    if regularizer is not None:
+        regularizer.update(step)
+    loss = step_loss(batch)
+    record = {"step": step, "loss": loss.item()}
+    total = loss
+    if regularizer is not None:
+        if regularizer.proximal:  # the penalty acts through the proximal step, not the gradient
+            with torch.no_grad():
+                record["penalty"] = regularizer.penalty().item()
+        else:
+            penalty = regularizer.penalty()
+            record["penalty"] = penalty.item()
+            total = loss + penalty
+    total.backward()
+    optimizer.step()
+    if regularizer is not None and regularizer.proximal:
+        regularizer.proximal_step(optimizer.param_groups[0]["lr"])
+    return record
