@@ -1,0 +1,32 @@
+// Internal: the per-instruction-set entry points behind unstructured_linear_cpu (see unstructured_linear.cpp).
+// Each SIMD path is its own translation unit with function-level target attributes, as the bsr_linear paths.
+#pragma once
+#include <vector>
+
+#include "isa_kernels.h"  // PYSPARSE_X86
+#include "unstructured_linear.h"
+
+namespace pysparse {
+
+#define PYSPARSE_UNSTRUCTURED_ENTRY                                                                              \
+  void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* group_ptr, \
+                           const float* bias, float* y, const UnstructuredProblem& p, int num_threads);
+
+namespace generic {
+PYSPARSE_UNSTRUCTURED_ENTRY
+}
+#if PYSPARSE_X86
+namespace avx2 {
+PYSPARSE_UNSTRUCTURED_ENTRY
+}
+namespace avx512 {
+PYSPARSE_UNSTRUCTURED_ENTRY
+}
+#endif
+#undef PYSPARSE_UNSTRUCTURED_ENTRY
+
+// Contiguous runs of groups with about equal work (steps + 1 per group: an empty group still writes its bias), at
+// most n_chunks of them: chunk c is groups [bounds[c], bounds[c + 1]). Threads take chunks dynamically.
+std::vector<int64_t> unstructured_group_chunks(const int32_t* group_ptr, int64_t n_groups, int64_t n_chunks);
+
+}  // namespace pysparse
