@@ -6,7 +6,7 @@
 #include <optional>
 #include <vector>
 
-#include "cpu/kernels/bsr_linear.h"
+#include "common/bsr_problem.h"
 
 namespace pysparse {
 

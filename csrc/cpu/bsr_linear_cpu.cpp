@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "bsr_linear_args.h"
+#include "cpu/kernels/bsr_linear.h"
 #include "cpu/output_pool.h"
 
 namespace pysparse {

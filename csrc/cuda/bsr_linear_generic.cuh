@@ -7,7 +7,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include "cpu/kernels/bsr_linear.h"
+#include "common/bsr_problem.h"
 
 namespace pysparse {
 

@@ -15,8 +15,8 @@
 #pragma once
 #include <type_traits>
 
+#include "common/bsr_problem.h"
 #include "cuda/mma_utils.cuh"
-#include "cpu/kernels/bsr_linear.h"
 
 namespace pysparse {
 

@@ -5,8 +5,8 @@
 // ldmatrix reads of the mma.sync kernel hit 8 different bank groups, and with 1024-byte aligned tiles it is
 // exactly the 128-byte swizzle the wgmma descriptors describe.
 #pragma once
+#include "common/bsr_problem.h"
 #include "cuda/mma_utils.cuh"
-#include "cpu/kernels/bsr_linear.h"
 
 namespace pysparse::row_stages {
 

@@ -3,10 +3,9 @@
 #pragma once
 #include <cmath>
 
-namespace pysparse {
+#include "common/bsr_problem.h"  // enum Activation (the CUDA kernels read it too)
 
-// kGelu: exact GELU, x * Phi(x) (erf form); kRelu6: min(max(x, 0), 6).
-enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kRelu6 = 3 };
+namespace pysparse {
 
 // Scalar form: the portable path and the SIMD paths' ragged tails. NaN propagates, as in torch.
 inline float activate(float v, Activation a) {
