@@ -109,6 +109,17 @@ def hopper_arch_list(arch_list):
     return ";".join("9.0a" if a.strip() == "9.0" else a.strip() for a in arch_list.split(";") if a.strip())
 
 
+class IncrementalBuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Compiles into a fixed folder under build/ instead of pip's temporary one, so ninja recompiles only what
+    changed: the README's test command after the demo command, or a rebuild after editing one kernel, reuses every
+    other object. The folder is named after what the objects were built for (torch, CUDA, architectures)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        arch = re.sub(r"[^0-9a-z.]+", "_", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if with_cuda else ""
+        self.build_temp = os.path.join(ROOT, "build", f"objects-{version}-{arch}".rstrip("-"))
+
+
 with_cuda, cuda_home = want_cuda()
 if with_cuda:
     os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;8.6;9.0")
@@ -119,5 +130,5 @@ print(f"pysparse: building {version} ({'CUDA ' + torch.version.cuda if with_cuda
 setup(
     version=version,
     ext_modules=[extension(with_cuda, cuda_home)],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": IncrementalBuildExt},
 )
