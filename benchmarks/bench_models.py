@@ -28,7 +28,7 @@ import torch
 
 from pysparse.bench.check import MODEL_TOLERANCE, degenerate, input_signal, rel_err
 from pysparse.bench.models import recalibrate_batchnorm_
-from pysparse.convert import sparsify
+from pysparse import sparsify
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import minilm_sparse  # noqa: E402  (the examples hold the pruning recipes; the benchmark times the same models)

@@ -21,7 +21,7 @@ import os
 import torch
 
 from pysparse.analysis.timing import alternating_medians
-from pysparse.convert import sparsify
+from pysparse import sparsify
 from pysparse.prune import magnitude_mask
 
 SENTENCES = [

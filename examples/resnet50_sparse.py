@@ -22,8 +22,7 @@ import json
 import torch
 
 from pysparse.analysis.timing import alternating_medians
-from pysparse.convert import sparsify
-from pysparse.fold import fold_batchnorm
+from pysparse import fold_batchnorm, sparsify
 from pysparse.nn import conv_weight_from_matrix, conv_weight_matrix
 from pysparse.prune import magnitude_mask
 

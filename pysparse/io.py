@@ -25,12 +25,12 @@ from torch import nn
 from ._build_info import VERSION
 from .formats import BlockSparseWeight, ChannelSparseWeight
 from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
-from .nn.activation_fusion import activation_name
-from .nn.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
-from .nn.transformers_attention import ATTENTION_NAME, attention_implementation, use_pysparse_attention
+from .transforms.activation_fusion import activation_name
+from .transforms.attention_switch import ATTENTION_NAME, attention_implementation, use_pysparse_attention
+from .transforms.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
 from .nn.sparse_conv import _padding_spec
 from .ops import ACTIVATIONS
-from .prune.channel_surgery import apply_channel_surgery, channel_surgery_record
+from .prune import apply_channel_surgery, channel_surgery_record
 
 __all__ = ["save", "load"]
 
@@ -62,7 +62,7 @@ def _join(block: str, name: str) -> str:
 
 
 def _forward_fusions(model: nn.Module) -> dict[str, list[dict]]:
-    """The blocks whose forward sparsify rewrote (pysparse.nn.forward_fusion), by name: what each fused."""
+    """The blocks whose forward sparsify rewrote (pysparse.transforms.forward_fusion), by name: what each fused."""
     blocks = {name: recorded_fusions(m) for name, m in model.named_modules()}
     return {name: [asdict(f) for f in fusions] for name, fusions in blocks.items() if fusions}
 

@@ -194,7 +194,7 @@ def test_sparsify_fuses_only_provable_pairs():
 def test_transformers_gelu_activation_is_recognised():
     transformers = pytest.importorskip("transformers")
     from transformers.activations import ACT2FN
-    from pysparse.nn.activation_fusion import activation_name
+    from pysparse.transforms.activation_fusion import activation_name
     assert activation_name(ACT2FN["gelu"]) == "gelu"
     assert activation_name(ACT2FN["gelu_new"]) is None   # the tanh approximation
     assert activation_name(ACT2FN["relu"]) == "relu"

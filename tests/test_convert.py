@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pysparse.convert import SparsifyReport, sparsify
+from pysparse import sparsify
+from pysparse.transforms.report import SparsifyReport
 from pysparse.nn import SparseConv2d, SparseLinear, conv_weight_from_matrix, conv_weight_matrix
 
 

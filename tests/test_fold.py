@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from conftest import generator_for
 from pysparse import fold_batchnorm, sparsify
 from pysparse.bench.sweep import block_mask
-from pysparse.fold import FoldReport
+from pysparse.transforms.fold_batchnorm import FoldReport
 from pysparse.nn import SparseConv2d, conv_weight_from_matrix, conv_weight_matrix
 from pysparse.prune import prune_
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from checkpoint_tools import assert_load_refused, rewrite
-from pysparse.convert import sparsify
+from pysparse import sparsify
 from pysparse.io import load, save
 from pysparse.nn import SparseConv2d, SparseLinear
 

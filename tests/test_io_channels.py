@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from checkpoint_tools import assert_load_refused, rewrite, snapshot, unchanged
-from pysparse.convert import sparsify
+from pysparse import sparsify
 from pysparse.io import load, save
 from pysparse.nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
 from pysparse.prune import prune_, remove_masks
-from pysparse.prune.channel_surgery import apply_channel_surgery, channel_surgery_record, prune_channels
+from pysparse.prune import apply_channel_surgery, channel_surgery_record, prune_channels
 
 
 class ResCNN(nn.Module):

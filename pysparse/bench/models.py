@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import _weight_matrix, sparsify
+from .._weight_layout import weight_matrix
 from ..demo import state_bytes
-from ..fold import fold_batchnorm
 from ..nn import SparseConv2d, SparseLinear, conv_weight_from_matrix
 from ..prune import magnitude_mask
+from ..transforms.fold_batchnorm import fold_batchnorm
+from ..transforms.sparsify import sparsify
 from .check import MODEL_TOLERANCE, degenerate, input_signal, rel_err
 from .options import UsageError, check_blocks_fit
 from .sweep import add_ratios
@@ -159,7 +160,8 @@ def prune_blocks_(model: nn.Module, names, sparsity: float, block: tuple[int, in
     """Zero the lowest-L1 ``block`` tiles of each named Linear/Conv2d (on the matrix view its sparse layer packs)."""
     for name in names:
         module = model.get_submodule(name)
-        mask = magnitude_mask(_weight_matrix(module), sparsity=sparsity, norm="l1", pattern="block", block_size=block)
+        mask = magnitude_mask(weight_matrix(module.weight.detach()), sparsity=sparsity, norm="l1", pattern="block",
+                              block_size=block)
         if isinstance(module, nn.Conv2d):
             mask = conv_weight_from_matrix(mask, module.weight.shape)
         with torch.no_grad():
@@ -304,7 +306,7 @@ def run_models(model: str, batch_sizes, blocks, sparsities, *, dtype=torch.float
     gen = torch.Generator(device).manual_seed(seed)
     torch.manual_seed(seed)  # the models' own initialisation
     work = build(model, dtype=dtype, device=device, gen=gen, seq=seq, image_size=image_size)
-    check_blocks_fit(blocks, {n: tuple(_weight_matrix(work.model.get_submodule(n)).shape) for n in work.prunable},
+    check_blocks_fit(blocks, {n: tuple(weight_matrix(work.model.get_submodule(n).weight).shape) for n in work.prunable},
                      what="layer")
     # BatchNorm statistics need several samples; 4 random ones are plenty for random weights
     calibration = work.make_inputs(4) if any(isinstance(m, _BATCHNORMS) for m in work.model.modules()) else None

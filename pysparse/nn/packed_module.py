@@ -1,4 +1,5 @@
-"""Base of the layers that hold a packed weight: ``values`` plus the format's two index buffers."""
+"""Base of the layers that hold a packed weight (``values`` plus the format's two index buffers), and the helpers
+that turn such a layer back into its dense equivalent."""
 from __future__ import annotations
 
 import torch
@@ -81,3 +82,13 @@ def fill_dense(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+# The module form of each fusable activation (what a fused layer turns back into when made dense again).
+ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU}
+
+
+def with_activation(layer: nn.Module, activation: str | None) -> nn.Module:
+    """``layer`` followed by ``activation``'s module (``nn.Sequential``), or ``layer`` itself when None: the dense
+    equivalent of a pysparse layer that applies the activation itself."""
+    return layer if activation is None else nn.Sequential(layer, ACTIVATION_MODULES[activation]())

@@ -12,8 +12,7 @@ from .._weight_layout import weight_from_matrix as conv_weight_from_matrix
 from .._weight_layout import weight_matrix as conv_weight_matrix
 from ..formats import BlockSparseWeight
 from ..ops.layer_support import check_activation, check_residual, fits_output, only_bias_wants_grad, torch_epilogue
-from .activation_fusion import with_activation
-from .packed_module import fill_dense
+from .packed_module import fill_dense, with_activation
 from .sparse_linear import SparseLinear
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")

@@ -7,8 +7,7 @@ from torch import nn
 from .. import ops
 from ..formats import BlockSparseWeight
 from ..ops.layer_support import check_activation, check_residual, torch_epilogue
-from .activation_fusion import with_activation
-from .packed_module import PackedWeightModule, fill_dense
+from .packed_module import PackedWeightModule, fill_dense, with_activation
 
 
 class SparseLinear(PackedWeightModule):

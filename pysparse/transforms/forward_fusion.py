@@ -29,9 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._module_hooks import has_forward_hooks
+from ..nn import SparseConv2d, SparseLinear
 from .activation_fusion import activation_name, is_plain_identity
-from .sparse_conv import SparseConv2d
-from .sparse_linear import SparseLinear
 
 __all__ = ["ForwardFusion", "plan_forward_fusions", "apply_forward_fusions", "fusion_blocks", "recorded_fusions"]
 

@@ -1,12 +1,14 @@
-"""Hugging Face transformers models' attention in pysparse's CPU kernel (:func:`pysparse.ops.scaled_dot_product_attention`).
+"""Hugging Face transformers models' attention in pysparse's CPU kernel
+(:func:`pysparse.ops.scaled_dot_product_attention`).
 
 transformers (v5, and 4.48 on) looks up a model's attention function by name (``config._attn_implementation``) in a
-registry, ``AttentionInterface``, and the mask builder for it in ``AttentionMaskInterface``. :func:`use_pysparse_attention`
-registers the name ``"pysparse_sdpa"`` in both (the mask is SDPA's: bool, True = attend) and switches a model that runs
-``"sdpa"`` to it. The function runs pysparse's kernel where it applies (float32 on the CPU, no dropout, no gradient)
-and hands every other call (CUDA, training, other dtypes, position biases, soft-capping) to transformers' own SDPA
-function, so the model computes what it computed before. Why: once the Linear layers are 90% block-sparse, attention is
-the largest cost left in a BERT-size encoder, and torch's CPU kernel runs it well below the cores' rate.
+registry, ``AttentionInterface``, and the mask builder for it in ``AttentionMaskInterface``.
+:func:`use_pysparse_attention` registers the name ``"pysparse_sdpa"`` in both (the mask is SDPA's: bool, True = attend)
+and switches a model that runs ``"sdpa"`` to it. The function runs pysparse's kernel where it applies (float32 on the
+CPU, no dropout, no gradient) and hands every other call (CUDA, training, other dtypes, position biases, soft-capping)
+to transformers' own SDPA function, so the model computes what it computed before. Why: once the Linear layers are 90%
+block-sparse, attention is the largest cost left in a BERT-size encoder, and torch's CPU kernel runs it well below the
+cores' rate.
 """
 from __future__ import annotations
 

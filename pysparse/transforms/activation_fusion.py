@@ -21,18 +21,7 @@ from torch.nn import functional as F
 
 from .._module_hooks import has_forward_hooks
 
-__all__ = ["ACTIVATION_MODULES", "with_activation", "activation_name", "is_plain_identity", "ActivationSite",
-           "activation_sites"]
-
-# The module form of each fusable activation (what a fused layer turns back into when made dense again).
-ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU}
-
-
-def with_activation(layer: nn.Module, activation: str | None) -> nn.Module:
-    """``layer`` followed by ``activation``'s module (``nn.Sequential``), or ``layer`` itself when None: the dense
-    equivalent of a pysparse layer that applies the activation itself."""
-    return layer if activation is None else nn.Sequential(layer, ACTIVATION_MODULES[activation]())
-
+__all__ = ["activation_name", "is_plain_identity", "ActivationSite", "activation_sites"]
 
 def _linear_then_activation(self, hidden_states):
     hidden_states = self.dense(hidden_states)

@@ -4,29 +4,35 @@ It packs each candidate's weight, keeps the layer dense when its blocks are not 
 cannot be swapped safely), and records why in a report attached to the returned model. With ``autotune=True``
 it runs the model once on ``example_inputs`` to get each layer's real input, times the dense and the sparse
 layer on it, and keeps whichever is faster.
+
+The phases, in order, each a function here: fold BatchNorms (optional), choose the layers (:func:`choose_layers`),
+build their sparse replacements, keeping only the faster ones when autotuning (:func:`autotune_layers`), swap them in
+(:func:`swap_layers`), fuse activations into them (:func:`fuse_activation_modules`) and what blocks' forward does
+after them (:func:`fuse_forward_code`), switch a transformers model's attention, and attach the report.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 
-from . import fold as _fold
-from ._module_hooks import carry_hooks
-from ._text_table import left_aligned
-from ._validate import as_pair
-from .formats import BlockSparseWeight
-from .nn import SparseConv2d, SparseLinear, conv_weight_matrix
-from .nn.activation_fusion import activation_sites
-from .nn.forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
-from .nn.transformers_attention import use_pysparse_attention
-from .ops import available_backends
+from .._module_hooks import carry_hooks
+from .._validate import as_pair
+from .._weight_layout import weight_matrix
+from ..formats import BlockSparseWeight
+from ..nn import SparseConv2d, SparseLinear
+from ..ops import available_backends
+from . import fold_batchnorm as _fold
+from .activation_fusion import activation_sites
+from .attention_switch import use_pysparse_attention
+from .forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
+from .report import LayerReport, SparsifyReport
 
-__all__ = ["sparsify", "LayerReport", "SparsifyReport"]
+__all__ = ["sparsify", "LayerReport", "SparsifyReport", "choose_layers", "autotune_layers", "swap_layers",
+           "fuse_activation_modules", "fuse_forward_code"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Parents whose forward reads a child Linear's .weight directly (fused attention / encoder fast paths):
@@ -34,76 +40,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FUSED_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _AUTOTUNE_MIN_RUN_S = 0.05
 
-
-@dataclass
-class LayerReport:
-    """What sparsify did with one nn.Linear / nn.Conv2d."""
-    name: str
-    kind: str                          # "Linear" or "Conv2d"
-    shape: tuple                       # the dense weight's shape
-    swapped: bool
-    reason: str
-    density: float | None = None       # fraction of (bh, bw) blocks kept, in the layout the layer packs
-    dense_bytes: int = 0               # the dense weight
-    packed_bytes: int | None = None    # values + indices of the packed weight
-    dense_ms: float | None = None      # autotune: median time of the dense layer on the sample input
-    sparse_ms: float | None = None     # autotune: median time of the sparse layer on the same input
-    fused_activation: str | None = None  # fuse_activations: the activation now applied by this layer
-    fused_residual: bool = False         # fuse_activations: the residual add its block's forward did after it
-
-
-class SparsifyReport:
-    """Per-layer decisions of :func:`sparsify` (``model.sparsify_report``); ``str()`` gives a table."""
-
-    def __init__(self, layers: list[LayerReport], block_size: tuple[int, int], min_sparsity: float):
-        self.layers = layers
-        self.block_size = block_size
-        self.min_sparsity = min_sparsity
-        self.attention: str | None = None  # what sparsify(fast_attention=True) did to the model's attention
-
-    @property
-    def swapped(self) -> list[LayerReport]:
-        return [r for r in self.layers if r.swapped]
-
-    def __getitem__(self, name: str) -> LayerReport:
-        for r in self.layers:
-            if r.name == name:
-                return r
-        raise KeyError(f"no layer named {name!r} in the report")
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def to_dict(self) -> dict:
-        return {"block_size": list(self.block_size), "min_sparsity": self.min_sparsity,
-                "layers": [asdict(r) for r in self.layers], "attention": self.attention}
-
-    def __str__(self) -> str:
-        head = ("layer", "type", "shape", "kept", "density", "packed/dense", "reason")
-        rows = []
-        for r in self.layers:
-            ratio = f"{r.packed_bytes / r.dense_bytes:.3f}" if r.packed_bytes is not None and r.dense_bytes else "-"
-            rows.append((r.name or "<root>", r.kind, "x".join(map(str, r.shape)), "sparse" if r.swapped else "dense",
-                         "-" if r.density is None else f"{r.density:.3f}", ratio, r.reason))
-        lines = left_aligned(head, rows)
-        dense = sum(r.dense_bytes for r in self.layers)
-        after = sum(r.packed_bytes if r.swapped else r.dense_bytes for r in self.layers)
-        lines.append(f"{len(self.swapped)}/{len(self.layers)} layers sparse; weight bytes of these layers "
-                     f"{dense / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
-        if self.attention is not None:
-            lines.append(self.attention)
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"SparsifyReport({len(self.swapped)}/{len(self.layers)} layers sparse, block_size={self.block_size})"
-
-
-def _weight_matrix(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach()
-    return conv_weight_matrix(w) if isinstance(module, nn.Conv2d) else w
+# A module's registrations: every (parent, attribute) it is reachable under; (None, "") for the root.
+Places = dict[int, list[tuple[nn.Module | None, str]]]
+# A layer chosen for swapping: the dense module, its packed weight and its report line.
+Candidate = tuple[nn.Module, BlockSparseWeight, LayerReport]
 
 
 def _why_not(module: nn.Module, parents: list[nn.Module | None], shared: bool) -> str | None:
@@ -185,28 +125,155 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
         return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
 
 
-def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None:
-    """Moves each provably fusable activation into the SparseLinear / SparseConv2d before it (activation_fusion)."""
+def _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm) -> None:
+    """Every argument error, raised before any work is done (and before ``model`` is copied)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
+        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(name, module) -> bool or None, got {type(filter_fn).__name__}")
+    if autotune and example_inputs is None:
+        raise ValueError("autotune=True needs example_inputs (the layers are timed on their real input shapes)")
+    if example_inputs is not None:
+        _as_call(example_inputs)  # type check before any work
+    if fold_batchnorm:
+        if trainable:
+            raise ValueError("fold_batchnorm=True is inference-only: trainable must be False, got trainable=True "
+                             "(fine-tuning would need the BatchNorm layers the fold removes)")
+        _fold.check_inference(model, "sparsify(fold_batchnorm=True)")
+
+
+def _module_places(model: nn.Module) -> Places:
+    """Every place a module is registered (a module may be reachable under several names)."""
+    places: Places = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), []).append((parent, child_name))
+    places[id(model)] = [(None, "")]
+    return places
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, int]:
+    """How many distinct modules own each parameter (more than one: tied; one module under two names is not)."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
+
+
+def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int], min_sparsity: float,
+                  filter_fn) -> tuple[list[LayerReport], dict[str, Candidate]]:
+    """A report line for every nn.Linear / nn.Conv2d of ``model``, and, by name, those to swap: the layers that can
+    be swapped, pass ``filter_fn`` and whose packed weight has at least ``min_sparsity`` of its blocks all-zero."""
+    owners = _parameter_owners(model)
+    reports: list[LayerReport] = []
+    chosen: dict[str, Candidate] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        w = module.weight
+        lazy = isinstance(w, nn.parameter.UninitializedParameter)
+        report = LayerReport(name=name, kind="Conv2d" if isinstance(module, nn.Conv2d) else "Linear",
+                             shape=() if lazy else tuple(w.shape), swapped=False, reason="",
+                             dense_bytes=0 if lazy else w.numel() * w.element_size())
+        reports.append(report)
+        parents = [parent for parent, _ in places[id(module)]]
+        reason = _why_not(module, parents, owners.get(id(w), 0) > 1)
+        if reason is None and filter_fn is not None and not filter_fn(name, module):
+            reason = "excluded by filter_fn"
+        if reason is not None:
+            report.reason = reason
+            continue
+        weight = BlockSparseWeight.from_dense(weight_matrix(module.weight.detach()), block_size=block_size)
+        report.density = weight.density
+        report.packed_bytes = weight.nbytes
+        sparsity = 1.0 - weight.density
+        if sparsity < min_sparsity and not math.isclose(sparsity, min_sparsity):
+            report.reason = f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+            continue
+        report.reason = f"block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
+        chosen[name] = (module, weight, report)
+    return reports, chosen
+
+
+def autotune_layers(model: nn.Module, chosen: dict[str, Candidate], trainable: bool, example_inputs
+                    ) -> dict[str, nn.Module]:
+    """Sparse replacements, by name, for the layers of ``chosen`` that run faster sparse than dense on the input
+    each gets when ``model`` (still dense) runs ``example_inputs``; each report says what was timed and decided."""
+    samples = _capture_inputs(model, {n: m for n, (m, _, _) in chosen.items()}, example_inputs)
+    faster = {}
+    for name, (module, weight, report) in chosen.items():
+        new = _sparse_module(module, weight, trainable)
+        if name not in samples:
+            report.reason = "autotune: not reached by example_inputs, kept dense"
+            continue
+        report.dense_ms = _median_ms(module, samples[name])
+        report.sparse_ms = _median_ms(new, samples[name])
+        if report.sparse_ms >= report.dense_ms:
+            report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms >= dense {report.dense_ms:.3f} ms"
+            continue
+        report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
+        faster[name] = new
+    return faster
+
+
+def swap_layers(model: nn.Module, places: Places, chosen: dict[str, Candidate], new_layers: dict[str, nn.Module]
+                ) -> tuple[nn.Module, dict[int, LayerReport]]:
+    """Registers each of ``new_layers`` wherever its dense layer was (hooks move along); returns the model (the new
+    layer itself when the root was swapped) and the swapped layers' reports keyed by the new layer's ``id``."""
+    swapped: dict[int, LayerReport] = {}
+    for name, new in new_layers.items():
+        module, _, report = chosen[name]
+        report.swapped = True
+        carry_hooks(module, new)
+        swapped[id(new)] = report
+        for parent, child_name in places[id(module)]:
+            if parent is None:
+                model = new
+            else:
+                setattr(parent, child_name, new)
+    return model, swapped
+
+
+def _call_counts(model: nn.Module) -> dict[int, int]:
+    """How many places each module is registered under (a layer fused into must be called from one place)."""
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
+
+
+def fuse_activation_modules(model: nn.Module, swapped: dict[int, LayerReport]) -> None:
+    """Moves each provably fusable activation module into the SparseLinear / SparseConv2d before it (see
+    :mod:`.activation_fusion`); the activation's slot becomes ``nn.Identity``."""
+    uses = _call_counts(model)
     for site in activation_sites(model):
         layer = site.parent._modules[site.layer_slot]
         # Fused only into a layer sparsify swapped, called from this one place, whose output no hook observes.
-        if (id(layer) not in reports or not isinstance(layer, (SparseLinear, SparseConv2d))
+        if (id(layer) not in swapped or not isinstance(layer, (SparseLinear, SparseConv2d))
                 or layer.activation is not None
                 or uses[id(layer)] != 1 or layer._forward_hooks):
             continue
         layer.activation, layer.activation_source = site.activation, site.activation_slot
         setattr(site.parent, site.activation_slot, nn.Identity())
-        report = reports[id(layer)]
+        report = swapped[id(layer)]
         report.fused_activation = site.activation
         report.reason += f"; fused {site.activation} (was .{site.activation_slot} of its parent)"
-    # Then what blocks' code does after a layer (ResNet's residual add and shared ReLU): their forward is rewritten.
-    def layer_at(_, layer):
-        return layer if id(layer) in reports and uses[id(layer)] == 1 else None
 
-    for name, block in fusion_blocks(model, lambda m: id(m) in reports):
+
+def fuse_forward_code(model: nn.Module, swapped: dict[int, LayerReport]) -> None:
+    """Fuses what blocks' code does after a swapped layer (ResNet's residual add and shared ReLU) into it: those
+    blocks' forward is rewritten with torch.fx (see :mod:`.forward_fusion`)."""
+    uses = _call_counts(model)
+
+    def layer_at(_, layer):
+        return layer if id(layer) in swapped and uses[id(layer)] == 1 else None
+
+    for name, block in fusion_blocks(model, lambda m: id(m) in swapped):
         plan = plan_forward_fusions(block, layer_at)
         if plan is None:
             continue
@@ -214,7 +281,7 @@ def _fuse_activations(model: nn.Module, reports: dict[int, LayerReport]) -> None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, rewritten)
         for f in plan[1]:
-            report = reports[id(rewritten.get_submodule(f.layer))]
+            report = swapped[id(rewritten.get_submodule(f.layer))]
             report.fused_activation, report.fused_residual = f.activation, f.residual
             what = " + ".join(["residual add"] * f.residual + [f.activation] * (f.activation is not None))
             report.reason += f"; fused the {what} of {name}.forward (rewritten with torch.fx)"
@@ -236,7 +303,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs for ``model``.
         trainable: make the packed values ``nn.Parameter`` s, for fine-tuning through the sparse layers.
         fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
-            (:func:`pysparse.fold.fold_batchnorm`); inference only, so the model must be in eval mode and
+            (:func:`pysparse.fold_batchnorm`); inference only, so the model must be in eval mode and
             ``trainable`` False.
         fuse_activations: where the model applies ReLU, ReLU6 or exact GELU to a swapped layer's output and nothing
             else reads that output (an ``nn.Sequential`` pair, Identities between allowed, or a parent whose
@@ -244,7 +311,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             SparseConv2d applies it inside its CPU kernel and the activation module becomes ``nn.Identity`` (the
             report says which). Then blocks whose own forward adds a residual to a swapped layer's output and / or
             applies such an activation (torchvision's ResNet blocks) are rewritten with ``torch.fx`` so that the
-            layer does both in its kernel (:mod:`pysparse.nn.forward_fusion`; the block becomes a GraphModule).
+            layer does both in its kernel (:mod:`pysparse.transforms.forward_fusion`; the block becomes a GraphModule).
             Saves full passes over the layer's output at inference; training is unaffected (the layer then runs
             the torch add and activation itself).
         fast_attention: a Hugging Face transformers model whose attention runs ``"sdpa"`` is switched to pysparse's
@@ -255,95 +322,25 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
     Returns:
         The converted model, with ``.sparsify_report`` (a :class:`SparsifyReport`): per layer whether it was
         swapped and why, block density, packed and dense bytes, and the autotune timings; with
-        ``fold_batchnorm=True`` also ``.fold_report`` (a :class:`pysparse.fold.FoldReport`).
+        ``fold_batchnorm=True`` also ``.fold_report`` (a :class:`pysparse.transforms.fold_batchnorm.FoldReport`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     block_size = as_pair("block_size", block_size)
-    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
-        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable(name, module) -> bool or None, got {type(filter_fn).__name__}")
-    if autotune and example_inputs is None:
-        raise ValueError("autotune=True needs example_inputs (the layers are timed on their real input shapes)")
-    if example_inputs is not None:
-        _as_call(example_inputs)  # type check before any work
-    if fold_batchnorm:
-        if trainable:
-            raise ValueError("fold_batchnorm=True is inference-only: trainable must be False, got trainable=True "
-                             "(fine-tuning would need the BatchNorm layers the fold removes)")
-        _fold.check_inference(model, "sparsify(fold_batchnorm=True)")
+    _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm)
     if not inplace:
         model = copy.deepcopy(model)
     if fold_batchnorm:
         fold_report = _fold.fold_batchnorm(model, inplace=True).fold_report
 
-    # Every place a module is registered (a module may be reachable under several names).
-    places: dict[int, list[tuple[nn.Module | None, str]]] = {}
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():
-            if child is not None:
-                places.setdefault(id(child), []).append((parent, child_name))
-    places[id(model)] = [(None, "")]
-    # Parameters owned by more than one distinct module are tied (one module under two names is not).
-    weight_uses: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                weight_uses[id(p)] = weight_uses.get(id(p), 0) + 1
-
-    reports: list[LayerReport] = []
-    packed: dict[str, tuple[nn.Module, BlockSparseWeight, LayerReport]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        w = module.weight
-        lazy = isinstance(w, nn.parameter.UninitializedParameter)
-        report = LayerReport(name=name, kind="Conv2d" if isinstance(module, nn.Conv2d) else "Linear",
-                             shape=() if lazy else tuple(w.shape), swapped=False, reason="",
-                             dense_bytes=0 if lazy else w.numel() * w.element_size())
-        reports.append(report)
-        parents = [parent for parent, _ in places[id(module)]]
-        reason = _why_not(module, parents, weight_uses.get(id(w), 0) > 1)
-        if reason is None and filter_fn is not None and not filter_fn(name, module):
-            reason = "excluded by filter_fn"
-        if reason is not None:
-            report.reason = reason
-            continue
-        weight = BlockSparseWeight.from_dense(_weight_matrix(module), block_size=block_size)
-        report.density = weight.density
-        report.packed_bytes = weight.nbytes
-        sparsity = 1.0 - weight.density
-        if sparsity < min_sparsity and not math.isclose(sparsity, min_sparsity):
-            report.reason = f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
-            continue
-        report.reason = f"block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
-        packed[name] = (module, weight, report)
-
-    swapped: list[tuple[nn.Module, LayerReport]] = []
-    samples = _capture_inputs(model, {n: m for n, (m, _, _) in packed.items()}, example_inputs) if autotune else {}
-    for name, (module, weight, report) in packed.items():
-        new = _sparse_module(module, weight, trainable)
-        if autotune:
-            if name not in samples:
-                report.reason = "autotune: not reached by example_inputs, kept dense"
-                continue
-            report.dense_ms = _median_ms(module, samples[name])
-            report.sparse_ms = _median_ms(new, samples[name])
-            if report.sparse_ms >= report.dense_ms:
-                report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms >= dense {report.dense_ms:.3f} ms"
-                continue
-            report.reason = f"autotune: sparse {report.sparse_ms:.3f} ms < dense {report.dense_ms:.3f} ms"
-        report.swapped = True
-        carry_hooks(module, new)
-        swapped.append((new, report))
-        for parent, child_name in places[id(module)]:
-            if parent is None:
-                model = new
-            else:
-                setattr(parent, child_name, new)
+    places = _module_places(model)
+    reports, chosen = choose_layers(model, places, block_size, min_sparsity, filter_fn)
+    if autotune:
+        new_layers = autotune_layers(model, chosen, trainable, example_inputs)
+    else:
+        new_layers = {name: _sparse_module(module, weight, trainable) for name, (module, weight, _) in chosen.items()}
+    model, swapped = swap_layers(model, places, chosen, new_layers)
     if fuse_activations:
-        _fuse_activations(model, {id(r_new): r for r_new, r in swapped})
+        fuse_activation_modules(model, swapped)
+        fuse_forward_code(model, swapped)
     model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
     if fast_attention:
         model.sparsify_report.attention = use_pysparse_attention(model)

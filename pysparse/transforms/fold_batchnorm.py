@@ -25,9 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from ._module_hooks import has_forward_hooks
-from ._text_table import left_aligned
-from .prune.mask_holding import WeightMask
+from .._module_hooks import has_forward_hooks
+from .._text_table import left_aligned
+from ..prune.mask_holding import WeightMask
 
 __all__ = ["fold_batchnorm", "FoldEntry", "FoldReport"]
 
