@@ -1,0 +1,30 @@
+// Internal: the per-instruction-set entry points behind bsr_backward.h (see bsr_backward.cpp), one translation unit
+// per path, as for the forward (isa_kernels.h).
+#pragma once
+#include "bsr_backward.h"
+#include "isa_kernels.h"
+
+namespace pysparse {
+
+#define PYSPARSE_BSR_BACKWARD_DECLARE                                                                             \
+  void bsr_grad_input(const float* grad_y, const float* values, bool transposed, const int32_t* col_ptr,          \
+                      const int32_t* entries, float* grad_x, const BsrProblem& p, int num_threads);               \
+  void bsr_grad_values(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,              \
+                       bool transposed, float* grad_values, const BsrProblem& p, int num_threads);
+
+namespace generic {
+PYSPARSE_BSR_BACKWARD_DECLARE
+}  // namespace generic
+
+#if PYSPARSE_X86
+namespace avx2 {
+PYSPARSE_BSR_BACKWARD_DECLARE
+}  // namespace avx2
+namespace avx512 {
+PYSPARSE_BSR_BACKWARD_DECLARE
+}  // namespace avx512
+#endif
+
+#undef PYSPARSE_BSR_BACKWARD_DECLARE
+
+}  // namespace pysparse

@@ -1,0 +1,295 @@
+// Backward kernels of the block-sparse linear (see bsr_backward.h), written once over an instruction-set description
+// `Isa` and compiled per path: included by bsr_backward_avx512.cpp, bsr_backward_avx2.cpp and bsr_backward_generic.cpp
+// inside their own (anonymous) namespace, after the pragma that gives every function below that path's target
+// attributes. Not a standalone header.
+//
+// `Isa` provides V (a vector of L floats), zero/load/store/bcast/fma/add, load_n / store_n (the first n lanes, n may
+// be <= 0 or >= L; masked lanes are neither read nor written), and the register-tile shapes: kGiVecs and
+// gi_tokens(nv) for grad_input, kGvVecs and gv_rows(nv) for grad_values.
+//
+// grad_input (grad_x = grad_y @ W): register tile = T tokens x NV vectors of grad_x columns of one block column. Per
+// row i of each block in that column it loads NV vectors of the block's row i (contiguous in row-major blocks) and
+// broadcasts grad_y[t][row] for the T tokens: T*NV FMAs per NV + T loads, and grad_y / grad_x are read and written
+// in their natural row-major layout (nothing packed, nothing transposed). Block-transposed weights are transposed
+// into a per-item row-major scratch, once per work item. Work items are (token chunk, block column) pairs, chunk
+// major, handed out dynamically: the grad_y rows of a chunk stay in cache while its block columns are worked.
+//
+// grad_values (SDDMM): for a kept block, out[a][b] = sum_t A[t][a] * B[t][b] with (A, B) = (grad_y's block rows,
+// x's block columns) for row-major blocks, (x's, grad_y's) for block-transposed ones: both layouts are one kernel,
+// written straight into the gradient's storage. Register tile = R rows a x NV vectors of b over the tokens of a
+// chunk. Threads own contiguous block rows of equal nonzero-block count and walk the token chunks outermost, so a
+// chunk of x stays in cache across every block of the thread's rows.
+
+#define PYSPARSE_BWD_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define PYSPARSE_BWD_UNROLL PYSPARSE_BWD_PRAGMA(unroll)
+#else
+#define PYSPARSE_BWD_UNROLL PYSPARSE_BWD_PRAGMA(GCC unroll 32)
+#endif
+// Register tiles stay out of line: inlined into the drivers, GCC spills the accumulators.
+#define PYSPARSE_BWD_NOINLINE __attribute__((noinline))
+
+using V = typename Isa::V;
+constexpr int L = Isa::L;
+
+// Tokens per grad_input work item: the chunk's grad_y rows stay in L2 while its block columns run. Block-transposed
+// weights take longer chunks, which amortise the per-item transpose of the column's blocks.
+constexpr int64_t kGiChunk = 64;
+constexpr int64_t kGiChunkTransposed = 256;
+// Tokens per grad_values chunk: x's rows of a chunk (kGvChunk * K floats) stay in L2 across a thread's blocks.
+constexpr int64_t kGvChunk = 256;
+
+// Lanes of vector v valid among the first n: 0..L.
+inline int lanes(int n, int v) { return std::max(0, std::min(L, n - v * L)); }
+
+// ---- grad_input ---------------------------------------------------------------------------------------------
+// T tokens x NV vectors: gx[t][0 : out_n] = sum over the n blocks (row-major, `w[e]` at column j0 of row 0, row
+// stride bw) of gy[t][rows[e]*bh + i] * w[e][i][.]. kTail: only the first wn columns of the last vector are inside
+// the block (masked loads). gy / gx point at token 0 of the tile.
+template <int T, int NV, bool kTail>
+PYSPARSE_BWD_NOINLINE void gi_tile(const float* gy, const float* const* w, const int32_t* rows, int64_t n,
+                                   const BsrProblem& p, int wn, float* gx, int out_n) {
+  V acc[T][NV];
+  PYSPARSE_BWD_UNROLL for (int t = 0; t < T; ++t) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[t][v] = Isa::zero();
+  }
+  const int last = wn - (NV - 1) * L;
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t r0 = int64_t(rows[e]) * p.bh;
+    const int64_t ih = std::min(p.bh, p.N - r0);  // grad_y has no rows past N
+    const float* wr = w[e];
+    const float* g = gy + r0;
+    for (int64_t i = 0; i < ih; ++i, wr += p.bw) {
+      V wv[NV];
+      PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+        wv[v] = (kTail && v == NV - 1) ? Isa::load_n(wr + v * L, last) : Isa::load(wr + v * L);
+      }
+      PYSPARSE_BWD_UNROLL for (int t = 0; t < T; ++t) {
+        const V b = Isa::bcast(g + t * p.N + i);
+        PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[t][v] = Isa::fma(wv[v], b, acc[t][v]);
+      }
+    }
+  }
+  PYSPARSE_BWD_UNROLL for (int t = 0; t < T; ++t) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+      const int k = lanes(out_n, v);
+      if (k == L) {
+        Isa::store(gx + t * p.K + v * L, acc[t][v]);
+      } else if (k > 0) {
+        Isa::store_n(gx + t * p.K + v * L, acc[t][v], k);
+      }
+    }
+  }
+}
+
+// Tokens [t0, t1) of one column group: full tiles, then the rest in tiles of 4, 2, 1.
+template <int NV, bool kTail>
+void gi_tokens(const float* gy, const float* const* w, const int32_t* rows, int64_t n, const BsrProblem& p, int wn,
+               float* gx, int out_n, int64_t t0, int64_t t1) {
+  constexpr int T = Isa::gi_tokens(NV);
+  int64_t t = t0;
+  for (; t + T <= t1; t += T) gi_tile<T, NV, kTail>(gy + t * p.N, w, rows, n, p, wn, gx + t * p.K, out_n);
+  if constexpr (T > 4) {
+    for (; t + 4 <= t1; t += 4) gi_tile<4, NV, kTail>(gy + t * p.N, w, rows, n, p, wn, gx + t * p.K, out_n);
+  }
+  if constexpr (T > 2) {
+    for (; t + 2 <= t1; t += 2) gi_tile<2, NV, kTail>(gy + t * p.N, w, rows, n, p, wn, gx + t * p.K, out_n);
+  }
+  for (; t < t1; ++t) gi_tile<1, NV, kTail>(gy + t * p.N, w, rows, n, p, wn, gx + t * p.K, out_n);
+}
+
+template <int NV>
+void gi_group(bool tail, const float* gy, const float* const* w, const int32_t* rows, int64_t n,
+              const BsrProblem& p, int wn, float* gx, int out_n, int64_t t0, int64_t t1) {
+  if (tail) {
+    gi_tokens<NV, true>(gy, w, rows, n, p, wn, gx, out_n, t0, t1);
+  } else {
+    gi_tokens<NV, false>(gy, w, rows, n, p, wn, gx, out_n, t0, t1);
+  }
+}
+
+// Groups of up to kGiVecs vectors: nv in 1..kGiVecs chooses the instantiation.
+template <int NV = Isa::kGiVecs>
+void gi_dispatch(int nv, bool tail, const float* gy, const float* const* w, const int32_t* rows, int64_t n,
+                 const BsrProblem& p, int wn, float* gx, int out_n, int64_t t0, int64_t t1) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return gi_dispatch<NV - 1>(nv, tail, gy, w, rows, n, p, wn, gx, out_n, t0, t1);
+  }
+  gi_group<NV>(tail, gy, w, rows, n, p, wn, gx, out_n, t0, t1);
+}
+
+void grad_input(const float* gy, const float* values, bool transposed, const int32_t* col_ptr,
+                const int32_t* entries, float* gx, const BsrProblem& p, int num_threads) {
+  if (p.M == 0 || p.K == 0) return;
+  const int64_t bh = p.bh, bw = p.bw, block = bh * bw;
+  const int64_t chunk = transposed ? kGiChunkTransposed : kGiChunk;
+  const int64_t n_chunks = (p.M + chunk - 1) / chunk;
+  const int64_t n_items = n_chunks * p.n_block_cols;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<const float*> w;  // per block of the column: its row-major data
+    std::vector<int32_t> rows;
+    std::vector<float> scratch;   // the column's blocks made row-major (block-transposed weights only)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t c = item % p.n_block_cols;
+      const int64_t t0 = (item / p.n_block_cols) * chunk, t1 = std::min(p.M, t0 + chunk);
+      const int64_t c0 = c * bw, cw = std::min(bw, p.K - c0);  // grad_x columns of this block column
+      const int64_t e0 = col_ptr[c], n = col_ptr[c + 1] - e0;
+      if (n == 0) {
+        for (int64_t t = t0; t < t1; ++t) std::fill(gx + t * p.K + c0, gx + t * p.K + c0 + cw, 0.0f);
+        continue;
+      }
+      w.resize(n);
+      rows.resize(n);
+      if (transposed) scratch.resize(n * block);
+      for (int64_t e = 0; e < n; ++e) {
+        const int32_t r = entries[2 * (e0 + e)], b = entries[2 * (e0 + e) + 1];
+        rows[e] = r;
+        const float* src = values + int64_t(b) * block;
+        if (!transposed) {
+          w[e] = src;
+          continue;
+        }
+        float* dst = scratch.data() + e * block;
+        const int64_t ih = std::min(bh, p.N - int64_t(r) * bh);  // rows past N are never read
+        for (int64_t i = 0; i < ih; ++i) {
+          for (int64_t j = 0; j < bw; ++j) dst[i * bw + j] = src[j * bh + i];
+        }
+        w[e] = dst;
+      }
+      constexpr int64_t G = Isa::kGiVecs * L;
+      for (int64_t j0 = 0; j0 < cw; j0 += G) {
+        const int wn = int(std::min(G, bw - j0));   // weight columns of the group inside the block
+        const int out_n = int(std::min(G, cw - j0));  // of them, those inside grad_x
+        if (j0 > 0) {
+          for (auto& ptr : w) ptr += G;  // to this group's first column
+        }
+        gi_dispatch((wn + L - 1) / L, wn % L != 0, gy, w.data(), rows.data(), n, p, wn, gx + c0 + j0, out_n, t0, t1);
+      }
+    }
+  }
+}
+
+// ---- grad_values --------------------------------------------------------------------------------------------
+// R rows x NV vectors: out[r][0 : gw] (+)= sum over nt tokens of a[t][r] * b[t][0 : bn], zero past bn. kTail: the
+// loads are masked to bn columns (bn < NV*L); accumulate: add to what out holds (a later token chunk).
+template <int R, int NV, bool kTail>
+PYSPARSE_BWD_NOINLINE void gv_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nt, int bn,
+                                   float* out, int64_t ldo, int gw, bool accumulate) {
+  V acc[R][NV];
+  PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Isa::zero();
+  }
+  for (int64_t t = 0; t < nt; ++t, a += lda, b += ldb) {
+    V bv[NV];
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+      bv[v] = kTail ? Isa::load_n(b + v * L, bn - v * L) : Isa::load(b + v * L);
+    }
+    PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+      const V s = Isa::bcast(a + r);
+      PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fma(bv[v], s, acc[r][v]);
+    }
+  }
+  PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+      float* o = out + r * ldo + v * L;
+      const int k = lanes(gw, v);
+      if (k == L) {
+        Isa::store(o, accumulate ? Isa::add(Isa::load(o), acc[r][v]) : acc[r][v]);
+      } else if (k > 0) {
+        Isa::store_n(o, accumulate ? Isa::add(Isa::load_n(o, k), acc[r][v]) : acc[r][v], k);
+      }
+    }
+  }
+}
+
+// Rows [0, na) of one column group: full tiles, then the rest in tiles of 4, 2, 1.
+template <int NV, bool kTail>
+void gv_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nt, int bn, float* out, int64_t ldo,
+             int gw, bool accumulate, int64_t na) {
+  constexpr int R = Isa::gv_rows(NV);
+  int64_t r = 0;
+  for (; r + R <= na; r += R) gv_tile<R, NV, kTail>(a + r, lda, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  if constexpr (R > 4) {
+    for (; r + 4 <= na; r += 4) gv_tile<4, NV, kTail>(a + r, lda, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  }
+  if constexpr (R > 2) {
+    for (; r + 2 <= na; r += 2) gv_tile<2, NV, kTail>(a + r, lda, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  }
+  for (; r < na; ++r) gv_tile<1, NV, kTail>(a + r, lda, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+}
+
+template <int NV = Isa::kGvVecs>
+void gv_dispatch(int nv, bool tail, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nt, int bn,
+                 float* out, int64_t ldo, int gw, bool accumulate, int64_t na) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return gv_dispatch<NV - 1>(nv, tail, a, lda, b, ldb, nt, bn, out, ldo, gw, accumulate, na);
+  }
+  if (tail) {
+    gv_rows<NV, true>(a, lda, b, ldb, nt, bn, out, ldo, gw, accumulate, na);
+  } else {
+    gv_rows<NV, false>(a, lda, b, ldb, nt, bn, out, ldo, gw, accumulate, na);
+  }
+}
+
+// One block over tokens [t0, t1): out is the block's [na][nb] storage; rows past va and columns past vb are padding
+// (written 0 by the first chunk, never read from a / b).
+void gv_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t t0, int64_t t1, float* out,
+              int64_t na, int64_t nb, int64_t va, int64_t vb) {
+  const bool accumulate = t0 > 0;
+  if (!accumulate && va < na) std::fill(out + va * nb, out + na * nb, 0.0f);
+  constexpr int64_t G = Isa::kGvVecs * L;
+  for (int64_t b0 = 0; b0 < nb; b0 += G) {
+    const int gw = int(std::min(G, nb - b0));
+    const int bn = int(std::max<int64_t>(0, std::min<int64_t>(gw, vb - b0)));
+    if (bn == 0) {  // all padding
+      if (!accumulate) {
+        for (int64_t r = 0; r < va; ++r) std::fill(out + r * nb + b0, out + r * nb + b0 + gw, 0.0f);
+      }
+      continue;
+    }
+    const int nv = (gw + L - 1) / L;
+    gv_dispatch(nv, bn < nv * L, a + t0 * lda, lda, b + t0 * ldb + b0, ldb, t1 - t0, bn, out + b0, nb, gw,
+                accumulate, va);
+  }
+}
+
+void grad_values(const float* gy, const float* x, const int32_t* crow, const int32_t* col, bool transposed,
+                 float* gv, const BsrProblem& p, int num_threads) {
+  const int64_t bh = p.bh, bw = p.bw, block = bh * bw;
+  if (p.nnz == 0) return;
+  if (p.M == 0) {
+    std::fill(gv, gv + p.nnz * block, 0.0f);
+    return;
+  }
+#pragma omp parallel num_threads(num_threads)
+  {
+    // This thread's block rows: those whose first block falls in its equal share of the nonzero blocks.
+    const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+    const int32_t* end = crow + p.n_block_rows + 1;
+    const int64_t r_begin = std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
+    const int64_t r_end = std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
+    for (int64_t t0 = 0; t0 < p.M; t0 += kGvChunk) {
+      const int64_t t1 = std::min(p.M, t0 + kGvChunk);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t vr = std::min(bh, p.N - r * bh);  // rows of the block row inside grad_y
+        for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) {
+          const int64_t c0 = int64_t(col[blk]) * bw, vc = std::min(bw, p.K - c0);
+          const float* g = gy + r * bh;
+          const float* xc = x + c0;
+          float* out = gv + blk * block;
+          if (transposed) {
+            gv_block(xc, p.ldx, g, p.N, t0, t1, out, bw, bh, vc, vr);
+          } else {
+            gv_block(g, p.N, xc, p.ldx, t0, t1, out, bh, bw, vr, vc);
+          }
+        }
+      }
+    }
+  }
+}
+
+#undef PYSPARSE_BWD_NOINLINE
+#undef PYSPARSE_BWD_UNROLL
+#undef PYSPARSE_BWD_PRAGMA

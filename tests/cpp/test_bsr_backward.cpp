@@ -1,0 +1,206 @@
+// The bsr_linear backward kernels (grad_input = grad_y @ W, grad_values on the kept blocks) on every CPU path this
+// machine runs, both weight layouts (row-major and block-transposed blocks), against a double-precision reference:
+// ragged shapes, block sizes that do not divide the matrix, empty block rows and columns, fully empty and fully
+// dense weights, strided x, token counts across the chunk sizes, non-finite values in the weight's padding,
+// NaN-poisoned outputs, 1..3 threads. Also the column index (build and check).
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bsr_backward.h"
+#include "check.h"
+#include "transposed_blocks.h"
+
+using namespace pysparse;
+
+namespace {
+
+struct Case {
+  int64_t M, K, N, bh, bw;
+  double density;     // fraction of blocks kept; 0 = empty, 1 = dense
+  int64_t x_pad = 0;  // extra elements per row of x (ldx = K + x_pad)
+};
+
+struct Bsr {
+  BsrProblem p;
+  std::vector<int32_t> crow, col;
+  std::vector<float> values;  // [nnz][bh][bw]
+};
+
+Bsr make_bsr(const Case& c, std::mt19937& rng) {
+  Bsr w;
+  BsrProblem& p = w.p;
+  p.M = c.M, p.K = c.K, p.N = c.N, p.bh = c.bh, p.bw = c.bw;
+  p.n_block_rows = (c.N + c.bh - 1) / c.bh;
+  p.n_block_cols = (c.K + c.bw - 1) / c.bw;
+  p.ldx = c.K + c.x_pad;
+  std::uniform_real_distribution<double> u01(0.0, 1.0);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  w.crow.push_back(0);
+  for (int64_t r = 0; r < p.n_block_rows; ++r) {
+    // Sparse weights leave every third block row and every second-to-last block column empty.
+    const bool empty_row = c.density < 1.0 && r % 3 == 1;
+    for (int64_t cb = 0; cb < p.n_block_cols; ++cb) {
+      const bool empty_col = c.density < 1.0 && cb % 4 == 2;
+      if (!empty_row && !empty_col && u01(rng) < c.density) w.col.push_back(int32_t(cb));
+    }
+    w.crow.push_back(int32_t(w.col.size()));
+  }
+  p.nnz = int64_t(w.col.size());
+  w.values.resize(size_t(p.nnz * p.bh * p.bw));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < p.n_block_rows; ++r) {
+    for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
+      for (int64_t i = 0; i < p.bh; ++i) {
+        for (int64_t j = 0; j < p.bw; ++j) {
+          const bool padding = r * p.bh + i >= p.N || w.col[b] * p.bw + j >= p.K;
+          // Padding must never reach grad_x: fill it with values that would poison any sum.
+          w.values[size_t((b * p.bh + i) * p.bw + j)] = padding ? ((i + j) % 2 ? inf : std::nanf("")) : normal(rng);
+        }
+      }
+    }
+  }
+  return w;
+}
+
+int64_t row_of(const Bsr& w, int64_t b) {
+  int64_t r = 0;
+  while (w.crow[r + 1] <= b) ++r;
+  return r;
+}
+
+// |got - want| within float32 accumulation error of a sum whose absolute terms add up to `scale`.
+bool close(float got, double want, double scale) {
+  return std::isfinite(got) && std::abs(double(got) - want) <= 1e-5 * scale + 1e-6;
+}
+
+std::string describe(const Case& c, const char* isa, bool transposed, int threads) {
+  return "M=" + std::to_string(c.M) + " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + " block " +
+         std::to_string(c.bh) + "x" + std::to_string(c.bw) + " density " + std::to_string(c.density) + " isa " + isa +
+         (transposed ? " transposed" : " row-major") + " threads " + std::to_string(threads);
+}
+
+void run_case(const Case& c, std::mt19937& rng) {
+  const Bsr w = make_bsr(c, rng);
+  const BsrProblem& p = w.p;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> gy(size_t(p.M * p.N)), x(size_t(p.M * p.ldx));
+  for (float& v : gy) v = normal(rng);
+  for (float& v : x) v = normal(rng);
+  for (int64_t t = 0; t < p.M; ++t) {  // x's row padding is never read: poison it
+    for (int64_t k = p.K; k < p.ldx; ++k) x[size_t(t * p.ldx + k)] = std::nanf("");
+  }
+
+  // Dense double references, with the scale of each sum for the tolerance.
+  std::vector<double> gx_ref(size_t(p.M * p.K), 0.0), gx_scale(gx_ref.size(), 0.0);
+  std::vector<double> gv_ref(w.values.size(), 0.0), gv_scale(w.values.size(), 0.0);
+  for (int64_t b = 0; b < p.nnz; ++b) {
+    const int64_t r = row_of(w, b), c0 = int64_t(w.col[b]) * p.bw;
+    for (int64_t i = 0; i < p.bh && r * p.bh + i < p.N; ++i) {
+      for (int64_t j = 0; j < p.bw && c0 + j < p.K; ++j) {
+        const double wij = w.values[size_t((b * p.bh + i) * p.bw + j)];
+        for (int64_t t = 0; t < p.M; ++t) {
+          const double g = gy[size_t(t * p.N + r * p.bh + i)], xv = x[size_t(t * p.ldx + c0 + j)];
+          gx_ref[size_t(t * p.K + c0 + j)] += g * wij;
+          gx_scale[size_t(t * p.K + c0 + j)] += std::abs(g * wij);
+          gv_ref[size_t((b * p.bh + i) * p.bw + j)] += g * xv;
+          gv_scale[size_t((b * p.bh + i) * p.bw + j)] += std::abs(g * xv);
+        }
+      }
+    }
+  }
+
+  // Column index, checked against the BSR structure.
+  std::vector<int32_t> col_ptr(size_t(p.n_block_cols + 1)), entries(size_t(2 * p.nnz));
+  build_bsr_column_index(w.crow.data(), w.col.data(), p, col_ptr.data(), entries.data());
+  CHECK(check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(),
+        check_bsr_column_index(col_ptr.data(), entries.data(), p));
+  for (int64_t cb = 0; cb < p.n_block_cols; ++cb) {
+    for (int32_t e = col_ptr[cb]; e < col_ptr[cb + 1]; ++e) {
+      const int32_t r = entries[2 * e], b = entries[2 * e + 1];
+      CHECK(w.col[b] == cb && row_of(w, b) == r, "column index entry " << e << " of column " << cb);
+      if (e > col_ptr[cb]) CHECK(entries[2 * (e - 1)] < r, "column " << cb << " not sorted by row");
+    }
+  }
+
+  const std::vector<float> values_t = transposed_blocks(w.values, p.bh, p.bw);
+  const float nan = std::nanf("");
+  struct Path {
+    CpuIsa isa;
+    const char* name;
+  };
+  for (const Path& path : {Path{CpuIsa::kGeneric, "generic"}, Path{CpuIsa::kAvx2, "avx2"},
+                           Path{CpuIsa::kAvx512, "avx512"}}) {
+    if (!cpu_isa_supported(path.isa)) continue;
+    for (const bool transposed : {false, true}) {
+      for (int threads = 1; threads <= 3; ++threads) {
+        const std::string what = describe(c, path.name, transposed, threads);
+        const std::vector<float>& vals = transposed ? values_t : w.values;
+        std::vector<float> gx(size_t(p.M * p.K), nan), gv(w.values.size(), nan);
+        bsr_grad_input_cpu_isa(path.isa, gy.data(), vals.data(), transposed, col_ptr.data(), entries.data(),
+                               gx.data(), p, threads);
+        bsr_grad_values_cpu_isa(path.isa, gy.data(), x.data(), w.crow.data(), w.col.data(), transposed, gv.data(), p,
+                                threads);
+        for (size_t i = 0; i < gx.size(); ++i) {
+          CHECK(close(gx[i], gx_ref[i], gx_scale[i]), what << ": grad_x[" << i / size_t(p.K) << "][" << i % size_t(p.K)
+                                                          << "] = " << gx[i] << ", want " << gx_ref[i]);
+        }
+        for (int64_t b = 0; b < p.nnz; ++b) {
+          for (int64_t i = 0; i < p.bh; ++i) {
+            for (int64_t j = 0; j < p.bw; ++j) {
+              const size_t ref = size_t((b * p.bh + i) * p.bw + j);
+              const size_t got = transposed ? size_t((b * p.bw + j) * p.bh + i) : ref;
+              CHECK(close(gv[got], gv_ref[ref], gv_scale[ref]),
+                    what << ": grad_values[" << b << "][" << i << "][" << j << "] = " << gv[got] << ", want "
+                         << gv_ref[ref]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void test_column_index_check() {
+  BsrProblem p;
+  p.n_block_rows = 2, p.n_block_cols = 2, p.nnz = 2;
+  std::vector<int32_t> col_ptr = {0, 1, 2}, entries = {0, 0, 1, 1};
+  CHECK(check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "a valid index is rejected");
+  col_ptr = {0, 2, 1};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "decreasing col_ptr accepted");
+  col_ptr = {0, 1, 3};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "col_ptr[-1] != nnz accepted");
+  col_ptr = {1, 1, 2};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "col_ptr[0] != 0 accepted");
+  col_ptr = {0, 1, 2}, entries = {0, 0, 2, 1};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "block row out of range accepted");
+  entries = {0, 0, 1, 2};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "block id out of range accepted");
+  entries = {0, -1, 1, 1};
+  CHECK(!check_bsr_column_index(col_ptr.data(), entries.data(), p).empty(), "negative block id accepted");
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  test_column_index_check();
+  const Case cases[] = {
+      {1, 37, 45, 8, 8, 0.5},          // one token, ragged both ways
+      {7, 64, 64, 32, 32, 0.6},        // SIMD-friendly blocks, a token tail
+      {33, 70, 50, 16, 16, 0.5, 3},    // ragged with 16x16, strided x
+      {29, 67, 41, 32, 32, 1.0},       // dense, overhanging on both edges
+      {19, 67, 41, 32, 32, 0.0},       // empty weight: grad_x all zero, no grad_values
+      {300, 96, 80, 32, 32, 0.5},      // more tokens than one chunk (both kernels)
+      {13, 50, 23, 3, 5, 0.7},         // odd blocks, masked vectors only
+      {5, 19, 17, 1, 1, 0.4},          // 1x1 blocks (unstructured)
+      {17, 100, 40, 8, 48, 0.6, 1},    // wide blocks: several column groups, one partial
+      {23, 40, 100, 48, 8, 0.6},       // tall blocks
+      {260, 33, 66, 16, 24, 0.5, 2},   // chunk boundary, 1.5-vector groups
+      {0, 32, 32, 16, 16, 0.5},        // no tokens: grad_values all zero
+  };
+  for (const Case& c : cases) run_case(c, rng);
+  return check::report("test_bsr_backward");
+}
