@@ -126,9 +126,8 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
 
 
 def _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm) -> None:
-    """Every argument error, raised before any work is done (and before ``model`` is copied)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    """The argument errors after ``model``'s type and ``block_size``, raised before any work is done (and before
+    ``model`` is copied)."""
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if filter_fn is not None and not callable(filter_fn):
@@ -324,6 +323,8 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         swapped and why, block density, packed and dense bytes, and the autotune timings; with
         ``fold_batchnorm=True`` also ``.fold_report`` (a :class:`pysparse.transforms.fold_batchnorm.FoldReport`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     block_size = as_pair("block_size", block_size)
     _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm)
     if not inplace:
