@@ -22,7 +22,7 @@ from pysparse.analysis import median_seconds
 from pysparse.bench.check import LAYER_TOLERANCE, rel_err
 from pysparse.bench.models import flops
 from pysparse.nn import ChannelSparseConv2d, ChannelSparseLinear
-from pysparse.prune.channel_surgery import prune_channels
+from pysparse.prune import prune_channels
 
 
 def median_ms(fn, min_run_time: float) -> float:

@@ -90,7 +90,7 @@ def run_one(name: str, tool: str, ratio: float, max_gb: float = 0.0) -> dict:
     t0 = time.perf_counter()
     try:
         if tool == "pysparse":
-            from pysparse.prune.channel_surgery import prune_channels
+            from pysparse.prune import prune_channels
 
             model, report = prune_channels(model, x, ratio=ratio, norm="l2", round_to=8, return_report=True)
             row["rolled_back"] = sum(f.status == "rolled back" for f in report.families)

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from pysparse.io import load
-from pysparse.prune.channel_surgery import channel_surgery_record
+from pysparse.prune import channel_surgery_record
 
 
 def rewrite(path, out, edit_tensors=None, edit_meta=None):

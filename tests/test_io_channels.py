@@ -15,8 +15,7 @@ from checkpoint_tools import assert_load_refused, rewrite, snapshot, unchanged
 from pysparse import sparsify
 from pysparse.io import load, save
 from pysparse.nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
-from pysparse.prune import prune_, remove_masks
-from pysparse.prune import apply_channel_surgery, channel_surgery_record, prune_channels
+from pysparse.prune import apply_channel_surgery, channel_surgery_record, prune_, prune_channels, remove_masks
 
 
 class ResCNN(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pysparse.prune.channel_surgery import apply_channel_surgery, channel_surgery_record, prune_channels
+from pysparse.prune import apply_channel_surgery, channel_surgery_record, prune_channels
 
 
 def masked_dense(dense: nn.Module, record: dict) -> nn.Module:

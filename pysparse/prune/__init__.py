@@ -1,7 +1,7 @@
 """Pruning: masks from criteria (magnitude L1/L2, Taylor, Wanda) x patterns (unstructured, block, N:M, channel),
 held through training, on one-shot or gradual schedules; sparsity-inducing penalties; recovery by fine-tuning or
 distillation. Imports neither pysparse.nn nor pysparse.ops."""
-from .channel_surgery import ChannelPruningReport, apply_channel_surgery, channel_surgery_record, prune_channels
+from .channels import ChannelPruningReport, apply_channel_surgery, channel_surgery_record, prune_channels
 from .criteria import taylor_scores, wanda_scores
 from .mask_holding import (
     apply_masks,
