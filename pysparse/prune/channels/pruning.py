@@ -153,9 +153,9 @@ def prune_channels(model: nn.Module, example_inputs, *, ratio: float | None = No
                 if f.removed]
     unscaled = [lc for lc in layer_changes(model, before, g, {}) if NO_BATCHNORM in lc.note]
     if unscaled:
-        report.notes.append(f"importance='bn': {len(unscaled)} layers ({', '.join(lc.name for lc in unscaled[:4])}"
-                            f"{', ...' if len(unscaled) > 4 else ''}) make channels that no BatchNorm scales; "
-                            "they are kept")
+        names = ", ".join(lc.name for lc in unscaled[:4]) + (", ..." if len(unscaled) > 4 else "")
+        report.notes.append(f"importance='bn': no BatchNorm scales the output channels of {len(unscaled)} "
+                            f"layer(s) ({names}); they are kept")
 
     surgery = ChannelSurgery(model, g)
     rolled: dict[int, str] = {}
