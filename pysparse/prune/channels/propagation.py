@@ -12,28 +12,24 @@ from torch import fx, nn
 
 # the rule modules fill the table when imported
 from . import elementwise_rules, layer_rules, shape_rules  # noqa: F401 - imported for their registrations
-from .graph import ChannelGraph, RuleFailure
-from .rules import CHANNEL_RULES, ChannelRules, OpCall, OpNotUnderstood, RuleContext, flat_labels, op_name
+from .graph import ChannelGraph, RuleFailure, TensorLabels
+from .rules import CHANNEL_RULES, ChannelRules, OpCall, OpNotUnderstood, RuleContext, flat_instances, op_name
 from .shape_rules import size_arithmetic
 from .tracing import MODULE_PATH, TraceFailure, trace_model
 
 __all__ = ["build_channel_graph"]
 
-_FAILED = object()  # the value of a node that could not run (and of everything computed from it)
+
+class _Failed:
+    """The value of a node that could not run (and of everything computed from it)."""
 
 
-def _contains(obj, test) -> bool:
-    if test(obj):
-        return True
-    if isinstance(obj, (tuple, list)):
-        return any(_contains(o, test) for o in obj)
-    if isinstance(obj, dict):
-        return any(_contains(o, test) for o in obj.values())
-    return False
+_FAILED = _Failed()
 
 
-def _is_tensor(obj) -> bool:
-    return isinstance(obj, torch.Tensor)
+def _holds(obj, cls) -> bool:
+    """Whether nested tuples / lists / dicts ``obj`` hold an instance of ``cls``."""
+    return next(flat_instances(obj, cls), None) is not None
 
 
 class _LabelPropagation(fx.Interpreter):
@@ -54,7 +50,7 @@ class _LabelPropagation(fx.Interpreter):
         self.ctx.where = where
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            failed = _contains((args, kwargs), lambda o: o is _FAILED)
+            failed = _holds((args, kwargs), _Failed)
             if not failed:
                 try:
                     result = getattr(self, n.op)(n.target, args, kwargs)
@@ -86,7 +82,7 @@ class _LabelPropagation(fx.Interpreter):
         target = self.module.get_submodule(n.target) if n.op == "call_module" else n.target
         call = OpCall(n, target, args, kwargs, la, lk, result)
         try:
-            if n.op == "call_function" and not _contains((args, kwargs), _is_tensor):
+            if n.op == "call_function" and not _holds((args, kwargs), torch.Tensor):
                 return size_arithmetic(ctx, call)
             rule = self.rules.lookup(n, target)
             if n.op == "call_method" and not isinstance(args[0], torch.Tensor):
@@ -107,7 +103,7 @@ class _LabelPropagation(fx.Interpreter):
     def _keep_channels(self, target, la, lk, result, reason, note):
         """The conservative answer for an op not analysed: its inputs, its output and (for a module) its own
         tensors keep every channel, whatever its rule coupled or marked before it gave up."""
-        if note and _contains((la, lk), lambda o: next(flat_labels(o), None) is not None):
+        if note and _holds((la, lk), TensorLabels):
             self.g.notes.append(note)
         self.ctx.pin_all((la, lk), reason)
         if isinstance(target, nn.Module):

@@ -4,8 +4,8 @@ A rule is ``rule(ctx, call) -> labels``: it reads the labels of the op's inputs 
 or pins them on ``ctx.graph``, and returns the labels of the op's output (a :class:`TensorLabels`, a tuple of
 them, a :class:`SizeOrigin` for an int read from sizes, or None). Supporting a new op is one entry::
 
-    @channel_rule(torch.nn.functional.silu)
-    def same_channels(ctx, call):
+    @channel_rule(my_library.gated_activation)      # or a method name ("gate"), or a module type (MyGate)
+    def gated_activation(ctx, call):                # one tensor in, the same channels out
         return ctx.check(call.first_labels, call.result)
 
 A rule raises :class:`OpNotUnderstood` when this use of the op is beyond it (e.g. advanced indexing): the op's
@@ -98,16 +98,21 @@ def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def flat_labels(obj):
-    """Every TensorLabels inside nested tuples, lists and dicts."""
-    if isinstance(obj, TensorLabels):
+def flat_instances(obj, cls):
+    """Every instance of ``cls`` inside nested tuples, lists and dicts."""
+    if isinstance(obj, cls):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            yield from flat_labels(o)
+            yield from flat_instances(o, cls)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from flat_labels(o)
+            yield from flat_instances(o, cls)
+
+
+def flat_labels(obj):
+    """Every TensorLabels inside nested tuples, lists and dicts."""
+    return flat_instances(obj, TensorLabels)
 
 
 def op_name(target) -> str:

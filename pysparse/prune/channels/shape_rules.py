@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from .graph import SizeOrigin, TensorLabels
-from .rules import OpNotUnderstood, RuleContext, channel_rule, norm_dim
+from .rules import OpNotUnderstood, RuleContext, channel_rule, flat_instances, norm_dim
 
 
 def _reshape_groups(a, b):
@@ -256,19 +256,8 @@ def size_arithmetic(ctx, call):
     la = call.arg_labels
     if call.target is operator.getitem and isinstance(la[0], tuple) and isinstance(call.args[1], int):
         return la[0][call.args[1]]
-    arrays = [a for sz in _flat_sizes((la, call.kwarg_labels)) for a in sz.arrays]
+    arrays = [a for sz in flat_instances((la, call.kwarg_labels), SizeOrigin) for a in sz.arrays]
     return SizeOrigin(arrays) if arrays and isinstance(call.result, int) else None
-
-
-def _flat_sizes(obj):
-    if isinstance(obj, SizeOrigin):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _flat_sizes(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _flat_sizes(o)
 
 
 @channel_rule(operator.getitem)
