@@ -97,7 +97,8 @@ class _LabelPropagation(fx.Interpreter):
         except Exception as exc:  # noqa: BLE001 - a rule that trips: keep everything it touches (always safe)
             op = op_name(target) if n.op != "call_module" else f"{n.target} ({op_name(target)})"
             failure = RuleFailure(n.name, op, n.meta.get(MODULE_PATH) or "model", f"{type(exc).__name__}: {exc}")
-            self.g.rule_failures.append(failure)
+            if failure not in self.g.rule_failures:  # the eval and the train graph usually share the node
+                self.g.rule_failures.append(failure)
             return self._keep_channels(target, la, lk, result, f"{failure}; its channels are kept", note=None)
 
     def _keep_channels(self, target, la, lk, result, reason, note):
