@@ -13,4 +13,5 @@ from .io import load, save  # noqa: E402
 from .transforms.fold_batchnorm import fold_batchnorm  # noqa: E402
 from .transforms.sparsify import sparsify  # noqa: E402
 
-__all__ = ["analysis", "formats", "nn", "ops", "prune", "transforms", "sparsify", "fold_batchnorm", "save", "load", "__version__"]
+__all__ = ["analysis", "formats", "nn", "ops", "prune", "transforms", "sparsify", "fold_batchnorm", "save", "load",
+           "__version__"]
