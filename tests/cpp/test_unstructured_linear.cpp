@@ -1,7 +1,7 @@
 // Unstructured sparse linear (float32) on every CPU path this machine runs, against a double-precision dense
-// reference: ragged shapes (N not a multiple of 4, M around the tile widths and the gather threshold), empty rows,
-// fully dense and all-zero weights, strided x, infinite x in a column no row keeps (the padding column must not turn
-// it into NaN), NaN-poisoned outputs, 1..3 threads; and the index check on malformed indices.
+// reference: ragged shapes (M, N and K around the tile widths, the transposes' 8 / 16, the column block of 128 and
+// the gather threshold), empty rows, fully dense and all-zero weights, strided x, infinite x in a column no row keeps
+// (it must not reach an output), NaN-poisoned outputs, 1..3 threads; and the index check on malformed indices.
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -16,38 +16,31 @@ using namespace pysparse;
 
 namespace {
 
-constexpr int64_t G = kUnstructuredGroupRows;
+constexpr int64_t B = kUnstructuredBlockCols;
 
 struct Packed {
   UnstructuredProblem p;
-  std::vector<int32_t> group_ptr, columns;
+  std::vector<int32_t> segment_ptr, columns;
   std::vector<float> values;
 };
 
 // The format of unstructured_linear.h from a dense [N, K] weight (zeros dropped).
 Packed pack(const std::vector<float>& w, int64_t N, int64_t K) {
   Packed out;
-  out.p.N = N, out.p.K = K, out.p.n_groups = (N + G - 1) / G;
-  out.group_ptr.push_back(0);
-  for (int64_t g = 0; g < out.p.n_groups; ++g) {
-    std::vector<std::vector<int64_t>> cols(G);
-    size_t steps = 0;
-    for (int64_t r = 0; r < G && g * G + r < N; ++r) {
-      for (int64_t k = 0; k < K; ++k) {
-        if (w[size_t((g * G + r) * K + k)] != 0.0f) cols[size_t(r)].push_back(k);
+  out.p.N = N, out.p.K = K, out.p.n_blocks = (K + B - 1) / B;
+  out.segment_ptr.push_back(0);
+  for (int64_t b = 0; b < out.p.n_blocks; ++b) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = b * B; k < std::min(K, (b + 1) * B); ++k) {
+        if (w[size_t(n * K + k)] != 0.0f) {
+          out.columns.push_back(int32_t(k));
+          out.values.push_back(w[size_t(n * K + k)]);
+        }
       }
-      steps = std::max(steps, cols[size_t(r)].size());
+      out.segment_ptr.push_back(int32_t(out.columns.size()));
     }
-    for (size_t s = 0; s < steps; ++s) {
-      for (int64_t r = 0; r < G; ++r) {
-        const auto& c = cols[size_t(r)];
-        out.columns.push_back(s < c.size() ? int32_t(c[s]) : int32_t(K));
-        out.values.push_back(s < c.size() ? w[size_t((g * G + r) * K + c[s])] : 0.0f);
-      }
-    }
-    out.group_ptr.push_back(out.group_ptr.back() + int32_t(steps));
   }
-  out.p.steps = out.group_ptr.back();
+  out.p.nnz = int64_t(out.columns.size());
   return out;
 }
 
@@ -81,8 +74,8 @@ void run_case(const Case& c, std::mt19937& rng) {
   }
   Packed pk = pack(w, c.N, c.K);
   pk.p.M = c.M, pk.p.ldx = c.K + c.x_pad;
-  CHECK(check_unstructured_indices(pk.group_ptr.data(), pk.columns.data(), pk.p).empty(),
-        check_unstructured_indices(pk.group_ptr.data(), pk.columns.data(), pk.p));
+  CHECK(check_unstructured_indices(pk.segment_ptr.data(), pk.columns.data(), pk.p).empty(),
+        check_unstructured_indices(pk.segment_ptr.data(), pk.columns.data(), pk.p));
   std::vector<float> x(size_t(c.M * pk.p.ldx)), bias(size_t(c.N));
   for (auto& v : x) v = normal(rng);
   for (auto& v : bias) v = normal(rng);
@@ -105,7 +98,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     for (int threads : {1, 2, 3}) {
       for (bool with_bias : {true, false}) {
         std::vector<float> y(size_t(c.M * c.N), std::nanf(""));  // poisoned: every output must be written
-        unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.group_ptr.data(),
+        unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
                                     with_bias ? bias.data() : nullptr, y.data(), pk.p, threads);
         int bad = 0;
         for (int64_t i = 0; i < c.M * c.N && bad < 3; ++i) {
@@ -123,43 +116,40 @@ void run_case(const Case& c, std::mt19937& rng) {
   }
 }
 
-void check_rejects(const char* what, const std::vector<int32_t>& group_ptr, const std::vector<int32_t>& columns,
+void check_rejects(const char* what, const std::vector<int32_t>& segment_ptr, const std::vector<int32_t>& columns,
                    const UnstructuredProblem& p, const char* expect) {
-  const std::string msg = check_unstructured_indices(group_ptr.data(), columns.data(), p);
+  const std::string msg = check_unstructured_indices(segment_ptr.data(), columns.data(), p);
   CHECK(msg.find(expect) != std::string::npos, what << ": expected a message containing '" << expect << "', got '"
                                                     << msg << "'");
 }
 
 void test_index_check() {
-  // N = 6, K = 5: two groups; rows 6 and 7 are absent (padding only).
+  // N = 2, K = 130: two column blocks ([0, 127] and [128, 129]); segments (block, row) = (0,0) (0,1) (1,0) (1,1).
   UnstructuredProblem p;
-  p.N = 6, p.K = 5, p.n_groups = 2, p.steps = 3;
-  const std::vector<int32_t> ptr{0, 2, 3};
-  const std::vector<int32_t> cols{0, 1, 5, 2, 3, 4, 5, 4, 1, 2, 5, 5};
-  CHECK(check_unstructured_indices(ptr.data(), cols.data(), p).empty(), check_unstructured_indices(ptr.data(),
-                                                                                                  cols.data(), p));
-  auto bad_cols = cols;
-  bad_cols[3] = 6;
-  check_rejects("column past K", ptr, bad_cols, p, "out of range");
-  bad_cols = cols;
-  bad_cols[1] = -1;
-  check_rejects("negative column", ptr, bad_cols, p, "out of range");
-  bad_cols = cols;
-  bad_cols[0] = 3, bad_cols[4] = 3;  // row 0: 3 twice
-  check_rejects("repeated column", ptr, bad_cols, p, "strictly increase");
-  bad_cols = cols;
-  bad_cols[2] = 5, bad_cols[6] = 1;  // row 2: padding, then a real column
-  check_rejects("real after padding", ptr, bad_cols, p, "strictly increase");
-  bad_cols = cols;
-  bad_cols[10] = 0;  // row 6 is past N
-  check_rejects("row past N", ptr, bad_cols, p, "past out_features");
-  check_rejects("first pointer", {1, 2, 3}, cols, p, "group_ptr[0]");
-  check_rejects("decreasing", {0, 2, 1}, cols, p, "non-decreasing");
-  check_rejects("past steps", {0, 4, 4}, cols, p, "exceeds");
-  check_rejects("short end", {0, 2, 2}, cols, p, "group_ptr[-1]");
-  UnstructuredProblem wrong_groups = p;
-  wrong_groups.n_groups = 1;
-  check_rejects("group count", {0, 2}, cols, wrong_groups, "row groups");
+  p.N = 2, p.K = 130, p.n_blocks = 2, p.nnz = 5;
+  const std::vector<int32_t> ptr{0, 2, 3, 4, 5};
+  const std::vector<int32_t> cols{3, 100, 127, 129, 128};
+  CHECK(check_unstructured_indices(ptr.data(), cols.data(), p).empty(),
+        check_unstructured_indices(ptr.data(), cols.data(), p));
+  auto bad = cols;
+  bad[3] = 130;
+  check_rejects("column past K", ptr, bad, p, "outside its column block 1");
+  bad = cols;
+  bad[1] = 128;
+  check_rejects("column of the next block", ptr, bad, p, "outside its column block 0");
+  bad = cols;
+  bad[0] = -1;
+  check_rejects("negative column", ptr, bad, p, "columns[0]=-1");
+  bad = cols;
+  bad[4] = 5;
+  check_rejects("column of an earlier block", ptr, bad, p, "columns[4]=5");
+  check_rejects("first pointer", {1, 2, 3, 4, 5}, cols, p, "segment_ptr[0]");
+  check_rejects("decreasing", {0, 3, 2, 4, 5}, cols, p, "non-decreasing");
+  check_rejects("short end", {0, 2, 3, 4, 4}, cols, p, "segment_ptr[-1]");
+  check_rejects("past the values", {0, 2, 3, 4, 6}, cols, p, "segment_ptr[-1]");
+  UnstructuredProblem wrong_blocks = p;
+  wrong_blocks.n_blocks = 1;
+  check_rejects("block count", {0, 2, 3}, cols, wrong_blocks, "column blocks");
 }
 
 }  // namespace
@@ -168,10 +158,11 @@ int main() {
   std::mt19937 rng(1234);
   test_index_check();
   const Case cases[] = {
-      {1, 384, 1536, 0.1},  {2, 37, 19, 0.3},   {3, 100, 13, 0.5},   {4, 33, 9, 0.2},     {5, 17, 6, 0.5, 3},
-      {16, 64, 64, 0.1},    {17, 31, 7, 0.3},   {31, 129, 33, 0.05}, {64, 16, 16, 1.0},   {65, 50, 21, 0.7, 5},
-      {100, 96, 40, 0.1},   {130, 384, 70, 0.1}, {7, 9, 5, 0.0},     {40, 12, 11, 0.0},   {3, 20, 10, 1.0},
-      {24, 1, 3, 1.0},      {9, 0, 5, 0.0},     {0, 8, 8, 0.5},      {8, 8, 0, 0.5},      {200, 23, 2, 0.4, 1},
+      {1, 384, 1536, 0.1}, {2, 300, 33, 0.2},    {70, 257, 47, 0.3},  {129, 130, 18, 0.5}, {2, 37, 19, 0.3},
+      {3, 100, 13, 0.5},   {4, 33, 9, 0.2},      {5, 17, 6, 0.5, 3},  {16, 64, 64, 0.1},   {17, 31, 7, 0.3},
+      {31, 129, 33, 0.05}, {64, 16, 16, 1.0},    {65, 50, 21, 0.7, 5}, {100, 96, 40, 0.1}, {130, 384, 70, 0.1},
+      {7, 9, 5, 0.0},      {40, 12, 11, 0.0},    {3, 20, 10, 1.0},    {24, 1, 3, 1.0},     {9, 0, 5, 0.0},
+      {0, 8, 8, 0.5},      {8, 8, 0, 0.5},       {200, 23, 2, 0.4, 1},
   };
   for (const Case& c : cases) run_case(c, rng);
   for (CpuIsa isa : paths()) std::printf("tested path: %s\n", name(isa));

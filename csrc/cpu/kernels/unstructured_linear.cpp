@@ -1,4 +1,5 @@
 // Index check and instruction-set dispatch of the unstructured kernels (the path is dispatch.cpp's choice).
+#include <algorithm>
 #include <sstream>
 #include <vector>
 
@@ -6,88 +7,91 @@
 
 namespace pysparse {
 
-std::string check_unstructured_indices(const int32_t* group_ptr, const int32_t* columns, const UnstructuredProblem& p) {
+std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
+                                       const UnstructuredProblem& p) {
   std::ostringstream err;
-  if (p.n_groups != (p.N + kUnstructuredGroupRows - 1) / kUnstructuredGroupRows) {
-    err << "expected ceil(out_features / 4) = " << (p.N + 3) / 4 << " row groups, got " << p.n_groups;
+  if (p.n_blocks != (p.K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols) {
+    err << "expected ceil(in_features / " << kUnstructuredBlockCols << ") = "
+        << (p.K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols << " column blocks, got " << p.n_blocks;
     return err.str();
   }
-  if (group_ptr[0] != 0) {
-    err << "group_ptr[0] must be 0, got " << group_ptr[0];
+  const int64_t segments = p.n_blocks * p.N;
+  if (segment_ptr[0] != 0) {
+    err << "segment_ptr[0] must be 0, got " << segment_ptr[0];
     return err.str();
   }
-  for (int64_t g = 0; g < p.n_groups; ++g) {
-    const int64_t begin = group_ptr[g], end = group_ptr[g + 1];
-    if (end < begin) {
-      err << "group_ptr must be non-decreasing, got group_ptr[" << g << "]=" << begin << " > group_ptr[" << g + 1
-          << "]=" << end;
+  for (int64_t s = 0; s < segments; ++s) {
+    if (segment_ptr[s + 1] < segment_ptr[s]) {
+      err << "segment_ptr must be non-decreasing, got segment_ptr[" << s << "]=" << segment_ptr[s]
+          << " > segment_ptr[" << s + 1 << "]=" << segment_ptr[s + 1];
       return err.str();
     }
-    if (end > p.steps) {
-      err << "group_ptr[" << g + 1 << "]=" << end << " exceeds the number of steps " << p.steps;
-      return err.str();
+  }
+  if (segment_ptr[segments] != p.nnz) {
+    err << "segment_ptr[-1] must equal the number of values " << p.nnz << ", got " << segment_ptr[segments];
+    return err.str();
+  }
+  // A column block's entries are contiguous (block-major segments): a branch-free min / max per block (vectorised:
+  // the op runs this on every call), the offending entry only on failure.
+  for (int64_t b = 0; b < p.n_blocks; ++b) {
+    const int64_t begin = segment_ptr[b * p.N], end = segment_ptr[(b + 1) * p.N];
+    const int32_t first = int32_t(b * kUnstructuredBlockCols);
+    const int32_t last = int32_t(std::min(p.K, (b + 1) * kUnstructuredBlockCols) - 1);
+    int32_t lo = first, hi = first;
+    for (int64_t i = begin; i < end; ++i) {
+      lo = std::min(lo, columns[i]);
+      hi = std::max(hi, columns[i]);
     }
-    for (int64_t r = 0; r < kUnstructuredGroupRows; ++r) {
-      int64_t prev = -1;
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t slot = s * kUnstructuredGroupRows + r, c = columns[slot];
-        if (c < 0 || c > p.K) {
-          err << "columns[" << slot << "]=" << c << " is out of range [0, " << p.K << "] (" << p.K
-              << " marks padding)";
-          return err.str();
-        }
-        // Padding may follow anything (and repeat); a real column must exceed the one before (never padding).
-        if (c < p.K && c <= prev) {
-          err << "columns of row " << g * kUnstructuredGroupRows + r << " must strictly increase with padding ("
-              << p.K << ") last, got " << prev << " then " << c << " at slot " << slot;
-          return err.str();
-        }
-        if (c < p.K && g * kUnstructuredGroupRows + r >= p.N) {
-          err << "columns[" << slot << "]=" << c << " belongs to row " << g * kUnstructuredGroupRows + r
-              << " past out_features " << p.N << " (only padding may sit there)";
-          return err.str();
-        }
-        prev = c;
+    if (lo >= first && hi <= last) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      if (columns[i] < first || columns[i] > last) {
+        err << "columns[" << i << "]=" << columns[i] << " is outside its column block " << b << " ([" << first
+            << ", " << last << "])";
+        return err.str();
       }
     }
-  }
-  if (group_ptr[p.n_groups] != p.steps) {
-    err << "group_ptr[-1] must equal the number of steps " << p.steps << ", got " << group_ptr[p.n_groups];
-    return err.str();
   }
   return "";
 }
 
-std::vector<int64_t> unstructured_group_chunks(const int32_t* group_ptr, int64_t n_groups, int64_t n_chunks) {
-  std::vector<int64_t> bounds{0};
-  const int64_t total = int64_t(group_ptr[n_groups]) + n_groups;
-  for (int64_t g = 1; g < n_groups; ++g) {
-    // Cut before group g once the work before it reaches the next chunk's share.
-    if ((int64_t(group_ptr[g]) + g) * n_chunks >= int64_t(bounds.size()) * total) bounds.push_back(g);
+std::vector<int64_t> unstructured_row_chunks(const int32_t* segment_ptr, const UnstructuredProblem& p,
+                                             int64_t n_chunks) {
+  constexpr int64_t kRowCost = 8;
+  std::vector<int64_t> prefix(size_t(p.N + 1), 0);
+  for (int64_t n = 0; n < p.N; ++n) {
+    int64_t nnz = 0;
+    for (int64_t b = 0; b < p.n_blocks; ++b) nnz += segment_ptr[b * p.N + n + 1] - segment_ptr[b * p.N + n];
+    prefix[size_t(n + 1)] = prefix[size_t(n)] + nnz + kRowCost;
   }
-  if (n_groups > 0) bounds.push_back(n_groups);
+  std::vector<int64_t> bounds{0};
+  const int64_t total = prefix[size_t(p.N)];
+  for (int64_t n = 1; n < p.N; ++n) {
+    // Cut before row n once the work before it reaches the next chunk's share.
+    if (prefix[size_t(n)] * n_chunks >= int64_t(bounds.size()) * total) bounds.push_back(n);
+  }
+  if (p.N > 0) bounds.push_back(p.N);
   return bounds;
 }
 
 void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values, const int32_t* columns,
-                                 const int32_t* group_ptr, const float* bias, float* y, const UnstructuredProblem& p,
+                                 const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads) {
   if (num_threads < 1) num_threads = 1;
   switch (isa) {
 #if PYSPARSE_X86
-    case CpuIsa::kAvx2: avx2::unstructured_linear(x, values, columns, group_ptr, bias, y, p, num_threads); return;
+    case CpuIsa::kAvx2: avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
-      avx512::unstructured_linear(x, values, columns, group_ptr, bias, y, p, num_threads);
+      avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
       return;
 #endif
-    default: generic::unstructured_linear(x, values, columns, group_ptr, bias, y, p, num_threads); return;
+    default: generic::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
   }
 }
 
-void unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* group_ptr,
+void unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                              const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  unstructured_linear_cpu_isa(active_cpu_isa_id(), x, values, columns, group_ptr, bias, y, p, num_threads);
+  unstructured_linear_cpu_isa(active_cpu_isa_id(), x, values, columns, segment_ptr, bias, y, p, num_threads);
 }
 
 }  // namespace pysparse

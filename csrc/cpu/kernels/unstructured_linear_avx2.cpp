@@ -24,7 +24,7 @@ namespace avx2 {
 namespace {
 
 // In-register transpose of an 8x8 tile: r[i][c] -> r[c][i].
-void transpose8(__m256 r[8]) {
+inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -43,10 +43,16 @@ void transpose8(__m256 r[8]) {
   }
 }
 
+// Mask of the first n (0..8) of 8 lanes.
+__m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 struct Isa {
   using V = __m256;
   static constexpr int64_t L = 8;
-  // 4 rows x 3 vectors: 12 accumulators + the broadcast value of 16 registers (x is an FMA memory operand).
+  // 3 vectors: 24 tokens per tile (a column block of it 12 KB); the accumulators of a row and the next row's fit
+  // the 16 registers.
   static constexpr int kMaxVecs = 3;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
@@ -54,27 +60,29 @@ struct Isa {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
 
-  static void store_rows(V r0, V r1, V r2, V r3, float* y, int64_t ldy, int64_t tokens, int64_t rows) {
-    const V t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    const V t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    // u[j], 128-bit lane l: the 4 rows at token 4l + j.
-    const V u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE), _mm256_shuffle_ps(t1, t3, 0x44),
-                    _mm256_shuffle_ps(t1, t3, 0xEE)};
-    const __m128i keep = _mm_cmpgt_epi32(_mm_set1_epi32(int(rows)), _mm_setr_epi32(0, 1, 2, 3));
-#pragma GCC unroll 8
-    for (int t = 0; t < 8; ++t) {
-      if (t >= tokens) break;
-      const __m128 q = t < 4 ? _mm256_castps256_ps128(u[t & 3]) : _mm256_extractf128_ps(u[t & 3], 1);
-      if (rows == 4) {
-        _mm_storeu_ps(y + t * ldy, q);
-      } else {
-        _mm_maskstore_ps(y + t * ldy, keep, q);
-      }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float hsum(V v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+
+  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
+    __m256 r[8];
+    if (rows == 8 && tokens == 8) {  // whole tiles (all but a ragged edge): no masks, no branches
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(yT + i * ld_t);
+      transpose8(r);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(y + t * ldy, r[t]);
+      return;
     }
+    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(yT + i * ld_t) : _mm256_setzero_ps();
+    transpose8(r);
+    const __m256i keep = first_lanes(rows);
+    for (int64_t t = 0; t < tokens; ++t) _mm256_maskstore_ps(y + t * ldy, keep, r[t]);
   }
 
   static void pack_tile(const float* x, int64_t ldx, int64_t tokens, int64_t kn, float* dst, int64_t width) {
-    const __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(kn)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i cols = first_lanes(kn);
     for (int64_t t0 = 0; t0 < width; t0 += 8) {
       __m256 r[8];
       for (int64_t i = 0; i < 8; ++i) {
@@ -85,23 +93,19 @@ struct Isa {
     }
   }
 
-  static void gather_group(const float* xrow, const float* values, const int32_t* columns, int64_t s0, int64_t s1,
-                           float out[4]) {
-    // 8 slots = 2 steps per gather; lane l belongs to row l % 4. A group's slot count is a multiple of 4: the last
-    // gather may take one step, in the low half.
-    __m256 acc = _mm256_setzero_ps();
-    int64_t slot = s0 * kUnstructuredGroupRows;
-    const int64_t end = s1 * kUnstructuredGroupRows;
-    for (; slot + 8 <= end; slot += 8) {
-      const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + slot));
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + slot), _mm256_i32gather_ps(xrow, idx, 4), acc);
+  static void gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
+                         V& acc) {
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+      const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + i));
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + i), _mm256_i32gather_ps(xrow, idx, 4), acc);
     }
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    if (slot < end) {
-      const __m128i idx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(columns + slot));
-      sum = _mm_fmadd_ps(_mm_loadu_ps(values + slot), _mm_i32gather_ps(xrow, idx, 4), sum);
+    if (i < end) {
+      const __m256i m = first_lanes(end - i);
+      const __m256i idx = _mm256_maskload_epi32(columns + i, m);
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xrow, idx, _mm256_castsi256_ps(m), 4);
+      acc = _mm256_fmadd_ps(_mm256_maskload_ps(values + i, m), xv, acc);
     }
-    _mm_storeu_ps(out, sum);
   }
 };
 
@@ -109,9 +113,9 @@ struct Isa {
 
 }  // namespace
 
-void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* group_ptr,
+void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  linear_impl(x, values, columns, group_ptr, bias, y, p, num_threads);
+  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads);
 }
 
 }  // namespace avx2

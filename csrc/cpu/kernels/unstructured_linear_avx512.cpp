@@ -29,17 +29,8 @@ namespace pysparse {
 namespace avx512 {
 namespace {
 
-__m128 lane128(__m512 v, int lane) {
-  switch (lane) {
-    case 0: return _mm512_castps512_ps128(v);
-    case 1: return _mm512_extractf32x4_ps(v, 1);
-    case 2: return _mm512_extractf32x4_ps(v, 2);
-    default: return _mm512_extractf32x4_ps(v, 3);
-  }
-}
-
 // In-register transpose of a 16x16 tile: r[i][c] -> r[c][i] (4 rounds of 16 shuffles).
-void transpose16(__m512 r[16]) {
+inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -67,8 +58,8 @@ void transpose16(__m512 r[16]) {
 struct Isa {
   using V = __m512;
   static constexpr int64_t L = 16;
-  // 4 rows x 4 vectors: 16 accumulators (2 FMA pipes x 4 cycles of latency need 8), 64 tokens per tile, whose
-  // packed x ((K + 1) x 256 B: 0.8 MB at K = 3072) stays in the 2 MB L2 of the Xeons and Zen 4's 1 MB.
+  // 4 vectors: 64 tokens per tile, one column block of it 32 KB (L1). Each nonzero costs a broadcast, its column and
+  // 4 x loads + multiply-adds; the next row's independent chain overlaps a row's latency.
   static constexpr int kMaxVecs = 4;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
@@ -76,23 +67,21 @@ struct Isa {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
 
-  static void store_rows(V r0, V r1, V r2, V r3, float* y, int64_t ldy, int64_t tokens, int64_t rows) {
-    const V t0 = _mm512_unpacklo_ps(r0, r1), t1 = _mm512_unpackhi_ps(r0, r1);
-    const V t2 = _mm512_unpacklo_ps(r2, r3), t3 = _mm512_unpackhi_ps(r2, r3);
-    // u[j], 128-bit lane l: the 4 rows at token 4l + j.
-    const V u[4] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE), _mm512_shuffle_ps(t1, t3, 0x44),
-                    _mm512_shuffle_ps(t1, t3, 0xEE)};
-    const __mmask8 keep = __mmask8((1u << rows) - 1);
-#pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) {
-      if (t >= tokens) break;
-      const __m128 q = lane128(u[t & 3], t >> 2);
-      if (rows == 4) {
-        _mm_storeu_ps(y + t * ldy, q);
-      } else {
-        _mm_mask_storeu_ps(y + t * ldy, keep, q);
-      }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+
+  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
+    __m512 r[16];
+    if (rows == 16 && tokens == 16) {  // whole tiles (all but a ragged edge): no masks, no branches
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(yT + i * ld_t);
+      transpose16(r);
+      for (int t = 0; t < 16; ++t) _mm512_storeu_ps(y + t * ldy, r[t]);
+      return;
     }
+    for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(yT + i * ld_t) : _mm512_setzero_ps();
+    transpose16(r);
+    const __mmask16 keep = __mmask16((1u << rows) - 1);
+    for (int64_t t = 0; t < tokens; ++t) _mm512_mask_storeu_ps(y + t * ldy, keep, r[t]);
   }
 
   static void pack_tile(const float* x, int64_t ldx, int64_t tokens, int64_t kn, float* dst, int64_t width) {
@@ -107,25 +96,19 @@ struct Isa {
     }
   }
 
-  static void gather_group(const float* xrow, const float* values, const int32_t* columns, int64_t s0, int64_t s1,
-                           float out[4]) {
-    // 16 slots = 4 steps per gather; lane l belongs to row l % 4.
-    __m512 acc = _mm512_setzero_ps();
-    int64_t slot = s0 * kUnstructuredGroupRows;
-    const int64_t end = s1 * kUnstructuredGroupRows;
-    for (; slot + 16 <= end; slot += 16) {
-      const __m512i idx = _mm512_loadu_si512(columns + slot);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + slot), _mm512_i32gather_ps(idx, xrow, 4), acc);
+  static void gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
+                         V& acc) {
+    int64_t i = begin;
+    for (; i + 16 <= end; i += 16) {
+      const __m512i idx = _mm512_loadu_si512(columns + i);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + i), _mm512_i32gather_ps(idx, xrow, 4), acc);
     }
-    if (slot < end) {
-      const __mmask16 m = __mmask16((1u << (end - slot)) - 1);
-      const __m512i idx = _mm512_maskz_loadu_epi32(m, columns + slot);
+    if (i < end) {
+      const __mmask16 m = __mmask16((1u << (end - i)) - 1);
+      const __m512i idx = _mm512_maskz_loadu_epi32(m, columns + i);
       const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xrow, 4);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, values + slot), xv, acc);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, values + i), xv, acc);
     }
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
 };
 
@@ -133,9 +116,9 @@ struct Isa {
 
 }  // namespace
 
-void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* group_ptr,
+void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  linear_impl(x, values, columns, group_ptr, bias, y, p, num_threads);
+  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads);
 }
 
 }  // namespace avx512

@@ -9,8 +9,9 @@
 namespace pysparse {
 
 #define PYSPARSE_UNSTRUCTURED_ENTRY                                                                              \
-  void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* group_ptr, \
-                           const float* bias, float* y, const UnstructuredProblem& p, int num_threads);
+  void unstructured_linear(const float* x, const float* values, const int32_t* columns,                          \
+                           const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p, \
+                           int num_threads);
 
 namespace generic {
 PYSPARSE_UNSTRUCTURED_ENTRY
@@ -25,8 +26,9 @@ PYSPARSE_UNSTRUCTURED_ENTRY
 #endif
 #undef PYSPARSE_UNSTRUCTURED_ENTRY
 
-// Contiguous runs of groups with about equal work (steps + 1 per group: an empty group still writes its bias), at
-// most n_chunks of them: chunk c is groups [bounds[c], bounds[c + 1]). Threads take chunks dynamically.
-std::vector<int64_t> unstructured_group_chunks(const int32_t* group_ptr, int64_t n_groups, int64_t n_chunks);
+// Contiguous runs of rows with about equal work (nonzeros + 8 per row: a row's fixed cost), at most n_chunks of them:
+// chunk c is rows [bounds[c], bounds[c + 1]). Threads take chunks dynamically.
+std::vector<int64_t> unstructured_row_chunks(const int32_t* segment_ptr, const UnstructuredProblem& p,
+                                             int64_t n_chunks);
 
 }  // namespace pysparse
