@@ -367,10 +367,15 @@ def test_ratio_zero_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
 
 
-# ---- torchvision: the CI handful --------------------------------------------------------------------------------
+# ---- torchvision: the CI handful (resnet18 in the fast run; the rest, 10-60 s each, are marked slow) -----------
+def _slow(*case):
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("name,size,exact", [
-    ("resnet18", 64, True), ("mobilenet_v2", 64, True), ("densenet121", 64, True), ("efficientnet_b0", 64, True),
-    ("convnext_tiny", 64, False), ("vit_b_16", 224, False), ("shufflenet_v2_x0_5", 64, True),
+    ("resnet18", 64, True), _slow("mobilenet_v2", 64, True), _slow("densenet121", 64, True),
+    _slow("efficientnet_b0", 64, True), _slow("convnext_tiny", 64, False), _slow("vit_b_16", 224, False),
+    _slow("shufflenet_v2_x0_5", 64, True),
 ])
 def test_torchvision_models(name, size, exact):
     torchvision = pytest.importorskip("torchvision")
