@@ -46,11 +46,12 @@ from .prune import (
 )
 
 # Global scope (LAMP scores, see prune_) lets the 64-input first layer keep more blocks than the 256-input second.
-BLOCK = dict(pattern="block", block_size=(16, 16), scope="global")
-CHANNEL = dict(pattern="channel", norm="l2", scope="global")
-# Group lasso on the blocks the pruning removes: alpha 0.01 drives ~90% of the 16x16 blocks' L2 norms near zero
-# in 40 epochs of Adam while the model keeps its accuracy (0.003 barely sparsifies, 0.1 collapses the model).
-GROUP_LASSO = dict(alpha=0.01, pattern="block", block_size=(16, 16), norm="group")
+BLOCK = {"pattern": "block", "block_size": (16, 16), "scope": "global"}
+CHANNEL = {"pattern": "channel", "norm": "l2", "scope": "global"}
+# Group lasso on the blocks the pruning removes: with alpha 0.01, 40 epochs of Adam leave ~90% of the 16x16 blocks'
+# L2 norms near zero while the model keeps its accuracy (benchmarks/regularizer_digits.py: 0.005-0.02 all work,
+# 0.1 collapses the model to chance).
+GROUP_LASSO = {"alpha": 0.01, "pattern": "block", "block_size": (16, 16), "norm": "group"}
 # (method, prune_ keywords, sparsity, how): how is "one-shot" (prune the dense model, then fine-tune), "gradual"
 # (prune on a schedule during fine-tuning) or "group lasso" (prune the penalty-trained model at the threshold that
 # removes `sparsity` of its blocks, then fine-tune); the output layer is left dense (prune_'s default)
@@ -61,7 +62,7 @@ VARIANTS = [
     ("block 16x16 L2", dict(BLOCK, norm="l2"), 0.9, "one-shot"),
     ("block 16x16 L1 gradual", dict(BLOCK, norm="l1"), 0.9, "gradual"),
     ("block 16x16 L2 gradual", dict(BLOCK, norm="l2"), 0.9, "gradual"),
-    ("block 16x16 group lasso", dict(pattern="block", block_size=(16, 16), norm="l2"), 0.9, "group lasso"),
+    ("block 16x16 group lasso", {"pattern": "block", "block_size": (16, 16), "norm": "l2"}, 0.9, "group lasso"),
     ("channel L2", CHANNEL, 0.5, "one-shot"),
     ("channel L2", CHANNEL, 0.8, "one-shot"),
 ]
@@ -159,8 +160,8 @@ def cnn_channel_pruning(x_train, y_train, x_test, y_test, *, dense_epochs: int =
         fine_tune(pruned, loader(x_train, y_train, seed + 1, 64), F.cross_entropy,
                   torch.optim.Adam(pruned.parameters(), lr=1e-3), steps=tune_epochs * steps, progress=progress,
                   desc="fine-tune pruned CNN")
-    return dict(dense=dense.eval(), pruned=pruned.eval(), dense_accuracy=dense_acc, one_shot=one_shot,
-                fine_tuned=accuracy(pruned, x_test, y_test), report=report)
+    return {"dense": dense.eval(), "pruned": pruned.eval(), "dense_accuracy": dense_acc, "one_shot": one_shot,
+                "fine_tuned": accuracy(pruned, x_test, y_test), "report": report}
 
 
 @torch.no_grad()
@@ -227,8 +228,8 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
     out(f"dense test accuracy {dense_acc:.2%} after {dense_epochs} epochs (Adam); each pruned model below is "
         f"fine-tuned {tune_epochs} epochs (Adam, cosine lr) with its masks held")
     results = {"dense_accuracy": dense_acc, "variants": []}
-    rows = [dict(method="dense", sparsity=0.0, fine_tuned=dense_acc, packed_bytes=state_bytes(dense),
-                 speed=dict.fromkeys(batches, 1.0))]
+    rows = [{"method": "dense", "sparsity": 0.0, "fine_tuned": dense_acc, "packed_bytes": state_bytes(dense),
+                 "speed": dict.fromkeys(batches, 1.0)}]
     for salt, (method, kwargs, sparsity, how) in enumerate(SMOKE_VARIANTS if smoke else VARIANTS, start=1):
         if how != "group lasso":
             model = copy.deepcopy(dense)
@@ -237,12 +238,12 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
             penalty = dict(GROUP_LASSO, alpha=0.03) if smoke else GROUP_LASSO
             model, history = train_mlp(x_train, y_train, epochs=dense_epochs, seed=seed, penalty=penalty,
                                        progress=progress, desc="train with group lasso")
-            penalised = dict(accuracy=accuracy(model, x_test, y_test), alpha=penalty["alpha"],
-                             penalty=history[-1]["penalty"],
-                             gamma=threshold_for(model, sparsity, block_size=kwargs["block_size"]))
+            penalised = {"accuracy": accuracy(model, x_test, y_test), "alpha": penalty["alpha"],
+                             "penalty": history[-1]["penalty"],
+                             "gamma": threshold_for(model, sparsity, block_size=kwargs["block_size"])}
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        tune = dict(steps=steps, lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps),
-                    progress=progress, desc=method)
+        tune = {"steps": steps, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps),
+                    "progress": progress, "desc": method}
         one_shot = None
         with threads(1):
             if how == "gradual":  # prune 8 times during the first 60% of fine-tuning, then recover at the final sparsity
@@ -280,11 +281,11 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
     cnn.update(cnn_checkpoint_and_time(cnn, {b: x.reshape(-1, 1, 8, 8) for b, x in batches.items()},
                                        timing_threads, min_run_time))
     results["cnn"] = cnn
-    rows += [dict(method="CNN dense", sparsity=0.0, fine_tuned=cnn["dense_accuracy"],
-                  packed_bytes=state_bytes(cnn["dense"]), speed=dict.fromkeys(batches, 1.0)),
-             dict(method="CNN prune_channels L2", sparsity=CNN_RATIO, one_shot=cnn["one_shot"],
-                  fine_tuned=cnn["fine_tuned"], vs_dense=100 * (cnn["fine_tuned"] - cnn["dense_accuracy"]),
-                  packed_err=cnn["checkpoint_err"], packed_bytes=state_bytes(cnn["pruned"]), speed=cnn["speed"])]
+    rows += [{"method": "CNN dense", "sparsity": 0.0, "fine_tuned": cnn["dense_accuracy"],
+                  "packed_bytes": state_bytes(cnn["dense"]), "speed": dict.fromkeys(batches, 1.0)},
+             {"method": "CNN prune_channels L2", "sparsity": CNN_RATIO, "one_shot": cnn["one_shot"],
+                  "fine_tuned": cnn["fine_tuned"], "vs_dense": 100 * (cnn["fine_tuned"] - cnn["dense_accuracy"]),
+                  "packed_err": cnn["checkpoint_err"], "packed_bytes": state_bytes(cnn["pruned"]), "speed": cnn["speed"]}]
     report = cnn["report"]
     out(f"CNN conv32-conv64-pool-conv64-pool-fc64-fc10 (BatchNorm): trained {cnn_epochs[0]} epochs (Adam), "
         f"prune_channels(ratio={CNN_RATIO}) removes channels physically, then fine-tuned {cnn_epochs[1]} epochs: "
@@ -353,7 +354,7 @@ def cnn_checkpoint_and_time(cnn: dict, batches: dict[str, torch.Tensor], timing_
                                     min_run_time=min_run_time)
             speed[b] = t["dense"] / t["pruned"]
             seconds["dense"][b], seconds["pruned"][b] = t["dense"], t["pruned"]
-    return dict(checkpoint_err=err, speed=speed, seconds=seconds, reloaded=reloaded)
+    return {"checkpoint_err": err, "speed": speed, "seconds": seconds, "reloaded": reloaded}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from pysparse import demo  # noqa: E402
-from pysparse.__main__ import main  # noqa: E402
+from pysparse import demo
+from pysparse.__main__ import main
 
 
 def table_rows(text):
@@ -85,7 +85,7 @@ def check_cnn(text, rows):
 
 def test_demo_smoke_runs_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pysparse", "demo", "--smoke", "--json", str(tmp_path / "d.json")],
-                          capture_output=True, text=True, timeout=600)
+                          check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
     assert set(rows) == {("dense", "0.00"), ("block 16x16 L1", "0.80"), ("block 16x16 group lasso", "0.90"),

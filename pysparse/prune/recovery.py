@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batches import call_model
+from .batches import call_model, to_device
 from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
 from .regularize import SparsityRegularizer
 from .schedules import GradualSchedule
@@ -41,7 +41,7 @@ def fine_tune(model: nn.Module, data, loss_fn, optimizer: torch.optim.Optimizer,
     """Train ``model`` for ``steps`` optimizer steps, pruning on ``schedule`` and holding masks throughout.
 
     Args:
-        data: an iterable of ``(input, target)`` batches, iterated again (a new epoch) whenever it runs out,
+        data: an iterable of ``(input, target)`` batches (moved to the model's device), iterated again (a new epoch) whenever it runs out,
             so a shuffling ``DataLoader`` reshuffles. ``input`` reaches the model through
             :func:`~pysparse.prune.batches.call_model` (a tensor, a tuple of positional inputs or a dict of
             keyword inputs).
@@ -227,6 +227,8 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if lr_scheduler is not None:
+            if state["lr_scheduler"] is None:
+                raise ValueError(f"cannot resume with an lr_scheduler: {checkpoint} was written without one")
             lr_scheduler.load_state_dict(state["lr_scheduler"])
         if regularizer is not None:
             regularizer.alpha = state["alpha"]
@@ -240,6 +242,7 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
             "alpha": None if regularizer is None else regularizer.alpha, "history": history,
             "epoch_batches": epoch_batches, "epoch_rng": epoch_rng, "rng": rng_states(generator)})
 
+    device = next(model.parameters(), torch.empty(0)).device   # batches follow the model (CPU without parameters)
     model.train()
     sparsity = mask_sparsity(model)
     with tqdm(total=steps, initial=len(history), desc=desc, disable=not progress, leave=False) as bar:
@@ -261,7 +264,7 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
                 if schedule is not None and schedule.is_pruning_step(step):
                     prune_(model, sparsity=schedule(step), **prune_kwargs)
                     sparsity = mask_sparsity(model)
-                record = _step(model, batch, step_loss, optimizer, regularizer, step)
+                record = _step(model, to_device(batch, device), step_loss, optimizer, regularizer, step)
                 if lr_scheduler is not None:
                     lr_scheduler.step()
                 record["sparsity"] = sparsity

@@ -112,8 +112,9 @@ class SparsityRegularizer:
                 raise ValueError(f"block_size {self.block_size} is larger than layer {name!r}'s [out, in] matrix "
                                  f"view {tuple(matrix_view(module.weight).shape)}")
         if not layers:
+            size = f" (block_size {self.block_size})" if self.pattern == "block" else ""
             raise ValueError(f"no layer selected: the default skips the output layer and layers smaller than the "
-                             f"pattern (block_size {self.block_size}); pass filter_fn to choose")
+                             f"pattern{size}; pass filter_fn to choose")
         return layers
 
     @property
