@@ -44,8 +44,8 @@ class _LabelPropagation(fx.Interpreter):
         self.labels = self.ctx.node_labels
 
     def run_node(self, n):
-        la = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
-        lk = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
+        arg_labels = fx.node.map_arg(n.args, lambda a: self.labels.get(a))
+        kwarg_labels = fx.node.map_arg(n.kwargs, lambda a: self.labels.get(a))
         where = f"{n.meta.get(MODULE_PATH) or 'model'} ({n.name})"
         self.ctx.where = where
         with self._set_current_node(n):
@@ -64,23 +64,23 @@ class _LabelPropagation(fx.Interpreter):
             if failed is not True:
                 self.g.notes.append(f"{where}: does not run on the example inputs in {self.mode} mode "
                                     f"({failed}); channels feeding it are kept")
-            self.ctx.pin_all((la, lk), reason)
+            self.ctx.pin_all((arg_labels, kwarg_labels), reason)
             self.labels[n] = None
             return _FAILED
-        self.labels[n] = self._labels(n, args, kwargs, la, lk, result, where)
+        self.labels[n] = self._labels(n, args, kwargs, arg_labels, kwarg_labels, result, where)
         return result
 
-    def _labels(self, n, args, kwargs, la, lk, result, where):
+    def _labels(self, n, args, kwargs, arg_labels, kwarg_labels, result, where):
         ctx = self.ctx
         if n.op == "placeholder":
             return ctx.fixed_like(result, "model input")
         if n.op == "output":
-            ctx.pin_all(la, "model output")
+            ctx.pin_all(arg_labels, "model output")
             return None
         if n.op == "get_attr":
             return self.g.labels_of(result) if isinstance(result, torch.Tensor) else None
         target = self.module.get_submodule(n.target) if n.op == "call_module" else n.target
-        call = OpCall(n, target, args, kwargs, la, lk, result)
+        call = OpCall(n, target, args, kwargs, arg_labels, kwarg_labels, result)
         try:
             if n.op == "call_function" and not _holds((args, kwargs), torch.Tensor):
                 return size_arithmetic(ctx, call)
@@ -92,21 +92,22 @@ class _LabelPropagation(fx.Interpreter):
                 raise OpNotUnderstood(f"{kind} {op_name(target)} is not understood")
             return rule(ctx, call)
         except OpNotUnderstood as why:
-            return self._keep_channels(target, la, lk, result, f"{why} at {where}",
+            return self._keep_channels(target, arg_labels, kwarg_labels, result, f"{why} at {where}",
                                        note=f"{where}: {why}: channels through it are kept")
         except Exception as exc:  # noqa: BLE001 - a rule that trips: keep everything it touches (always safe)
             op = op_name(target) if n.op != "call_module" else f"{n.target} ({op_name(target)})"
             failure = RuleFailure(n.name, op, n.meta.get(MODULE_PATH) or "model", f"{type(exc).__name__}: {exc}")
             if failure not in self.g.rule_failures:  # the eval and the train graph usually share the node
                 self.g.rule_failures.append(failure)
-            return self._keep_channels(target, la, lk, result, f"{failure}; its channels are kept", note=None)
+            return self._keep_channels(target, arg_labels, kwarg_labels, result, f"{failure}; its channels are kept",
+                                       note=None)
 
-    def _keep_channels(self, target, la, lk, result, reason, note):
+    def _keep_channels(self, target, arg_labels, kwarg_labels, result, reason, note):
         """The conservative answer for an op not analysed: its inputs, its output and (for a module) its own
         tensors keep every channel, whatever its rule coupled or marked before it gave up."""
-        if note and _holds((la, lk), TensorLabels):
+        if note and _holds((arg_labels, kwarg_labels), TensorLabels):
             self.g.notes.append(note)
-        self.ctx.pin_all((la, lk), reason)
+        self.ctx.pin_all((arg_labels, kwarg_labels), reason)
         if isinstance(target, nn.Module):
             own = list(target.parameters()) + list(target.buffers())
             self.ctx.pin_all([self.g.labels_of(t) for t in own], reason)
