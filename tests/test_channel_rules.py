@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.fx
+from test_prune_channels import masked_dense, run_eval
 from torch import nn
 
 from pysparse.prune import channel_surgery_record, prune_channels
@@ -44,18 +45,6 @@ def gate_rule():
     CHANNEL_RULES.unregister(channel_gate)
 
 
-def masked_dense_output(dense, record, x):
-    """The dense model with every slice the record removed set to zero."""
-    ref = copy.deepcopy(dense).eval()
-    tensors = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, spec in record["steps"][0]["params"].items():
-            for d, keep in spec["keep"].items():
-                drop = sorted(set(range(tensors[name].shape[int(d)])) - set(keep))
-                tensors[name].index_fill_(int(d), torch.tensor(drop, dtype=torch.long), 0.0)
-        return ref(x)
-
-
 def test_an_op_without_a_rule_keeps_its_channels_and_says_which():
     torch.manual_seed(0)
     pruned, report = prune_channels(Gated(), torch.randn(1, 3, 8, 8), ratio=0.5, round_to=1, return_report=True)
@@ -72,9 +61,8 @@ def test_a_new_op_is_one_entry(gate_rule):
     pruned, report = prune_channels(model, x, ratio=0.5, round_to=1, return_report=True)
     assert pruned.c1.out_channels == 8 == pruned.c2.in_channels and pruned.c2.out_channels == 8
     assert report.rule_failures == [] and report.removed() == {"c1": 8, "c2": 8, "c3": 0}
-    with torch.no_grad():
-        out = pruned.eval()(x)
-    torch.testing.assert_close(out, masked_dense_output(dense, channel_surgery_record(pruned), x))
+    expected = run_eval(masked_dense(dense, channel_surgery_record(pruned)), x)
+    torch.testing.assert_close(run_eval(pruned, x), expected)
 
 
 def test_a_rule_that_raises_is_reported_and_its_channels_are_kept(gate_rule):
