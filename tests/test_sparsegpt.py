@@ -235,3 +235,25 @@ def test_batched_solve_equals_the_papers_column_loop(options):
     hinv = _inverse_cholesky(x.T @ x / 256, 0.01)
     new, keep = _prune_matrix(w, hinv, sparsity=0.5, nm=(2, 4), blocksize=16, **options)
     torch.testing.assert_close(new, column_by_column(w, hinv, ~keep, 16))
+
+
+class InPlace(nn.Module):
+    """``b`` reads the tensor ``a`` read, after ``a``'s output was added to it in place: b depends on a."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = x.clone()
+        y = self.c(x)                       # c reads the same x as a, unchanged: pruned alongside a
+        x += self.a(x)
+        return self.out(self.b(x) + y)
+
+
+def test_layers_sharing_an_input_are_grouped_unless_it_changed_in_place():
+    from pysparse.prune.sparsegpt import _forward_order
+
+    model = InPlace()
+    counts, groups = _forward_order(model, {n: model.get_submodule(n) for n in ("a", "b", "c")}, torch.randn(3, 8))
+    assert groups == [["c", "a"], ["b"]] and counts == {"a": 1, "b": 1, "c": 1}

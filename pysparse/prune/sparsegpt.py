@@ -206,11 +206,11 @@ def _forward_order(model, layers: dict[str, nn.Module], batch) -> tuple[dict[str
     """How often each layer is called per forward, and the layers in the order the forward reaches them, in
     groups of consecutive layers that take the very same input tensor (pruning one cannot change another's
     input)."""
-    calls: list[tuple[str, torch.Tensor]] = []
+    calls: list[tuple[str, torch.Tensor, int]] = []
 
     def hook_for(name):
         def hook(module, args):
-            calls.append((name, args[0]))
+            calls.append((name, args[0], args[0]._version))   # the version tells an in-place change apart
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
@@ -222,14 +222,14 @@ def _forward_order(model, layers: dict[str, nn.Module], batch) -> tuple[dict[str
     counts: dict[str, int] = {}
     groups: list[list[str]] = []
     previous = None
-    for name, x in calls:
+    for name, x, version in calls:
         if name not in counts:
-            if groups and x is previous:
+            if groups and previous is not None and x is previous[0] and version == previous[1]:
                 groups[-1].append(name)
             else:
                 groups.append([name])
         counts[name] = counts.get(name, 0) + 1
-        previous = x
+        previous = (x, version)
     missing = [n for n in layers if n not in counts]
     if missing:
         raise ValueError(f"layers {missing} saw no input during calibration (not on the forward path); "
