@@ -4,6 +4,10 @@
 The loop adds a :class:`~pysparse.prune.regularize.SparsityRegularizer`'s penalty (or applies its proximal step),
 steps a learning-rate scheduler, evaluates periodically, and writes resumable checkpoints (safetensors + JSON,
 see :mod:`pysparse.prune.train_checkpoint`).
+
+Under ``torch.distributed`` (a model wrapped in ``DistributedDataParallel``, every rank calling the same function on
+its own shard of the batches) only rank 0 writes the checkpoint, and the state it writes is the wrapped module's,
+without DDP's ``module.`` prefix, so it resumes on any number of processes, one included.
 """
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from collections.abc import Mapping
 from numbers import Integral
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .batches import call_model, to_device
@@ -207,7 +213,7 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
     if regularizer is not None:
         if not isinstance(regularizer, SparsityRegularizer):
             raise TypeError(f"regularizer must be a SparsityRegularizer or None, got {type(regularizer).__name__}")
-        if regularizer.model is not model:
+        if regularizer.model is not model and regularizer.model is not _unwrap(model):
             raise ValueError("regularizer was built on another model than the one trained")
     if eval_every is not None:
         _check_int("eval_every", eval_every, 1)
@@ -220,11 +226,12 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
     generator = getattr(data, "generator", None)
     generator = generator if isinstance(generator, torch.Generator) else None
 
+    inner = _unwrap(model)  # what a checkpoint holds: the same keys with or without DDP around it
     history, skip, epoch_rng = [], 0, None
     if resume and os.path.exists(checkpoint):
         state = load_training_state(checkpoint)
-        apply_masks(model, masks_from_state_dict(state["model"]))
-        model.load_state_dict(state["model"])
+        apply_masks(inner, masks_from_state_dict(state["model"]))
+        inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if lr_scheduler is not None:
             if state["lr_scheduler"] is None:
@@ -235,9 +242,13 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
         history, skip, epoch_rng = state["history"], state["epoch_batches"], state["epoch_rng"]
         resume_rng = state["rng"]
 
+    distributed = dist.is_available() and dist.is_initialized()
+
     def save(epoch_rng, epoch_batches):
+        if distributed and dist.get_rank() != 0:  # replicas are identical: one writer, no races on the file
+            return
         save_training_state(checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
             "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
             "alpha": None if regularizer is None else regularizer.alpha, "history": history,
             "epoch_batches": epoch_batches, "epoch_rng": epoch_rng, "rng": rng_states(generator)})
@@ -280,11 +291,17 @@ def _train(model: nn.Module, data, step_loss, optimizer, *, steps, schedule, lr_
                 if checkpoint is not None and (done or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
                     save(epoch_rng, epoch_batches)
                 if done:
+                    if checkpoint is not None and distributed:
+                        dist.barrier()  # every rank returns with the final checkpoint on disk
                     break
             if epoch_batches == 0:
                 raise ValueError("data yielded no batches (pass a re-iterable such as a list or a DataLoader, "
                                  "not a one-shot iterator)")
     return history
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _step(model, batch, step_loss, optimizer, regularizer, step) -> dict:
