@@ -14,6 +14,16 @@ TORCH_LIBRARY(pysparse, m) {
   // autograd: pysparse.nn layers use it when no gradient is wanted).
   m.def("bsr_linear_act(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features, str? activation, Tensor? residual=None) -> Tensor");
+  // Backward of bsr_linear on the CPU, float32 (csrc/cpu/bsr_backward_cpu.cpp). bsr_column_index lists the blocks by
+  // block column, once per weight layout: col_ptr [n_block_cols + 1] and entries [nnz_blocks, 2] (block row, block
+  // id), int32. bsr_linear_grad_input: grad_output [..., N] @ W -> [..., in_features], reading the packed values
+  // (row-major or block-transposed) through that index. bsr_linear_grad_values: grad_output^T @ input on the kept
+  // blocks only -> [nnz_blocks, bh, bw] in values' layout (values is read for its shape and layout only).
+  m.def("bsr_column_index(Tensor crow_indices, Tensor col_indices, int n_block_cols) -> (Tensor, Tensor)");
+  m.def("bsr_linear_grad_input(Tensor grad_output, Tensor values, Tensor col_ptr, Tensor col_entries, "
+        "int in_features) -> Tensor");
+  m.def("bsr_linear_grad_values(Tensor grad_output, Tensor input, Tensor values, Tensor crow_indices, "
+        "Tensor col_indices) -> Tensor");
   // y = F.linear(input, W, bias) with W [out_features, in_features] zero outside the kept rows out_index and
   // kept columns in_index (int32, strictly increasing); values [len(out_index), len(in_index)] holds the kept part.
   // bias covers all out_features: dropped outputs equal their bias (or 0).

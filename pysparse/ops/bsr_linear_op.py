@@ -6,13 +6,14 @@ The compiled library ``pysparse._C`` registers the op schemas and the CPU/CUDA k
 module adds the Python-side pieces. The backward is registered with ``torch.library.register_autograd``. For
 ``y = x @ W^T + b`` with ``W [N, K]`` block-sparse (``values [nnz, bh, bw]``, BSR indices):
 
-* ``grad_x = grad_y @ W``: a ``bsr_linear`` with ``W^T`` in BSR form. ``W^T`` is rebuilt from the saved
-  parts on every backward with torch ops (a sort of ``nnz`` keys and one copy of the kept values): that is
-  O(nnz * bh * bw), against O(M * nnz * bh * bw) for the product itself, and it stays correct when the values
-  are being trained, which a cache keyed on the tensors would have to track.
-* ``grad_values[b] = grad_y[:, rows(b)]^T @ x[:, cols(b)]`` for the kept blocks only: batched GEMMs over
-  gathered block slices, in chunks that bound the temporary memory; no dense ``[N, K]`` gradient is formed.
-  Entries of a block that overhang a ragged edge get gradient 0 (the kernels never read them).
+* ``grad_x = grad_y @ W``. CPU float32: ``pysparse::bsr_linear_grad_input`` reads the packed weight in place
+  (either layout) through a column index of its blocks cached per layout (:mod:`.bsr_linear_grad`). Elsewhere
+  (CUDA, 16-bit): a ``bsr_linear`` with ``W^T`` in BSR form, rebuilt from the saved parts on every backward with
+  torch ops (a sort of ``nnz`` keys and one copy of the kept values).
+* ``grad_values[b] = grad_y[:, rows(b)]^T @ x[:, cols(b)]`` for the kept blocks only; no dense ``[N, K]`` gradient
+  is formed. CPU float32: ``pysparse::bsr_linear_grad_values``, written in the values' own layout. Elsewhere:
+  batched GEMMs over gathered block slices, in chunks that bound the temporary memory. Entries of a block that
+  overhang a ragged edge get gradient 0 (the kernels never read them).
 * ``grad_bias = grad_y`` summed over the leading dimensions.
 
 Everything here is traceable (static shapes, no ``.item()``), so ``torch.compile`` captures the backward too.
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .. import _C  # loading the library registers torch.ops.pysparse.*
 from ..formats.bsr import bsr_to_dense, check_bsr_indices
+from .bsr_linear_grad import bsr_linear_grad_input, bsr_linear_grad_values, grad_kernels_apply
 from .layer_support import (bsr_int32_indices, call, check_activation, check_residual, fake_with_residual,
                             fits_output, only_bias_wants_grad, torch_epilogue, wants_grad)
 
@@ -125,6 +127,26 @@ def _bsr_linear_act_fake(input, values, crow_indices, col_indices, bias, out_fea
                                residual)
 
 
+@torch.library.register_fake("pysparse::bsr_column_index")
+def _bsr_column_index_fake(crow_indices, col_indices, n_block_cols):
+    return crow_indices.new_empty((n_block_cols + 1,)), col_indices.new_empty((col_indices.shape[0], 2))
+
+
+@torch.library.register_fake("pysparse::bsr_linear_grad_input")
+def _bsr_linear_grad_input_fake(grad_output, values, col_ptr, col_entries, in_features):
+    torch._check(values.dim() == 3, lambda: f"values must be 3-D, got {values.dim()}-D")
+    torch._check(values.dtype == grad_output.dtype,
+                 lambda: f"values dtype {values.dtype} != grad_output dtype {grad_output.dtype}")
+    return grad_output.new_empty((*grad_output.shape[:-1], in_features))
+
+
+@torch.library.register_fake("pysparse::bsr_linear_grad_values")
+def _bsr_linear_grad_values_fake(grad_output, input, values, crow_indices, col_indices):
+    torch._check(values.dim() == 3, lambda: f"values must be 3-D, got {values.dim()}-D")
+    # The kernel writes the gradient in the values' layout (AccumulateGrad then takes it without a copy).
+    return torch.empty_like(values) if is_block_transposed(values) else values.new_empty(values.shape)
+
+
 def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features):
     """Pure-torch ``bsr_linear``: densify W and call ``F.linear`` (the test oracle and a portable fallback)."""
     weight = bsr_to_dense(values, crow_indices, col_indices, (out_features, input.shape[-1]))
@@ -219,12 +241,14 @@ def _values_grad(grad2: torch.Tensor, x2: torch.Tensor, crow_indices: torch.Tens
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def bsr_linear_autograd(linear):
+def bsr_linear_autograd(linear, cpu_kernels: bool = False):
     """``(setup_context, backward)`` for an op with ``bsr_linear``'s signature.
 
     ``linear(input, values, crow_indices, col_indices, bias, out_features)`` computes the ``grad_y @ W`` product
-    (with ``W^T`` passed as BSR): the registered backward uses ``torch.ops.pysparse.bsr_linear`` itself; tests
-    pass ``pysparse.ops.bsr_linear_reference`` to check the same formulas in float64, which the kernels lack.
+    (with ``W^T`` passed as BSR) where the backward kernels do not apply: the registered backward uses
+    ``torch.ops.pysparse.bsr_linear`` itself; tests pass ``pysparse.ops.bsr_linear_reference`` to check the same
+    formulas in float64, which the kernels lack. ``cpu_kernels``: CPU float32 gradients come from the backward
+    kernels (``bsr_linear_grad_input`` / ``bsr_linear_grad_values``) instead.
     """
 
     def setup_context(ctx, inputs, output):
@@ -233,20 +257,27 @@ def bsr_linear_autograd(linear):
         ctx.out_features = out_features
         ctx.block_size = (values.shape[1], values.shape[2])
         ctx.nnz = values.shape[0]
-        # Keep only what the requested gradients need: x for grad_values, the values for grad_input.
+        # Keep only what the requested gradients need: x for grad_values, the values for grad_input (and, on the
+        # kernels, for grad_values' layout).
         needs_input, needs_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(input if needs_values else None, values if needs_input else None,
+        keep_values = needs_input or (cpu_kernels and needs_values)
+        ctx.save_for_backward(input if needs_values else None, values if keep_values else None,
                               crow_indices, col_indices)
 
     def backward(ctx, grad):
         input, values, crow_indices, col_indices = ctx.saved_tensors
         grad_input = grad_values = grad_bias = None
         k, n = ctx.in_features, ctx.out_features
-        if ctx.needs_input_grad[0]:
+        if cpu_kernels and values is not None and grad_kernels_apply(grad, values):
+            if ctx.needs_input_grad[0]:
+                grad_input = bsr_linear_grad_input(grad, values, crow_indices, col_indices, k)
+            if ctx.needs_input_grad[1]:
+                grad_values = bsr_linear_grad_values(grad, input, values, crow_indices, col_indices)
+        elif ctx.needs_input_grad[0]:
             n_block_cols = -(-k // ctx.block_size[1])
             values_t, crow_t, col_t = transpose_bsr(values, crow_indices, col_indices, n_block_cols)
             grad_input = linear(grad, values_t, crow_t, col_t, None, k)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_values is None:
             grad_values = _values_grad(grad.reshape(-1, n), input.reshape(-1, k), crow_indices, col_indices,
                                        ctx.block_size, ctx.nnz)
         if ctx.needs_input_grad[4]:
@@ -256,5 +287,5 @@ def bsr_linear_autograd(linear):
     return setup_context, backward
 
 
-_setup_context, _backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default)
+_setup_context, _backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default, cpu_kernels=True)
 torch.library.register_autograd("pysparse::bsr_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,59 @@
+"""The CPU backward ops of ``bsr_linear`` (float32): ``pysparse::bsr_linear_grad_input`` (``grad_y @ W`` over the
+packed weight), ``pysparse::bsr_linear_grad_values`` (``grad_y^T @ x`` on the kept blocks only) and
+``pysparse::bsr_column_index`` (the blocks listed by block column, which grad_input walks), called through the
+per-layout cache of the column index. The autograd of ``bsr_linear`` and the ops' fake kernels live with the op in
+:mod:`.bsr_linear_op`, which calls these where :func:`grad_kernels_apply`.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .. import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
+
+__all__ = ["bsr_linear_grad_input", "bsr_linear_grad_values", "column_index", "grad_kernels_apply"]
+
+# col_indices -> (weakref to crow_indices, (crow version, col version, n_block_cols), (col_ptr, entries)). Keyed
+# weakly on the index tensors a layer holds as buffers: an entry lives as long as the layout and is rebuilt when
+# either index tensor is written in place (its version changes) or replaced.
+_COLUMN_INDEX = WeakTensorKeyDictionary()
+
+
+def grad_kernels_apply(grad: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the backward of ``bsr_linear`` runs on these kernels: CPU, float32."""
+    return grad.device.type == "cpu" and values.dtype == torch.float32 and grad.dtype == torch.float32
+
+
+def column_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(col_ptr [n_block_cols + 1], entries [nnz, 2])`` of a BSR weight (int32 indices on the CPU): the blocks of
+    block column ``c`` are ``entries[col_ptr[c]:col_ptr[c + 1]]`` as (block row, block id), by increasing row.
+
+    Built once per weight layout and cached (rebuilt when an index tensor changes); under ``torch.compile`` the op
+    is traced instead (it is O(nnz), small next to the product)."""
+    plain = type(crow_indices) is torch.Tensor and type(col_indices) is torch.Tensor
+    if not plain or torch.compiler.is_compiling():
+        return torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols)
+    key = (crow_indices._version, col_indices._version, n_block_cols)
+    hit = _COLUMN_INDEX.get(col_indices)
+    if hit is not None and hit[0]() is crow_indices and hit[1] == key:
+        return hit[2]
+    index = torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols)
+    _COLUMN_INDEX[col_indices] = (weakref.ref(crow_indices), key, index)
+    return index
+
+
+def bsr_linear_grad_input(grad: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,
+                          col_indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``grad [..., N] @ W`` -> ``[..., in_features]``, W the BSR weight (``values`` row-major or block-transposed)."""
+    n_block_cols = -(-in_features // values.shape[2])
+    col_ptr, entries = column_index(crow_indices, col_indices, n_block_cols)
+    return torch.ops.pysparse.bsr_linear_grad_input.default(grad, values, col_ptr, entries, in_features)
+
+
+def bsr_linear_grad_values(grad: torch.Tensor, input: torch.Tensor, values: torch.Tensor,
+                           crow_indices: torch.Tensor, col_indices: torch.Tensor) -> torch.Tensor:
+    """``grad^T @ input`` on the kept blocks: ``[nnz, bh, bw]`` in ``values``' layout (entries over padding 0)."""
+    return torch.ops.pysparse.bsr_linear_grad_values.default(grad, input, values, crow_indices, col_indices)
