@@ -117,11 +117,12 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
                      f"pass more calibration data or a larger damp")
 
 
-def _group_counts(total_groups: int, boundaries: list[int], sparsity: float) -> list[int]:
-    """Groups to prune in each lazy block, cumulatively rounded so they add up to ``round(sparsity * total)``."""
+def _group_counts(boundaries: list[int], sparsity: float) -> list[int]:
+    """Groups to prune in each lazy block, from the number of groups up to each block's end: cumulatively rounded,
+    so they add up to ``round(sparsity * all groups)``."""
     counts, done = [], 0
     for cum in boundaries:
-        target = round(sparsity * total_groups * cum / boundaries[-1])
+        target = round(sparsity * cum)
         counts.append(target - done)
         done = target
     return counts
@@ -179,7 +180,7 @@ def _prune_matrix(w: torch.Tensor, hinv: torch.Tensor, *, sparsity: float, patte
     ends = [min(s + blocksize, cols) for s in starts]
     if pattern != "nm":
         n_br = -(-rows // bh)
-        counts = _group_counts(n_br * -(-cols // bw), [n_br * -(-e // bw) for e in ends], sparsity)
+        counts = _group_counts([n_br * -(-e // bw) for e in ends], sparsity)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     for b, (i1, i2) in enumerate(zip(starts, ends)):
         w1, u1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
