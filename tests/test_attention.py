@@ -844,8 +844,9 @@ def test_sparsify_fast_attention_report():
         calls, got = kernel_calls(lambda: sparse(**inputs).last_hidden_state)
     assert calls == 2
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
-    # Without fast_attention nothing is said or switched; an eager model is reported unchanged.
-    plain = pysparse.sparsify(sdpa)
+    # With fast_attention=False (the default of an eval model is on) nothing is said or switched; an eager model is
+    # reported unchanged.
+    plain = pysparse.sparsify(sdpa, fast_attention=False)
     assert plain.sparsify_report.attention is None and plain.config._attn_implementation == "sdpa"
     eager_report = pysparse.sparsify(_bert("eager"), fast_attention=True).sparsify_report
     assert "unchanged" in eager_report.attention and eager_report.attention in str(eager_report)

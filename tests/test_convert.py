@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from pysparse import sparsify
-from pysparse.transforms.report import SparsifyReport
 from pysparse.nn import SparseConv2d, SparseLinear, conv_weight_from_matrix, conv_weight_matrix
+from pysparse.transforms.report import SparsifyReport
 
 
 def _zero_blocks_(module: nn.Module, density: float, block_size=(16, 16), seed=0) -> None:
@@ -239,3 +239,75 @@ def test_bad_arguments():
         sparsify(net, autotune=True)
     with pytest.raises(TypeError, match="example_inputs"):
         sparsify(net, example_inputs=3)
+    with pytest.raises(TypeError, match="fuse_activations must be None"):
+        sparsify(net, fuse_activations="yes")
+    with pytest.raises(TypeError, match="fast_attention must be None"):
+        sparsify(net, fast_attention=1)
+
+
+# ---- defaults: exact inference optimisations on in eval mode, off for training ---------------------------------------
+def _fused(model: nn.Module) -> list[str]:
+    return [r.name for r in model.sparsify_report.swapped if r.fused_activation or r.fused_residual]
+
+
+def _all_off(model: nn.Module, **kw) -> nn.Module:
+    return sparsify(model, fuse_activations=False, fast_attention=False, **kw)
+
+
+def test_eval_mode_gets_fusions_by_default_mlp():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 8)).eval()
+    for i, layer in enumerate((mlp[0], mlp[2], mlp[4])):
+        _zero_blocks_(layer, 0.4, seed=i)
+    default, off = sparsify(mlp, block_size=(16, 16)), _all_off(mlp, block_size=(16, 16))
+    assert _fused(default) == ["0", "2"] and _fused(off) == []
+    assert isinstance(default[1], nn.Identity) and isinstance(off[1], nn.ReLU)
+    text = str(default.sparsify_report)
+    assert "defaults: fuse_activations=True, fast_attention=True (the model is in eval mode" in text
+    assert "defaults:" not in str(off.sparsify_report)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        assert _rel(default(x), off(x)) < 1e-5
+
+
+def _pruned_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.BertModel._from_config(config, attn_implementation="sdpa").eval()
+    for i, (_, layer) in enumerate((n, m) for n, m in model.encoder.named_modules() if isinstance(m, nn.Linear)):
+        _zero_blocks_(layer, 0.4, seed=i)
+    return model
+
+
+def test_eval_mode_gets_fusions_and_fast_attention_by_default_bert():
+    bert = _pruned_bert()
+    default, off = sparsify(bert, block_size=(16, 16)), _all_off(bert, block_size=(16, 16))
+    assert default.config._attn_implementation == "pysparse_sdpa" and off.config._attn_implementation == "sdpa"
+    assert any(n.endswith("intermediate.dense") for n in _fused(default)) and _fused(off) == []
+    assert "attention: pysparse CPU kernel" in str(default.sparsify_report)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    inputs = {"input_ids": torch.randint(0, 100, (3, 11), generator=g), "attention_mask": mask}
+    with torch.no_grad():
+        assert _rel(default(**inputs).last_hidden_state, off(**inputs).last_hidden_state) < 1e-5
+    # each can be turned off alone
+    no_attention = sparsify(bert, block_size=(16, 16), fast_attention=False)
+    assert no_attention.config._attn_implementation == "sdpa" and _fused(no_attention) == _fused(default)
+    assert "defaults: fuse_activations=True (" in str(no_attention.sparsify_report)
+    no_fusion = sparsify(bert, block_size=(16, 16), fuse_activations=False)
+    assert no_fusion.config._attn_implementation == "pysparse_sdpa" and _fused(no_fusion) == []
+
+
+def test_training_gets_nothing_that_changes_training():
+    bert = _pruned_bert()
+    for training, kw, why in ((True, {}, "the model is in training mode"), (False, {"trainable": True}, "trainable=True")):
+        out = sparsify(bert.train(training), block_size=(16, 16), **kw)
+        assert out.config._attn_implementation == "sdpa" and _fused(out) == []
+        assert f"defaults: fuse_activations=False, fast_attention=False ({why}: nothing that changes training" in str(
+            out.sparsify_report)
+    # asked for explicitly, they are still done in training mode
+    explicit = sparsify(bert.train(), block_size=(16, 16), fuse_activations=True, fast_attention=True)
+    assert explicit.config._attn_implementation == "pysparse_sdpa" and _fused(explicit)

@@ -34,6 +34,7 @@ class SparsifyReport:
         self.block_size = block_size
         self.min_sparsity = min_sparsity
         self.attention: str | None = None  # what sparsify(fast_attention=True) did to the model's attention
+        self.defaults: str | None = None   # which of sparsify's None defaults were resolved, to what and why
 
     @property
     def swapped(self) -> list[LayerReport]:
@@ -53,7 +54,8 @@ class SparsifyReport:
 
     def to_dict(self) -> dict:
         return {"block_size": list(self.block_size), "min_sparsity": self.min_sparsity,
-                "layers": [asdict(r) for r in self.layers], "attention": self.attention}
+                "layers": [asdict(r) for r in self.layers], "attention": self.attention,
+                "defaults": self.defaults}
 
     def __str__(self) -> str:
         head = ("layer", "type", "shape", "kept", "density", "packed/dense", "reason")
@@ -67,6 +69,8 @@ class SparsifyReport:
         after = sum(r.packed_bytes if r.swapped else r.dense_bytes for r in self.layers)
         lines.append(f"{len(self.swapped)}/{len(self.layers)} layers sparse; weight bytes of these layers "
                      f"{dense / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
+        if self.defaults is not None:
+            lines.append(self.defaults)
         if self.attention is not None:
             lines.append(self.attention)
         return "\n".join(lines)

@@ -31,8 +31,8 @@ from .attention_switch import use_pysparse_attention
 from .forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
 from .report import LayerReport, SparsifyReport
 
-__all__ = ["sparsify", "LayerReport", "SparsifyReport", "choose_layers", "autotune_layers", "swap_layers",
-           "fuse_activation_modules", "fuse_forward_code"]
+__all__ = ["LayerReport", "SparsifyReport", "autotune_layers", "choose_layers", "fuse_activation_modules",
+           "fuse_forward_code", "inference_defaults", "sparsify", "swap_layers"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Parents whose forward reads a child Linear's .weight directly (fused attention / encoder fast paths):
@@ -125,9 +125,13 @@ def _median_ms(module: nn.Module, x: torch.Tensor) -> float:
         return timer.blocked_autorange(min_run_time=_AUTOTUNE_MIN_RUN_S).median * 1e3
 
 
-def _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm) -> None:
+def _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm,
+                     fuse_activations, fast_attention) -> None:
     """The argument errors after ``model``'s type and ``block_size``, raised before any work is done (and before
     ``model`` is copied)."""
+    for name, value in (("fuse_activations", fuse_activations), ("fast_attention", fast_attention)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None (on in eval mode), True or False, got {type(value).__name__}")
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     if filter_fn is not None and not callable(filter_fn):
@@ -141,6 +145,27 @@ def _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, t
             raise ValueError("fold_batchnorm=True is inference-only: trainable must be False, got trainable=True "
                              "(fine-tuning would need the BatchNorm layers the fold removes)")
         _fold.check_inference(model, "sparsify(fold_batchnorm=True)")
+
+
+def inference_defaults(model: nn.Module, trainable: bool, fuse_activations: bool | None,
+                       fast_attention: bool | None) -> tuple[bool, bool, str | None]:
+    """``(fuse_activations, fast_attention, why)``: each None resolved to on for a model in eval mode that is not
+    made trainable (both are exact at inference), off otherwise (nothing that changes training); ``why`` says which
+    defaults were applied and why (None when both were given)."""
+    unset = [name for name, v in (("fuse_activations", fuse_activations), ("fast_attention", fast_attention))
+             if v is None]
+    if not unset:
+        return fuse_activations, fast_attention, None
+    on = not model.training and not trainable
+    if on:
+        why = "the model is in eval mode and trainable=False: exact inference optimisations on, each off with False"
+    elif model.training:
+        why = "the model is in training mode: nothing that changes training; call model.eval() first for them"
+    else:
+        why = "trainable=True: nothing that changes training"
+    why = f"defaults: {', '.join(f'{name}={on}' for name in unset)} ({why})"
+    return (on if fuse_activations is None else fuse_activations, on if fast_attention is None else fast_attention,
+            why)
 
 
 def _module_places(model: nn.Module) -> Places:
@@ -288,7 +313,8 @@ def fuse_forward_code(model: nn.Module, swapped: dict[int, LayerReport]) -> None
 
 def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5, filter_fn=None,
              inplace: bool = False, autotune: bool = False, example_inputs=None, trainable: bool = False,
-             fold_batchnorm: bool = False, fuse_activations: bool = False, fast_attention: bool = False) -> nn.Module:
+             fold_batchnorm: bool = False, fuse_activations: bool | None = None,
+             fast_attention: bool | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose weight is block-sparse enough for a pysparse layer.
 
     Args:
@@ -304,7 +330,11 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         fold_batchnorm: first fold each BatchNorm that directly follows a Conv2d / Linear into that layer
             (:func:`pysparse.fold_batchnorm`); inference only, so the model must be in eval mode and
             ``trainable`` False.
-        fuse_activations: where the model applies ReLU, ReLU6 or exact GELU to a swapped layer's output and nothing
+        fuse_activations: None (the default): on when ``model`` is in eval mode (``model.training`` False) and
+            ``trainable`` is False, off otherwise, as for ``fast_attention``; both are exact at inference (float32
+            results within 1e-5 relative of the unfused model), so an eval model gets them unless told False, and a
+            model in training mode gets nothing that changes training. The report says which defaults applied.
+            When on: where the model applies ReLU, ReLU6 or exact GELU to a swapped layer's output and nothing
             else reads that output (an ``nn.Sequential`` pair, Identities between allowed, or a parent whose
             forward is exactly ``act(linear(x))`` as in transformers' BERT-style MLPs), the SparseLinear /
             SparseConv2d applies it inside its CPU kernel and the activation module becomes ``nn.Identity`` (the
@@ -313,7 +343,8 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
             layer does both in its kernel (:mod:`pysparse.transforms.forward_fusion`; the block becomes a GraphModule).
             Saves full passes over the layer's output at inference; training is unaffected (the layer then runs
             the torch add and activation itself).
-        fast_attention: a Hugging Face transformers model whose attention runs ``"sdpa"`` is switched to pysparse's
+        fast_attention: None (the default): on in eval mode as ``fuse_activations``. When on, a Hugging Face
+            transformers model whose attention runs ``"sdpa"`` is switched to pysparse's
             CPU attention kernel (:func:`pysparse.nn.use_pysparse_attention`; same results, and calls the kernel
             does not take, such as CUDA or training, still go to SDPA). With its Linear layers sparse, attention is
             most of what a BERT-size encoder has left. The report's ``attention`` line says what was done.
@@ -326,7 +357,10 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     block_size = as_pair("block_size", block_size)
-    _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm)
+    _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm,
+                     fuse_activations, fast_attention)
+    fuse_activations, fast_attention, defaults = inference_defaults(model, trainable, fuse_activations,
+                                                                    fast_attention)
     if not inplace:
         model = copy.deepcopy(model)
     if fold_batchnorm:
@@ -343,6 +377,7 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
         fuse_activation_modules(model, swapped)
         fuse_forward_code(model, swapped)
     model.sparsify_report = SparsifyReport(reports, block_size, float(min_sparsity))
+    model.sparsify_report.defaults = defaults
     if fast_attention:
         model.sparsify_report.attention = use_pysparse_attention(model)
     if fold_batchnorm:
