@@ -34,11 +34,11 @@ def test_one_shot_schedule():
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(initial=0.5, final=0.2), ValueError, r"initial must be <= final"),
-    (dict(final=1.5), ValueError, r"final must be in \[0, 1\], got 1.5"),
-    (dict(start_step=10, end_step=5), ValueError, r"start_step <= end_step"),
-    (dict(every=0), ValueError, r"every must be >= 1, got 0"),
-    (dict(every=2.5), TypeError, r"every must be an int, got float"),
+    ({"initial": 0.5, "final": 0.2}, ValueError, r"initial must be <= final"),
+    ({"final": 1.5}, ValueError, r"final must be in \[0, 1\], got 1.5"),
+    ({"start_step": 10, "end_step": 5}, ValueError, r"start_step <= end_step"),
+    ({"every": 0}, ValueError, r"every must be >= 1, got 0"),
+    ({"every": 2.5}, TypeError, r"every must be an int, got float"),
 ])
 def test_schedule_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
