@@ -8,20 +8,13 @@ from pysparse.data.sentences import _cache_dir
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Both splits built in a fresh cache directory (not the user's), then read back from that cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-    first = {split: sentences(split) for split in ("train", "heldout")}
-    files = list(_cache_dir().glob("sentences-*.json"))
-    cached = {split: sentences(split) for split in ("train", "heldout")}
-    yield first, cached, files, mp
-    mp.undo()
+def built():
+    """Both splits, from the user's cache (built there on the first use on a machine, as by any caller)."""
+    return {split: sentences(split) for split in ("train", "heldout")}
 
 
 def test_enough_sentences_and_disjoint_splits(built):
-    first, _, _, _ = built
-    train, heldout = first["train"], first["heldout"]
+    train, heldout = built["train"], built["heldout"]
     assert len(train) >= 5000 and len(heldout) >= 512
     assert not set(train) & set(heldout)
     assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)
@@ -29,17 +22,17 @@ def test_enough_sentences_and_disjoint_splits(built):
     assert 0.05 < len(heldout) / (len(train) + len(heldout)) < 0.15
 
 
-def test_cached_and_rebuilt_are_identical(built, tmp_path):
-    first, cached, files, mp = built
-    assert len(files) == 1 and json.loads(files[0].read_text())["splits"] == first
-    assert cached == first
-    mp.setenv("XDG_CACHE_HOME", str(tmp_path))          # an empty cache: built again from the sources
-    assert {split: sentences(split) for split in first} == first
+def test_rebuilt_in_an_empty_cache_is_identical_and_cached(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))      # nothing cached there: built again from the sources
+    assert _cache_dir() == tmp_path / "pysparse"
+    assert {split: sentences(split) for split in built} == built
+    files = list(_cache_dir().glob("sentences-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["splits"] == built
+    assert {split: sentences(split) for split in built} == built   # now read from that file
 
 
 def test_sentences_look_like_prose(built):
-    first, _, _, _ = built
-    for s in first["train"] + first["heldout"]:
+    for s in built["train"] + built["heldout"]:
         assert ">>>" not in s and "http" not in s.lower() and "`" not in s and "_" not in s, s
         assert 6 <= len(s.split()) <= 60 and s[0].isupper() and s[-1] in ".!?", s
         letters = sum(c.isalpha() for c in s.replace(" ", ""))
@@ -47,7 +40,7 @@ def test_sentences_look_like_prose(built):
 
 
 def test_limit_takes_the_first_sentences(built):
-    first, _, _, _ = built
+    first = built
     assert sentences("heldout", limit=7) == first["heldout"][:7]
     assert sentences("train", limit=0) == []
     assert sentences("heldout", limit=10**9) == first["heldout"]
