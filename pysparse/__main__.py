@@ -1,5 +1,5 @@
-"""``python -m pysparse <command>``: ``demo`` runs the main job, ``bench`` the benchmarks; each command lives in
-its own module."""
+"""``python -m pysparse <command>``: ``demo`` runs the main job, ``bench`` the benchmarks, ``frontier`` quality
+against measured speed after recovery; each command lives in its own module."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +17,12 @@ def main(argv=None) -> int:
     from . import bench  # light: matplotlib and the model packages are imported only when used
     bench.add_arguments(commands.add_parser("bench", help="sparsity x block size x batch sweep of single layers, or "
                                                           "whole models (--model); table + JSON + CSV + PNG"))
+    from . import frontier  # light: the models and the recovery code are imported only when it runs
+    frontier.add_arguments(commands.add_parser("frontier", help="quality vs measured speedup after one-shot pruning "
+                                                                "and distillation, per pattern x sparsity; table + "
+                                                                "JSON + PNG"))
     args = parser.parse_args(argv)
-    handlers = {"demo": demo.main, "bench": bench.main}
+    handlers = {"demo": demo.main, "bench": bench.main, "frontier": frontier.main}
     return handlers[args.command](args)
 
 

@@ -1,0 +1,116 @@
+"""One frontier point: the best one-shot criterion, distillation from the dense model with the masks held, held-out
+quality, and the end-to-end speedup of the packed model measured against the dense one in the same process.
+
+The recipe, and why:
+- one-shot: magnitude (L2), Wanda and SparseGPT each prune a copy; the one whose embeddings (accuracy) on a
+  validation split, not the held-out one, stay closest to the dense model's is kept, since no criterion wins on
+  every pattern (SparseGPT's weight updates help most where the pattern leaves freedom inside a group);
+- recovery: :func:`pysparse.prune.distill` on unlabelled training batches, the dense model as teacher, AdamW with
+  a linear warm-up and a linear decay (the short budgets here leave no room for a constant-rate tail);
+- speed: ``sparsify(..., autotune=True)`` with activation fusion and fast attention, so a layer runs sparse only
+  where that is faster on the timed input; timed against the stock dense model and against the dense model with
+  the same exact options (fast attention), all three alternating in one process.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from ..analysis.timing import alternating_medians
+from ..prune import distill, prune_, remove_masks, wanda_scores
+from ..prune.batches import call_model
+from ..prune.sparsegpt import sparsegpt_
+from ..transforms.sparsify import sparsify
+from ..transforms.attention_switch import use_pysparse_attention
+from .patterns import Pattern
+from .workloads import Workload
+
+__all__ = ["one_shot", "recover", "measure_speed", "run_point", "CRITERIA"]
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def _prune_with(criterion: str, model: nn.Module, work: Workload, pattern: Pattern, sparsity: float) -> None:
+    kwargs = pattern.prune_kwargs()
+    if criterion == "magnitude":
+        prune_(model, sparsity=sparsity, norm="l2", filter_fn=work.filter_fn, **kwargs)
+    elif criterion == "wanda":
+        scores = wanda_scores(model, work.calibration,
+                              names=[n for n, m in model.named_modules() if work.filter_fn(n, m)])
+        prune_(model, sparsity=sparsity, norm="l1", filter_fn=work.filter_fn, importance=scores, **kwargs)
+    elif criterion == "sparsegpt":
+        sparsegpt_(model, work.calibration, sparsity=sparsity, filter_fn=work.filter_fn, **kwargs)
+    else:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+
+
+def one_shot(work: Workload, pattern: Pattern, sparsity: float, criteria=CRITERIA) -> tuple[nn.Module, str, dict]:
+    """The teacher pruned by each criterion; returns (best masked copy, its criterion, {criterion: quality})."""
+    best, scores = None, {}
+    for criterion in criteria:
+        student = copy.deepcopy(work.teacher)
+        _prune_with(criterion, student, work, pattern, sparsity)
+        scores[criterion] = work.quick_quality(student)
+        if best is None or scores[criterion] > scores[best[1]]:
+            best = (student, criterion)
+    return best[0], best[1], scores
+
+
+def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False) -> list[dict]:
+    """Distil ``student`` (masks held) from the dense teacher for ``steps`` steps."""
+    if steps == 0:
+        return []
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=work.lr,
+                                  weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    return distill(student, work.teacher, work.train, optimizer, steps=steps, lr_scheduler=schedule,
+                   progress=progress, **work.distill_kwargs)
+
+
+@torch.no_grad()
+def measure_speed(work: Workload, pruned: nn.Module, pattern: Pattern, *, rounds: int = 3,
+                  min_run_time: float = 0.5) -> tuple[float, float, nn.Module]:
+    """(speedup over the stock dense model, over the dense model with the same exact options, the packed model).
+
+    ``pruned`` holds zeros where it was pruned (masks removed)."""
+    inputs = work.timing_inputs
+    sparse = sparsify(pruned.eval(), block_size=pattern.block_size, min_sparsity=0.3, filter_fn=work.filter_fn,
+                      autotune=True, example_inputs=inputs, fuse_activations=True, fast_attention=True)
+    dense_same = copy.deepcopy(work.teacher).eval()
+    if hasattr(dense_same, "config"):      # a transformers model: the same fast attention as the sparse one
+        use_pysparse_attention(dense_same)
+    seconds = alternating_medians({
+        "dense": lambda: call_model(work.teacher, inputs),
+        "dense_same": lambda: call_model(dense_same, inputs),
+        "sparse": lambda: call_model(sparse, inputs),
+    }, rounds=rounds, min_run_time=min_run_time)
+    return seconds["dense"] / seconds["sparse"], seconds["dense_same"] / seconds["sparse"], sparse
+
+
+def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, criteria=CRITERIA,
+              progress: bool = False, timing_rounds: int = 3) -> tuple[dict, nn.Module]:
+    """One point of the frontier: returns (its record, the packed model)."""
+    start = time.perf_counter()
+    student, criterion, one_shot_scores = one_shot(work, pattern, sparsity, criteria)
+    one_shot_quality = work.evaluate(student)
+    history = recover(student, work, steps, progress=progress)
+    minutes = (time.perf_counter() - start) / 60
+    remove_masks(student)
+    quality = work.evaluate(student)
+    speedup, speedup_same, sparse = measure_speed(work, student, pattern, rounds=timing_rounds)
+    record = {
+        "pattern": pattern.name, "block_size": list(pattern.block_size), "sparsity": sparsity,
+        "criterion": criterion, "steps": steps, "minutes": round(minutes, 2),
+        "cosine": quality["cosine"], "top1": quality["top1"],
+        "speedup": speedup, "speedup_same_options": speedup_same,
+        "one_shot": {"criteria": one_shot_scores, "cosine": one_shot_quality["cosine"],
+                     "top1": one_shot_quality["top1"]},
+        "final_loss": history[-1]["loss"] if history else None,
+        "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
+    }
+    return record, sparse

@@ -1,0 +1,73 @@
+"""python -m pysparse frontier: pattern names, the Pareto front, the chosen point, and one real digits point."""
+import json
+import re
+
+import pytest
+
+from pysparse.frontier.patterns import parse_pattern, parse_point
+from pysparse.frontier.report import POINT_KEYS, choose, format_table, pareto_front
+
+
+def test_patterns_parse_to_prune_keywords_and_pack_sizes():
+    assert parse_pattern("unstructured").prune_kwargs() == {"pattern": "unstructured"}
+    assert parse_pattern("1x1").name == "unstructured"
+    nm = parse_pattern("2:4")
+    assert nm.prune_kwargs() == {"pattern": "nm", "nm": (2, 4)} and nm.block_size == (1, 1)
+    assert nm.fixed_sparsity() == 0.5
+    vec = parse_pattern("16x1")
+    assert vec.prune_kwargs() == {"pattern": "block", "block_size": (16, 1)} and vec.block_size == (16, 1)
+    assert parse_point("32x32,0.7") == (parse_pattern("32x32"), 0.7)
+
+
+@pytest.mark.parametrize("text, words", [("3:2", "0 < N < M"), ("0x4", "positive"), ("blocks", "pattern must be"),
+                                         ("16x16", "PATTERN,SPARSITY"), ("16x16,1.5", "in (0, 1)"),
+                                         ("2:4,0.7", "fixes sparsity"), ("4x4,abc", "fraction")])
+def test_bad_pattern_or_point_names_what_was_expected(text, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_point(text) if "," in text or text == "16x16" else parse_pattern(text)
+
+
+def _point(pattern, sparsity, cosine, top1, speedup):
+    return {"pattern": pattern, "block_size": [1, 1], "sparsity": sparsity, "criterion": "wanda", "steps": 10,
+            "minutes": 1.0, "cosine": cosine, "top1": top1, "speedup": speedup, "speedup_same_options": speedup}
+
+
+def test_pareto_front_and_choice():
+    points = [_point("a", 0.5, 0.99, 0.98, 1.2), _point("b", 0.7, 0.95, 0.91, 2.0),
+              _point("c", 0.7, 0.90, 0.95, 1.9), _point("d", 0.9, 0.80, 0.70, 4.0),
+              _point("e", 0.9, 0.96, 0.85, 2.5)]
+    front = pareto_front(points)
+    assert front == [3, 4, 0]                        # b and c are beaten by e (higher cosine, faster)
+    assert choose(points, quality=0.95, agreement=0.90) == 1   # e is faster but misses the agreement
+    assert choose(points, quality=0.95, agreement=None) == 4
+    assert choose(points, quality=0.999, agreement=None) is None
+    assert choose(points, quality=None, agreement=None) is None
+    table = format_table(points, quality_name="cosine", chosen=1, front=front)
+    assert table.splitlines()[2].startswith(">")      # the chosen row is marked
+
+
+def test_cli_rejects_bad_options_before_any_work(capsys):
+    from pysparse.__main__ import main
+    assert main(["frontier", "--model", "digits-mlp", "--patterns", "5x"]) == 2
+    assert "pattern must be" in capsys.readouterr().out
+    assert main(["frontier", "--model", "digits-mlp", "--save", "x.safetensors"]) == 2
+    assert "--save needs --point" in capsys.readouterr().out
+    assert main(["frontier", "--model", "digits-mlp", "--criteria", "random"]) == 2
+
+
+@pytest.mark.slow
+def test_digits_point_end_to_end(tmp_path):
+    """One real point: it prunes to the sparsity asked for, distillation leaves accuracy well above chance, the
+    packed model runs, and the JSON has every key the schema names."""
+    pytest.importorskip("sklearn")
+    from pysparse.__main__ import main
+    out = tmp_path / "digits"
+    assert main(["frontier", "--model", "digits-mlp", "--point", "16x16,0.8", "--steps", "30", "--criteria",
+                 "magnitude,wanda", "--out", str(out), "--no-plot", "--quality", "0.5"]) == 0
+    result = json.loads((tmp_path / "digits.json").read_text())
+    (point,) = result["points"]
+    assert set(POINT_KEYS) <= set(point)
+    assert point["pattern"] == "16x16" and point["sparsity"] == 0.8 and point["criterion"] in ("magnitude", "wanda")
+    assert point["cosine"] > 0.5                       # accuracy of 10 classes after 80% pruning + recovery
+    assert point["speedup"] > 0 and point["layers_sparse"] >= 0
+    assert result["chosen"] == 0 and result["machine"]["cpu_isa"] in ("avx512", "avx2", "generic")
