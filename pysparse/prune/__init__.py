@@ -1,6 +1,6 @@
 """Pruning: masks from criteria (magnitude L1/L2, Taylor, Wanda, SparseGPT) x patterns (unstructured, block, N:M,
-channel), held through training, on one-shot or gradual schedules; sparsity-inducing penalties; recovery by fine-tuning or
-distillation. Imports neither pysparse.nn nor pysparse.ops."""
+channel), held through training, on one-shot or gradual schedules; sparsity-inducing penalties; recovery by
+fine-tuning or distillation. Imports neither pysparse.nn nor pysparse.ops."""
 from .channels import ChannelPruningReport, apply_channel_surgery, channel_surgery_record, prune_channels
 from .criteria import taylor_scores, wanda_scores
 from .mask_holding import (
