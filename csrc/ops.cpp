@@ -40,6 +40,11 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("bsr_conv2d_nhwc(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_channels, int[2] kernel_size, int[2] stride, int[2] dilation, str? activation=None, "
         "Tensor? residual=None) -> Tensor");
+  // y = F.linear(input, W, bias) with W [out_features, in_features] unstructured-sparse, float32, in column-blocked
+  // CSR (csrc/cpu/kernels/unstructured_linear.h): segment_ptr [ceil(in_features / 128) * out_features + 1] int32,
+  // values [nnz] float32 and columns [nnz] int32. CPU only.
+  m.def("unstructured_linear(Tensor input, Tensor values, Tensor columns, Tensor segment_ptr, Tensor? bias, "
+        "int out_features) -> Tensor");
   // Scaled-dot-product attention of query [B, H, Sq, D] with key [B, Hk, Skv, D] and value [B, Hk, Skv, Dv] (H a
   // multiple of Hk: grouped-query heads), returned as [B, Sq, H, Dv] (heads next to the features: the layout the
   // output projection reads). attn_mask broadcasts to [B, H, Sq, Skv]: bool (True = attend) or float (added to the

@@ -1,12 +1,12 @@
 """Packed checkpoints: safetensors for every tensor of the model, JSON metadata for its pysparse layers.
 
-``save(model, path)`` writes the whole state dict (dense parts included) and, under the safetensors metadata
-key ``"pysparse"``, which layers are sparse (block-sparse SparseLinear / SparseConv2d, channel-sparse
-ChannelSparseLinear / ChannelSparseConv2d) with their geometry, and the channel surgery ``prune_channels``
-applied (the kept channels of every tensor it shrank), and the blocks whose forward ``sparsify(fuse_activations=
-True)`` rewrote (what each fused: their layers are saved unfused). ``load(model, path)`` takes a freshly built dense
-model of the same architecture, re-applies that surgery, swaps the sparse layers in, loads every tensor, and
-rewrites those blocks again (checked to fuse exactly what was recorded). Nothing is
+``save(model, path)`` writes the whole state dict (dense parts included) and, under the safetensors metadata key
+``"pysparse"``, which layers are sparse (block-sparse SparseLinear / SparseConv2d, unstructured
+UnstructuredSparseLinear, channel-sparse ChannelSparseLinear / ChannelSparseConv2d) with their geometry, and the
+channel surgery ``prune_channels`` applied (the kept channels of every tensor it shrank), and the blocks whose
+forward ``sparsify(fuse_activations=True)`` rewrote (what each fused: their layers are saved unfused). ``load(model,
+path)`` takes a freshly built dense model of the same architecture, re-applies that surgery, swaps the sparse layers
+in, loads every tensor, and rewrites those blocks again (checked to fuse exactly what was recorded). Nothing is
 unpickled; the file is checked completely (header, metadata schema, surgery record, every index array, every
 shape) before any kernel runs, and a malformed file raises ValueError with the model left as it was (the surgery,
 applied first because the other checks need the pruned shapes, is undone).
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ._build_info import VERSION
-from .formats import BlockSparseWeight, ChannelSparseWeight
-from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear
+from .formats import BlockSparseWeight, ChannelSparseWeight, UnstructuredSparseWeight
+from .nn import ChannelSparseConv2d, ChannelSparseLinear, SparseConv2d, SparseLinear, UnstructuredSparseLinear
 from .transforms.activation_fusion import activation_name
 from .transforms.attention_switch import ATTENTION_NAME, attention_implementation, use_pysparse_attention
 from .transforms.forward_fusion import ForwardFusion, apply_forward_fusions, plan_forward_fusions, recorded_fusions
@@ -85,6 +85,8 @@ def _layer_meta(name: str, m: nn.Module, fused_in_forward: bool = False) -> dict
         entry = {"name": name, "kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
                  "block_size": list(m.block_size), "bias": m.bias is not None,
                  "trainable": isinstance(m.values, nn.Parameter)}
+        if isinstance(m, UnstructuredSparseLinear):  # absent for blocks: files of block layers read as before
+            entry["format"] = "unstructured"
     # Absent without one (files of layers without one read as before), and for an activation a rewritten forward
     # gave it: that is redone at load from the block's record, and a reader that does not know the record gets
     # the unfused layer, which the block's original forward completes.
@@ -195,6 +197,9 @@ def _check_entry(entry) -> dict:
             _field(entry, "activation", lambda v: v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}")
             _field(entry, "activation_source", lambda v: v is None or (isinstance(v, str) and v != ""),
                    "null or a module name")
+    if "format" in entry:
+        _field(entry, "format", lambda v: v == "unstructured" and kind == "linear" and entry["block_size"] == [1, 1],
+               "'unstructured' (a linear layer with block_size [1, 1])")
     if kind in ("linear", "channel_linear"):
         for key in ("in_features", "out_features"):
             _field(entry, key, lambda v: _is_int(v) and v >= 0, "an int >= 0")
@@ -325,13 +330,17 @@ def _target(model: nn.Module, entry: dict) -> nn.Module:
 def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     name, kind = entry["name"], entry["kind"]
     prefix = f"{name}.linear." if kind == "conv2d" else f"{name}."
-    index_names = ChannelSparseWeight._index_names if kind.startswith("channel") else ("crow_indices", "col_indices")
+    unstructured = entry.get("format") == "unstructured"
+    if kind.startswith("channel"):
+        index_names = ChannelSparseWeight._index_names
+    else:
+        index_names = (UnstructuredSparseWeight if unstructured else BlockSparseWeight)._index_names
     parts = {}
     for key in ("values", *index_names) + (("bias",) if entry["bias"] else ()):
         _expect(prefix + key in tensors, f"layer {name!r}: tensor {prefix + key!r} is missing")
         parts[key] = tensors[prefix + key]
     values, bias = parts["values"], parts.get("bias")
-    if "block_size" in entry:
+    if "block_size" in entry and not unstructured:
         _expect(values.dim() == 3 and list(values.shape[1:]) == entry["block_size"],
                 f"layer {name!r}: values must be [nnz, {entry['block_size'][0]}, {entry['block_size'][1]}], "
                 f"got {tuple(values.shape)}")
@@ -344,6 +353,11 @@ def _build(entry: dict, target: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             weight = ChannelSparseWeight(values, parts["out_index"], parts["in_index"],
                                          (entry["out_channels"], entry["in_channels"], *entry["kernel_size"]))
             new = ChannelSparseConv2d(weight, bias, entry["stride"], entry["padding"], entry["dilation"])
+        elif unstructured:
+            weight = UnstructuredSparseWeight(values, parts["columns"], parts["segment_ptr"],
+                                              (entry["out_features"], entry["in_features"]))
+            new = UnstructuredSparseLinear(weight, bias, trainable=entry["trainable"],
+                                           activation=entry.get("activation"))
         elif kind == "linear":
             weight = BlockSparseWeight(values, parts["crow_indices"], parts["col_indices"],
                                        (entry["out_features"], entry["in_features"]))

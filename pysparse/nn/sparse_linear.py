@@ -1,11 +1,13 @@
-"""SparseLinear: nn.Linear whose weight is stored block-sparse and multiplied by the bsr_linear kernels."""
+"""SparseLinear: nn.Linear whose weight is stored block-sparse and multiplied by the bsr_linear kernels; its
+UnstructuredSparseLinear form (``block_size=(1, 1)``) holds an unstructured weight for the unstructured kernel."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..formats import BlockSparseWeight
+from .._validate import as_pair
+from ..formats import BlockSparseWeight, UnstructuredSparseWeight
 from ..ops.layer_support import check_activation, check_residual, torch_epilogue
 from .packed_module import PackedWeightModule, fill_dense, with_activation
 
@@ -27,8 +29,8 @@ class SparseLinear(PackedWeightModule):
     def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None, *, trainable: bool = False,
                  activation: str | None = None):
         super().__init__()
-        if not isinstance(weight, BlockSparseWeight):
-            raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+        if not isinstance(weight, self._weight_class):
+            raise TypeError(f"weight must be a {self._weight_class.__name__}, got {type(weight).__name__}")
         check_activation(activation)
         self.activation = activation
         # Set by sparsify when the activation was taken from a sibling module (this attribute of the parent,
@@ -40,8 +42,8 @@ class SparseLinear(PackedWeightModule):
             self.values = nn.Parameter(weight.values)
         else:
             self.register_buffer("values", weight.values)
-        self.register_buffer("crow_indices", weight.crow_indices)
-        self.register_buffer("col_indices", weight.col_indices)
+        for name in self._weight_class._index_names:
+            self.register_buffer(name, getattr(weight, name))
         self._settle_layout()
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
@@ -56,13 +58,18 @@ class SparseLinear(PackedWeightModule):
                    trainable: bool = False, activation: str | None = None) -> "SparseLinear":
         """Pack ``linear``'s weight (keeping blocks with a nonzero, or the blocks ``mask`` keeps).
 
+        ``block_size=(1, 1)`` is unstructured sparsity, with its own format and kernel: the result is an
+        :class:`UnstructuredSparseLinear` (a SparseLinear) holding an :class:`UnstructuredSparseWeight`.
         ``trainable=True`` holds ``values`` as an ``nn.Parameter`` (fine-tuning the kept blocks), else a buffer.
         ``activation`` is applied after the layer (see the class docstring).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
         bias = linear.bias.detach() if linear.bias is not None else None
+        if as_pair("block_size", block_size) == (1, 1):
+            weight = UnstructuredSparseWeight.from_dense(linear.weight.detach(), mask=mask)
+            return UnstructuredSparseLinear(weight, bias, trainable=trainable, activation=activation)
+        weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
         return cls(weight, bias, trainable=trainable, activation=activation)
 
     @property
@@ -133,3 +140,61 @@ class SparseLinear(PackedWeightModule):
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size=({bh}, {bw}), "
                 f"density={self.density:.3f}, bias={self.bias is not None}"
                 + (f", activation={self.activation}" if self.activation else ""))
+
+
+class UnstructuredSparseLinear(SparseLinear):
+    """:class:`SparseLinear` with an unstructured weight (``block_size=(1, 1)``): ``W`` held as an
+    :class:`UnstructuredSparseWeight`, multiplied by ``pysparse.ops.unstructured_linear`` (CPU float32; other
+    devices and dtypes take its dense reference). Buffers ``values``, ``columns``, ``segment_ptr``; ``.to()``,
+    ``state_dict``, ``load_state_dict`` and ``pysparse.save`` / ``load`` work as for SparseLinear. The activation
+    and residual run in torch after the op (the unstructured kernel has no fused epilogue)."""
+
+    _weight_class = UnstructuredSparseWeight
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size=(1, 1), mask: torch.Tensor | None = None, *,
+                   trainable: bool = False, activation: str | None = None) -> UnstructuredSparseLinear:
+        """Pack ``linear``'s nonzero weights (or those ``mask`` keeps); ``block_size`` must be (1, 1)."""
+        if as_pair("block_size", block_size) != (1, 1):
+            raise ValueError(f"UnstructuredSparseLinear holds block_size (1, 1), got {block_size!r}: use "
+                             f"SparseLinear.from_dense for blocks")
+        return SparseLinear.from_dense(linear, (1, 1), mask, trainable=trainable, activation=activation)
+
+    @property
+    def weight(self) -> UnstructuredSparseWeight:
+        return UnstructuredSparseWeight(self.values, self.columns, self.segment_ptr,
+                                        (self.out_features, self.in_features))
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (1, 1)
+
+    @property
+    def density(self) -> float:
+        total = self.out_features * self.in_features
+        return self.values.shape[0] / total if total else 0.0
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_dropout: nn.Module | None = None) -> torch.Tensor:
+        """``activation(x @ W^T + bias + residual)`` (residual, residual_dropout: as :meth:`SparseLinear.forward`)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
+        check_residual(residual)
+        if residual_dropout is not None and residual is None:
+            raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
+        values, columns, segment_ptr, bias = self._packed_parts()
+        # Indices were validated when the weight was packed or loaded: the op checks only what memory safety needs.
+        y = ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features)
+        if residual_dropout is not None:
+            y = residual_dropout(y)
+        return torch_epilogue(y, self.activation, residual)
+
+    def _settle_layout(self) -> None:
+        """``values`` contiguous: the kernel reads it front to back."""
+        v = self.values
+        if v.is_contiguous():
+            return
+        if isinstance(v, nn.Parameter):
+            v.data = v.data.contiguous()
+        else:
+            self.values = v.contiguous()

@@ -17,13 +17,15 @@ from .bsr_linear_op import (bsr_linear, bsr_linear_packed, bsr_linear_reference,
 from .channel import (channel_sparse_conv2d, channel_sparse_conv2d_reference, channel_sparse_linear,
                       channel_sparse_linear_reference)
 from .layer_support import ACTIVATIONS
+from .unstructured_linear import unstructured_linear, unstructured_linear_packed, unstructured_linear_reference
 
 __all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available_backends", "ACTIVATIONS",
            "cpu_reads_transposed", "kernel_layout", "is_block_transposed",
            "bsr_conv2d_nhwc", "bsr_conv2d_nhwc_reference", "implicit_conv2d_available",
            "channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
            "channel_sparse_conv2d_reference",
-           "scaled_dot_product_attention", "attention_reference", "attention_kernel_applies"]
+           "scaled_dot_product_attention", "attention_reference", "attention_kernel_applies",
+           "unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
 
 
 def available_backends() -> dict:

@@ -1,0 +1,107 @@
+"""``pysparse::unstructured_linear``: ``F.linear`` with an unstructured sparse weight (any pattern of zeros), in the
+layout of :class:`pysparse.formats.UnstructuredSparseWeight`; its fake kernel, its backward and a pure-torch
+reference.
+
+The kernel is CPU and float32 only. The wrappers here fall back explicitly to the reference (the weight made dense,
+then ``F.linear``: the same result at dense speed) for CUDA tensors and other dtypes; the raw op raises for them.
+
+Backward (torch glue, registered with ``torch.library.register_autograd``): ``grad_x = grad_y @ W`` and
+``grad_values = (grad_y^T @ x)`` at the kept entries, both through the dense ``[N, K]`` weight or its gradient:
+O(N K) memory and dense time, which fine-tuning a pattern can afford.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
+from .layer_support import call
+
+__all__ = ["unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
+
+
+def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, segment_ptr: torch.Tensor,
+                        bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True) -> torch.Tensor:
+    """``F.linear(input, W, bias)`` where ``W [out_features, in_features]`` is unstructured sparse.
+
+    Args:
+        input: ``[..., in_features]``, any strides. The kernel runs float32 CPU tensors; anything else takes the
+            reference (dense weight, ``F.linear``).
+        values: ``[nnz]`` kept entries in the order of :class:`~pysparse.formats.UnstructuredSparseWeight` (its
+            ``values``), input's dtype and device.
+        columns: ``[nnz]`` int32 column of each entry.
+        segment_ptr: ``[ceil(in_features / 128) * out_features + 1]`` int32, where each (column block, row)
+            segment starts.
+        bias: ``[out_features]`` or None.
+        out_features: rows of W.
+        check_indices: validate the layout here first (every rule of the format; on CUDA this synchronises). Layers
+            built from an ``UnstructuredSparseWeight`` pass False: it was validated when packed or loaded. The CPU
+            op always checks what memory safety needs (pointers, column ranges) either way.
+    Returns:
+        ``[..., out_features]`` in the input's dtype.
+    """
+    for name, t in (("input", input), ("values", values), ("columns", columns), ("segment_ptr", segment_ptr)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if isinstance(out_features, bool) or not isinstance(out_features, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
+    if out_features < 0:
+        raise ValueError(f"out_features must be >= 0, got {out_features}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    if check_indices:
+        UnstructuredSparseWeight(values, columns, segment_ptr, (int(out_features), int(input.shape[-1])))
+    return unstructured_linear_packed(input, values, columns, segment_ptr, bias, int(out_features))
+
+
+def unstructured_linear_packed(input: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
+                               segment_ptr: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """:func:`unstructured_linear` for parts an ``UnstructuredSparseWeight`` already validated: no Python-side
+    checks (the op still checks its arguments per call)."""
+    if input.device.type != "cpu" or input.dtype != torch.float32:
+        return unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features)
+    return call(torch.ops.pysparse.unstructured_linear.default, input, values, columns, segment_ptr, bias,
+                out_features)
+
+
+def unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features):
+    """Pure-torch ``unstructured_linear``: the weight made dense, then ``F.linear`` (test oracle, and the path for
+    devices and dtypes the kernel lacks)."""
+    weight = unstructured_to_dense(values, columns, segment_ptr, (out_features, input.shape[-1]))
+    return torch.nn.functional.linear(input, weight, bias)
+
+
+@torch.library.register_fake("pysparse::unstructured_linear")
+def _unstructured_linear_fake(input, values, columns, segment_ptr, bias, out_features):
+    torch._check(values.dim() == 1, lambda: f"values must be 1-D, got {values.dim()}-D")
+    torch._check(values.dtype == input.dtype, lambda: f"values dtype {values.dtype} != input dtype {input.dtype}")
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output):
+    input, values, columns, segment_ptr, _bias, out_features = inputs
+    ctx.shape = (out_features, input.shape[-1])
+    # Keep only what the requested gradients need: x for grad_values, the values for grad_input.
+    needs_input, needs_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(input if needs_values else None, values if needs_input else None, columns, segment_ptr)
+
+
+def _backward(ctx, grad):
+    input, values, columns, segment_ptr = ctx.saved_tensors
+    n, k = ctx.shape
+    grad_input = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
+    if ctx.needs_input_grad[1]:
+        grad_weight = grad.reshape(-1, n).t() @ input.reshape(-1, k)  # [N, K]
+        rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
+        grad_values = grad_weight[rows, columns.to(torch.int64)]
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, n).sum(0)
+    return grad_input, grad_values, None, None, grad_bias, None
+
+
+torch.library.register_autograd("pysparse::unstructured_linear", _backward, setup_context=_setup_context)

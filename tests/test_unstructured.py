@@ -1,0 +1,368 @@
+"""Unstructured sparse weights (block size 1x1): the format, the ``pysparse::unstructured_linear`` op on every CPU
+path the machine runs, its backward, and the layer (``SparseLinear.from_dense(block_size=(1, 1))``), against the dense
+masked weight in float64."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from conftest import SEED
+
+import pysparse
+from pysparse import ops
+from pysparse.formats import UnstructuredSparseWeight
+from pysparse.formats.unstructured import BLOCK_COLS
+from pysparse.nn import SparseLinear, UnstructuredSparseLinear
+
+# (M, K, N, density): odd shapes, N not a multiple of 4, M around the gather threshold (4) and the tile widths.
+CASES = [(1, 384, 1536, 0.1), (3, 37, 19, 0.3), (4, 33, 9, 0.5), (17, 31, 7, 0.3), (65, 50, 21, 0.7),
+         (130, 96, 40, 0.1), (9, 20, 10, 1.0), (12, 13, 6, 0.0), (5, 0, 3, 0.0), (0, 8, 8, 0.5), (6, 8, 0, 0.5)]
+
+
+def make_weight(n: int, k: int, density: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``[n, k]`` weight and its mask; every third row empty (its outputs are the bias alone)."""
+    mask = torch.rand(n, k, generator=gen) < density
+    mask[1::3] = False if density < 1.0 else mask[1::3]
+    return torch.randn(n, k, generator=gen) * mask, mask
+
+
+def reference(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def assert_close(y: torch.Tensor, want: torch.Tensor) -> None:
+    assert y.shape == want.shape and y.dtype == torch.float32
+    scale = max(float(want.abs().max()), 1.0) if want.numel() else 1.0
+    err = float((y.double() - want).abs().max()) if want.numel() else 0.0
+    assert err <= 1e-5 * scale, f"max error {err} (scale {scale})"
+
+
+# ---- format ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_format_round_trip(case):
+    gen = torch.Generator().manual_seed(SEED)
+    _, k, n, density = case
+    weight, mask = make_weight(n, k, density, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    assert torch.equal(w.to_dense(), weight)
+    assert w.shape == (n, k) and w.nnz == int(mask.sum())
+    assert w.density == pytest.approx(int(mask.sum()) / (n * k) if n * k else 0.0)
+    assert w.nbytes == w.values.numel() * 8 + w.segment_ptr.numel() * 4
+    assert w.segment_ptr.numel() == -(-k // BLOCK_COLS) * n + 1
+
+
+def test_format_keeps_masked_zeros_and_drops_unmasked_entries():
+    weight = torch.tensor([[1.0, 0.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    assert w.nnz == 4  # the kept 0.0 is stored
+    assert torch.equal(w.to_dense(), weight * mask)
+
+
+def _good():
+    """5 x 130: two column blocks ([0, 127] and [128, 129]); row 3 empty."""
+    weight = torch.zeros(5, 130)
+    weight[0, [0, 2, 129]] = torch.tensor([1.0, 2.0, 3.0])
+    weight[1, 1] = 4.0
+    weight[2, [0, 1, 2, 128]] = torch.tensor([5.0, 6.0, 7.0, 8.0])
+    weight[4, 0] = 9.0
+    return UnstructuredSparseWeight.from_dense(weight)
+
+
+def test_format_layout_of_a_small_weight():
+    w = _good()
+    # Block 0: rows 0 (0, 2), 1 (1), 2 (0, 1, 2), 3 (-), 4 (0); block 1: rows 0 (129), 2 (128).
+    assert w.columns.tolist() == [0, 2, 1, 0, 1, 2, 0, 129, 128]
+    assert w.values.tolist() == [1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 9.0, 3.0, 8.0]
+    assert w.segment_ptr.tolist() == [0, 2, 3, 6, 6, 7, 8, 8, 9, 9, 9]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w.columns.__setitem__(0, 130), "outside its column block 0"),
+    (lambda w: w.columns.__setitem__(7, 5), "outside its column block 1"),
+    (lambda w: w.columns.__setitem__(0, -1), "outside its column block 0"),
+    (lambda w: w.segment_ptr.__setitem__(0, 1), "segment_ptr\\[0\\]"),
+    (lambda w: w.segment_ptr.__setitem__(2, 1), "non-decreasing"),
+    (lambda w: w.segment_ptr.__setitem__(10, 10), "segment_ptr\\[-1\\]"),
+    (lambda w: w.columns.__setitem__(1, 0), "strictly increase"),  # row 0: 0 then 0
+])
+def test_format_rejects_malformed(edit, message):
+    w = _good()
+    values, columns, segment_ptr = w.values.clone(), w.columns.clone(), w.segment_ptr.clone()
+    bad = UnstructuredSparseWeight.__new__(UnstructuredSparseWeight)
+    bad.values, bad.columns, bad.segment_ptr = values, columns, segment_ptr
+    edit(bad)
+    with pytest.raises(ValueError, match=message):
+        UnstructuredSparseWeight(bad.values, bad.columns, bad.segment_ptr, w.shape)
+
+
+def test_format_rejects_wrong_types():
+    w = _good()
+    with pytest.raises(TypeError, match="columns"):
+        UnstructuredSparseWeight(w.values, w.columns.long(), w.segment_ptr, w.shape)
+    with pytest.raises(ValueError, match="segment_ptr must have"):
+        UnstructuredSparseWeight(w.values, w.columns, w.segment_ptr[:-1], w.shape)
+    with pytest.raises(ValueError, match="one entry per value"):
+        UnstructuredSparseWeight(w.values, w.columns[:-1], w.segment_ptr, w.shape)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        UnstructuredSparseWeight.from_dense(torch.ones(3, 4), mask=torch.ones(4, 3, dtype=torch.bool))
+
+
+# ---- op ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_op_matches_dense(case, with_bias):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    m, k, n, density = case
+    weight, mask = make_weight(n, k, density, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, bias, n)
+    assert_close(y, reference(x, weight, bias))
+
+
+def test_op_input_layouts_and_leading_dims():
+    gen = torch.Generator().manual_seed(SEED + 2)
+    weight, mask = make_weight(10, 24, 0.4, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    base = torch.randn(2, 3, 48, generator=gen)
+    for x in (base[..., ::2], base[..., :24], torch.randn(24, 7, generator=gen).t(),
+              torch.randn(1, 24, generator=gen).expand(9, 24)):
+        y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 10)
+        assert_close(y, reference(x, weight, None))
+
+
+def test_infinite_input_in_a_dropped_column_stays_out():
+    """Padding reads the packed zero column, never a real x: an inf where no row keeps a weight must not give NaN."""
+    gen = torch.Generator().manual_seed(SEED + 3)
+    weight, mask = make_weight(9, 20, 0.5, gen)
+    weight[:, 7] = 0
+    mask[:, 7] = False
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    for m in (1, 2, 40):
+        x = torch.randn(m, 20, generator=gen)
+        x[:, 7] = float("inf")
+        y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 9)
+        assert torch.isfinite(y).all()
+        x[:, 7] = 0
+        assert_close(y, reference(x, weight, None))
+
+
+def test_op_rejects_malformed_indices_with_a_clear_error():
+    w = _good()
+    x = torch.randn(3, 130)
+    bad_columns = w.columns.clone()
+    bad_columns[2] = 999
+    # The raw op checks what memory safety needs on every call.
+    with pytest.raises(ValueError, match="columns\\[2\\]=999 is outside its column block 0"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, bad_columns, w.segment_ptr, None, 5)
+    bad_ptr = w.segment_ptr.clone()
+    bad_ptr[-1] += 1
+    with pytest.raises(ValueError, match="segment_ptr\\[-1\\]"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, w.columns, bad_ptr, None, 5)
+    bad_ptr = w.segment_ptr.clone()
+    bad_ptr[3] = 100
+    with pytest.raises(ValueError, match="non-decreasing"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, w.columns, bad_ptr, None, 5)
+    with pytest.raises(ValueError, match="segment_ptr must have"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 9)
+    with pytest.raises(TypeError, match="int32"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, w.columns.long(), w.segment_ptr, None, 5)
+    # The wrapper validates the whole format first.
+    with pytest.raises(ValueError, match="outside its column block"):
+        ops.unstructured_linear(x, w.values, bad_columns, w.segment_ptr, None, 5)
+    with pytest.raises(TypeError, match="out_features"):
+        ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 5.0)
+
+
+def test_other_dtypes_and_devices_take_the_reference():
+    w = _good()
+    x = torch.randn(4, 130, dtype=torch.float64)
+    y = ops.unstructured_linear(x, w.values.double(), w.columns, w.segment_ptr, None, 5)
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, F.linear(x, w.to_dense().double()))
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(SEED + 4)
+    for m, k, n, density in [(5, 13, 9, 0.4), (1, 16, 8, 0.5), (70, 8, 3, 1.0)]:
+        weight, mask = make_weight(n, k, density, gen)
+        w = UnstructuredSparseWeight.from_dense(weight, mask)
+        args = (torch.randn(m, k, generator=gen, requires_grad=True), w.values.requires_grad_(), w.columns,
+                w.segment_ptr, torch.randn(n, generator=gen, requires_grad=True), n)
+        torch.library.opcheck(torch.ops.pysparse.unstructured_linear.default, args)
+
+
+def test_backward_matches_dense():
+    gen = torch.Generator().manual_seed(SEED + 5)
+    weight, mask = make_weight(11, 17, 0.4, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    x = torch.randn(2, 6, 17, generator=gen, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(11, generator=gen, requires_grad=True)
+    y = ops.unstructured_linear(x, values, w.columns, w.segment_ptr, bias, 11)
+    grad = torch.randn(y.shape, generator=gen)
+    y.backward(grad)
+    dense = weight.clone().requires_grad_()
+    xd, bd = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    F.linear(xd, dense, bd).backward(grad)
+    assert torch.allclose(x.grad, xd.grad, atol=1e-5)
+    assert torch.allclose(bias.grad, bd.grad, atol=1e-5)
+    grad_w = UnstructuredSparseWeight(values.grad, w.columns, w.segment_ptr, w.shape).to_dense()
+    assert torch.allclose(grad_w, dense.grad * mask, atol=1e-5)
+
+
+def test_concurrent_calls_from_python_threads():
+    gen = torch.Generator().manual_seed(SEED + 6)
+    weight, mask = make_weight(64, 96, 0.2, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    xs = [torch.randn(m, 96, generator=gen) for m in (1, 8, 70, 200)]
+    errors = []
+
+    def work(x):
+        for _ in range(20):
+            y = ops.unstructured_linear_packed(x, w.values, w.columns, w.segment_ptr, None, 64)
+            if float((y.double() - reference(x, weight, None)).abs().max()) > 1e-4:
+                errors.append(x.shape)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_cpu_path(isa):
+    """Each path the machine runs, forced through PYSPARSE_CPU_ISA in a fresh process (the choice is made at load)."""
+    code = (
+        "import torch, pysparse.ops as ops\n"
+        "from pysparse.formats import UnstructuredSparseWeight\n"
+        f"g = torch.Generator().manual_seed({SEED})\n"
+        "for m, k, n in [(1, 100, 30), (3, 64, 9), (20, 33, 13), (150, 70, 21)]:\n"
+        "    mask = torch.rand(n, k, generator=g) < 0.3\n"
+        "    w = torch.randn(n, k, generator=g) * mask\n"
+        "    x, b = torch.randn(m, k, generator=g), torch.randn(n, generator=g)\n"
+        "    p = UnstructuredSparseWeight.from_dense(w, mask)\n"
+        "    y = ops.unstructured_linear(x, p.values, p.columns, p.segment_ptr, b, n)\n"
+        "    want = torch.nn.functional.linear(x.double(), w.double(), b.double())\n"
+        "    assert (y.double() - want).abs().max() < 1e-4, (m, k, n)\n"
+        "print(ops.available_backends()['cpu'])\n"
+    )
+    env = dict(os.environ, PYSPARSE_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() != isa:
+        pytest.skip(f"this CPU does not run the {isa} path (ran {out.stdout.strip()})")
+
+
+# ---- layer -------------------------------------------------------------------------------------------------------
+def _linear(n: int, k: int, density: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(k, n)
+    _, mask = make_weight(n, k, density, gen)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen))
+    return linear, mask
+
+
+def test_layer_from_dense_block_1x1_is_unstructured():
+    linear, mask = _linear(37, 300, 0.2, SEED + 10)
+    layer = SparseLinear.from_dense(linear, block_size=(1, 1), mask=mask)
+    assert isinstance(layer, UnstructuredSparseLinear) and isinstance(layer, SparseLinear)
+    assert layer.block_size == (1, 1) and layer.density == pytest.approx(float(mask.float().mean()))
+    assert set(layer.state_dict()) == {"values", "columns", "segment_ptr", "bias"}
+    x = torch.randn(3, 5, 300)
+    with torch.no_grad():
+        assert_close(layer(x), reference(x, linear.weight * mask, linear.bias))
+    assert torch.equal(layer.weight.to_dense(), (linear.weight * mask).detach())
+    dense = layer.to_linear()
+    assert torch.equal(dense.weight, (linear.weight * mask).detach())
+    assert "block_size=(1, 1)" in repr(layer)
+    with pytest.raises(ValueError, match="block_size"):
+        UnstructuredSparseLinear.from_dense(linear, block_size=(4, 4))
+
+
+def test_layer_activation_residual_and_dtype_moves():
+    linear, mask = _linear(20, 40, 0.5, SEED + 11)
+    layer = SparseLinear.from_dense(linear, (1, 1), mask=mask, activation="relu")
+    x, res = torch.randn(6, 40), torch.randn(6, 20)
+    want = torch.relu(reference(x, linear.weight * mask, linear.bias) + res.double())
+    with torch.no_grad():
+        assert_close(layer(x, res), want)
+        wide = layer.to(torch.float64)  # no float64 kernel: the reference path, same numbers
+        assert wide.values.dtype == torch.float64 and wide.columns.dtype == torch.int32
+        assert torch.allclose(wide(x.double(), res.double()), want)
+
+
+def test_layer_state_dict_round_trip_into_another_pattern_and_corruption():
+    saved_linear, saved_mask = _linear(30, 140, 0.2, SEED + 12)
+    fresh_linear, fresh_mask = _linear(30, 140, 0.6, SEED + 13)
+    saved = SparseLinear.from_dense(saved_linear, (1, 1), mask=saved_mask)
+    fresh = SparseLinear.from_dense(fresh_linear, (1, 1), mask=fresh_mask)
+    fresh.load_state_dict(saved.state_dict())
+    x = torch.randn(4, 140)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+    state = saved.state_dict()
+    state["columns"] = state["columns"].clone()
+    state["columns"][0] = 139 if int(state["columns"][0]) < 128 else 0  # into another column block
+    with pytest.raises(RuntimeError, match="column block"):
+        fresh.load_state_dict(state)
+
+
+def test_layer_trains_its_kept_entries():
+    linear, mask = _linear(12, 20, 0.5, SEED + 14)
+    layer = SparseLinear.from_dense(linear, (1, 1), mask=mask, trainable=True)
+    assert isinstance(layer.values, torch.nn.Parameter)
+    x = torch.randn(5, 20)
+    layer(x).square().sum().backward()
+    dense = (linear.weight * mask).detach().requires_grad_()
+    F.linear(x, dense, linear.bias.detach()).square().sum().backward()
+    grad_w = UnstructuredSparseWeight(layer.values.grad, layer.columns, layer.segment_ptr, (12, 20)).to_dense()
+    assert torch.allclose(grad_w, dense.grad * mask, atol=1e-4)
+
+
+def test_layer_under_torch_compile():
+    linear, mask = _linear(24, 64, 0.3, SEED + 15)
+    layer = SparseLinear.from_dense(linear, (1, 1), mask=mask)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(SEED % 1000)
+    net = torch.nn.Sequential(torch.nn.Linear(50, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10)).eval()
+    sparse = torch.nn.Sequential(SparseLinear.from_dense(net[0], (1, 1), mask=torch.rand(30, 50) < 0.3),
+                                 torch.nn.ReLU(), net[2])
+    path = tmp_path / "u.safetensors"
+    pysparse.save(sparse, path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(50, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10)).eval()
+    pysparse.load(fresh, path)
+    assert isinstance(fresh[0], UnstructuredSparseLinear)
+    x = torch.randn(3, 50)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), sparse(x))
+    # A corrupted index in the file is refused before any kernel runs, the model left as it was.
+    tensors = safetensors.torch.load_file(path)
+    tensors["0.columns"][0] = 10_000
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(tensors, bad, metadata=metadata)
+    target = torch.nn.Sequential(torch.nn.Linear(50, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    with pytest.raises(ValueError, match="column block"):
+        pysparse.load(target, bad)
+    assert type(target[0]) is torch.nn.Linear
