@@ -3,8 +3,8 @@
 For each point (shape x sparsity x M) it checks the result against the dense masked weight in float64, then times
 dense ``F.linear``, the unstructured kernel (``pysparse.ops.unstructured_linear_packed`` on an
 ``UnstructuredSparseWeight``) and, for comparison, the same mask through the BSR kernels with 1x1 blocks, alternating
-the variants (``pysparse.analysis.alternating_medians``: the median of several rounds of per-variant medians), so load
-from other processes hits all alike. Masks are uniform random at the exact sparsity. It prints the speedup of each
+the variants (``pysparse.analysis.timing.alternating_medians``: the median of several rounds of per-variant
+medians), so load from other processes hits all alike. Masks are uniform random at the exact sparsity. It prints the speedup of each
 over dense, the GFLOP/s of useful work (2 * M * kept weights) and, at M = 1, the GB/s of packed weight bytes (values
 plus indices; the weights are warm in cache here: a bound, not a DRAM figure).
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pysparse import ops
-from pysparse.analysis import alternating_medians
+from pysparse.analysis.timing import alternating_medians
 from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
 
 SHAPES = ["1536x384", "384x1536", "3072x768", "768x3072"]
@@ -53,7 +53,7 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
     bias = torch.randn(n, generator=gen)
     x = torch.randn(m, k, generator=gen)
     uw = UnstructuredSparseWeight.from_dense(weight, mask)
-    parts = (uw.values, uw.columns, uw.group_ptr)
+    parts = (uw.values, uw.columns, uw.segment_ptr)
     y = ops.unstructured_linear_packed(x, *parts, bias, n)
     want = F.linear(x.double(), weight.double(), bias.double())
     err = float((y.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
@@ -67,7 +67,7 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
         t = alternating_medians(fns, rounds=args.rounds, min_run_time=args.min_run_time)
     kept = int(mask.sum())
     return {"t": t, "err": err, "gflops": 2 * m * kept / t["unstructured"] / 1e9,
-            "gbs": uw.nbytes / t["unstructured"] / 1e9, "padding": uw.values.numel() / max(kept, 1) - 1}
+            "gbs": uw.nbytes / t["unstructured"] / 1e9}
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"# {cpu_model()}; pysparse CPU path {ops.available_backends()['cpu']}; torch {torch.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"{'in x out':>10} {'sparsity':>8} {'M':>5} {'dense ms':>9} {'unstr ms':>9} {'unstr x':>8} "
-          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'pad':>5} {'rel err':>8}")
+          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'rel err':>8}")
     for shape in args.shapes:
         k, n = (int(v) for v in shape.lower().split("x"))
         for sparsity in args.sparsity:
@@ -96,7 +96,7 @@ def main() -> None:
                 bsr = f"{t['dense'] / t['bsr_1x1']:8.2f}" if "bsr_1x1" in t else f"{'-':>8}"
                 gbs = f"{r['gbs']:6.1f}" if m == 1 else f"{'':>6}"
                 print(f"{shape:>10} {sparsity:8.2f} {m:5d} {t['dense'] * 1e3:9.3f} {t['unstructured'] * 1e3:9.3f} "
-                      f"{t['dense'] / t['unstructured']:8.2f} {bsr} {r['gflops']:8.1f} {gbs} {r['padding']:5.1%} "
+                      f"{t['dense'] / t['unstructured']:8.2f} {bsr} {r['gflops']:8.1f} {gbs} "
                       f"{r['err']:8.1e}", flush=True)
 
 
