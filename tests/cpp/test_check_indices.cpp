@@ -1,5 +1,7 @@
 // check_bsr_indices accepts well-formed BSR indices and rejects each kind of malformed ones with a message naming
 // the array. Index arrays are std::vectors of their exact size, so an out-of-bounds read shows up under ASan.
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,48 @@ void expect_invalid(const char* what, const std::vector<int32_t>& crow, const st
         what << ": message should mention '" << must_mention << "', got: " << msg);
 }
 
+// The definition, with no shortcut: crow starts at 0, never decreases, ends at nnz; cols in range, increasing per row.
+bool valid_by_definition(const std::vector<int32_t>& crow, const std::vector<int32_t>& col, const BsrProblem& p) {
+  const int64_t nnz = int64_t(col.size());
+  if (crow[0] != 0 || crow.back() != nnz) return false;
+  for (size_t r = 0; r + 1 < crow.size(); ++r) {
+    if (crow[r + 1] < crow[r] || crow[r + 1] > nnz) return false;
+    for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+      if (col[b] < 0 || col[b] >= p.n_block_cols || (b > crow[r] && col[b] <= col[b - 1])) return false;
+    }
+  }
+  return true;
+}
+
+// What tests/test_fuzz.py does to the op's index arguments, replayed on the kernel's own check: every entry of a
+// valid crow / col set in turn to each extreme value (int32 limits, -1, the bounds, what an int64 2**32 + i wraps to).
+// The check must agree with the definition, and, the arrays being exactly their size, ASan catches any read past them.
+void replay_fuzz_mutations() {
+  constexpr int32_t kMin = std::numeric_limits<int32_t>::min(), kMax = std::numeric_limits<int32_t>::max();
+  const std::vector<int32_t> crow = {0, 2, 2, 3}, col = {0, 2, 1};
+  const BsrProblem p = problem(3);
+  const std::vector<int32_t> extremes = {kMin, kMin + 1, -2, -1, 0, 1, 2, 3, 4, kMax - 1, kMax};
+  int checked = 0;
+  for (int which = 0; which < 2; ++which) {
+    const size_t n = which == 0 ? crow.size() : col.size();
+    for (size_t i = 0; i < n; ++i) {
+      for (int32_t v : extremes) {
+        std::vector<int32_t> c = crow, k = col;
+        (which == 0 ? c : k)[i] = v;
+        const bool accepted = run_check(c, k, p).empty();
+        CHECK(accepted == valid_by_definition(c, k, p),
+              (which == 0 ? "crow_indices[" : "col_indices[") << i << "] = " << v << ": the check "
+                                                               << (accepted ? "accepted" : "rejected") << " it");
+        ++checked;
+      }
+    }
+  }
+  // Length changes: one block fewer in col than crow counts (the last row would read past col), one more.
+  CHECK(!run_check(crow, {0, 2}, p).empty(), "crow counting 3 blocks with 2 in col must be rejected");
+  CHECK(!run_check(crow, {0, 2, 1, 0}, p).empty(), "crow counting 3 blocks with 4 in col must be rejected");
+  CHECK(checked == int((crow.size() + col.size()) * extremes.size()), "every mutation replayed");
+}
+
 }  // namespace
 
 int main() {
@@ -82,5 +126,15 @@ int main() {
   expect_invalid("duplicate cols in a row", {0, 2, 2, 3}, {1, 1, 1}, "strictly increasing");
   // Equal columns in different block rows are fine; only within a row they must increase.
   expect_valid("same col in consecutive rows", {0, 1, 2, 3}, {1, 1, 1}, problem(3));
+  // Found by tests/test_fuzz.py's mutations: int32 extremes where a sum or difference of indices would overflow.
+  constexpr int32_t kMin = std::numeric_limits<int32_t>::min(), kMax = std::numeric_limits<int32_t>::max();
+  expect_invalid("crow[0] = INT32_MIN", {kMin, 2, 2, 3}, {0, 2, 1}, "crow_indices[0]");
+  expect_invalid("crow[-1] = INT32_MAX", {0, 2, 2, kMax}, {0, 2, 1}, "crow_indices[3]");
+  expect_invalid("middle crow INT32_MAX", {0, kMax, kMax, 3}, {0, 2, 1}, "crow_indices[1]");
+  expect_invalid("middle crow INT32_MIN", {0, 2, kMin, 3}, {0, 2, 1}, "non-decreasing");
+  expect_invalid("col INT32_MAX", {0, 2, 2, 3}, {0, kMax, 1}, "col_indices[1]");
+  expect_invalid("col INT32_MIN", {0, 2, 2, 3}, {kMin, 2, 1}, "col_indices[0]");
+  expect_invalid("col INT32_MAX - 1 then INT32_MAX", {0, 2, 2, 3}, {kMax - 1, kMax, 1}, "col_indices[0]");
+  replay_fuzz_mutations();
   return check::report("test_check_indices");
 }
