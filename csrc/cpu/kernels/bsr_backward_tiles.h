@@ -17,8 +17,9 @@
 // grad_values (SDDMM): for a kept block, out[a][b] = sum_t A[t][a] * B[t][b] with (A, B) = (grad_y's block rows,
 // x's block columns) for row-major blocks, (x's, grad_y's) for block-transposed ones: both layouts are one kernel,
 // written straight into the gradient's storage. Register tile = R rows a x NV vectors of b over the tokens of a
-// chunk. Threads own contiguous block rows of equal nonzero-block count and walk the token chunks outermost, so a
-// chunk of x stays in cache across every block of the thread's rows.
+// chunk. Per chunk, x's block columns and each block row's grad_y columns are copied into contiguous [token][block]
+// slabs, so the tiles stream unit-stride memory (strided rows cost a page, and a TLB entry, per token). Threads own
+// contiguous block rows of equal nonzero-block count and share the packing of x; no output is shared.
 
 #define PYSPARSE_BWD_PRAGMA(x) _Pragma(#x)
 #if defined(__clang__)
@@ -233,11 +234,10 @@ void gv_dispatch(int nv, bool tail, const float* a, int64_t lda, const float* b,
   }
 }
 
-// One block over tokens [t0, t1): out is the block's [na][nb] storage; rows past va and columns past vb are padding
-// (written 0 by the first chunk, never read from a / b).
-void gv_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t t0, int64_t t1, float* out,
+// One block over the nt tokens of a chunk (a, b at its first token): out is the block's [na][nb] storage; rows past
+// va and columns past vb are padding (written 0 by the first chunk, never read from a / b). accumulate: a later chunk.
+void gv_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nt, bool accumulate, float* out,
               int64_t na, int64_t nb, int64_t va, int64_t vb) {
-  const bool accumulate = t0 > 0;
   if (!accumulate && va < na) std::fill(out + va * nb, out + na * nb, 0.0f);
   constexpr int64_t G = Isa::kGvVecs * L;
   for (int64_t b0 = 0; b0 < nb; b0 += G) {
@@ -250,9 +250,14 @@ void gv_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
       continue;
     }
     const int nv = (gw + L - 1) / L;
-    gv_dispatch(nv, bn < nv * L, a + t0 * lda, lda, b + t0 * ldb + b0, ldb, t1 - t0, bn, out + b0, nb, gw,
-                accumulate, va);
+    gv_dispatch(nv, bn < nv * L, a, lda, b + b0, ldb, nt, bn, out + b0, nb, gw, accumulate, va);
   }
+}
+
+// Copies rows [0, nt) x columns [0, n) of src (row stride ld) to dst with row stride w: a chunk of one block row's
+// (or block column's) slice, made contiguous so the tiles stream it with unit stride (no page per token).
+void pack_slab(const float* src, int64_t ld, int64_t nt, int64_t n, int64_t w, float* dst) {
+  for (int64_t t = 0; t < nt; ++t) std::copy(src + t * ld, src + t * ld + n, dst + t * w);
 }
 
 void grad_values(const float* gy, const float* x, const int32_t* crow, const int32_t* col, bool transposed,
@@ -263,6 +268,8 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
     std::fill(gv, gv + p.nnz * block, 0.0f);
     return;
   }
+  // x's chunk, one contiguous [chunk][bw] slab per block column, shared by the threads.
+  std::vector<float> x_slabs(size_t(p.n_block_cols * kGvChunk * bw));
 #pragma omp parallel num_threads(num_threads)
   {
     // This thread's block rows: those whose first block falls in its equal share of the nonzero blocks.
@@ -270,22 +277,30 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
     const int32_t* end = crow + p.n_block_rows + 1;
     const int64_t r_begin = std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
     const int64_t r_end = std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
+    std::vector<float> gy_slab(size_t(kGvChunk * bh));
     for (int64_t t0 = 0; t0 < p.M; t0 += kGvChunk) {
-      const int64_t t1 = std::min(p.M, t0 + kGvChunk);
+      const int64_t tn = std::min(kGvChunk, p.M - t0);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < p.n_block_cols; ++c) {
+        pack_slab(x + t0 * p.ldx + c * bw, p.ldx, tn, std::min(bw, p.K - c * bw), bw,
+                  x_slabs.data() + c * kGvChunk * bw);
+      }  // implicit barrier: every slab is packed
       for (int64_t r = r_begin; r < r_end; ++r) {
+        if (crow[r] == crow[r + 1]) continue;
         const int64_t vr = std::min(bh, p.N - r * bh);  // rows of the block row inside grad_y
+        pack_slab(gy + t0 * p.N + r * bh, p.N, tn, vr, bh, gy_slab.data());
         for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) {
-          const int64_t c0 = int64_t(col[blk]) * bw, vc = std::min(bw, p.K - c0);
-          const float* g = gy + r * bh;
-          const float* xc = x + c0;
+          const int64_t c = col[blk], vc = std::min(bw, p.K - c * bw);
+          const float* xs = x_slabs.data() + c * kGvChunk * bw;
           float* out = gv + blk * block;
           if (transposed) {
-            gv_block(xc, p.ldx, g, p.N, t0, t1, out, bw, bh, vc, vr);
+            gv_block(xs, bw, gy_slab.data(), bh, tn, t0 > 0, out, bw, bh, vc, vr);
           } else {
-            gv_block(g, p.N, xc, p.ldx, t0, t1, out, bh, bw, vr, vc);
+            gv_block(gy_slab.data(), bh, xs, bw, tn, t0 > 0, out, bh, bw, vr, vc);
           }
         }
       }
+#pragma omp barrier  // the next chunk's packing overwrites the slabs
     }
   }
 }
