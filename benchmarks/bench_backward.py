@@ -1,0 +1,118 @@
+"""Training cost of one packed layer on the CPU: forward + backward (input, values and bias gradients) of
+``sparsify(nn.Linear, trainable=True)`` against ``nn.Linear``, float32, in one process.
+
+Variants, timed interleaved (``alternating_medians``: the median of rounds, each variant once per round):
+  * dense: ``nn.Linear`` (oneDNN / MKL GEMMs for the three products);
+  * new: the packed layer as pysparse runs it (CPU backward kernels ``bsr_linear_grad_input`` /
+    ``bsr_linear_grad_values``);
+  * old: the same layer and forward kernel with the torch-glue backward (``W^T`` rebuilt per call, gathered slices,
+    batched GEMMs), the backward pysparse ran before the kernels, through an ``autograd.Function``.
+Every call clears the gradients first, alike for all variants. The new gradients are checked against the dense
+layer's (masked) before timing.
+
+    python benchmarks/bench_backward.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch loads libgomp (see bench_cpu_bsr_linear.py)
+
+import torch
+from torch import nn
+
+import pysparse
+from pysparse.analysis.timing import alternating_medians
+from pysparse.formats import BlockSparseWeight
+from pysparse.ops.bsr_linear_op import bsr_linear_autograd
+
+SHAPES = ((384, 1536), (768, 3072))  # (in_features, out_features): MiniLM and BERT-base FFN
+TOKENS = (128, 1024)
+PATTERNS = tuple(((b, b), s) for b in (32, 16) for s in (0.5, 0.7, 0.9))  # (block size, sparsity)
+
+_glue_setup, _glue_backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default)
+
+
+class _GlueBsrLinear(torch.autograd.Function):
+    """bsr_linear with the torch-glue backward (the "old" variant)."""
+
+    @staticmethod
+    def forward(x, values, crow_indices, col_indices, bias, out_features):
+        return torch.ops.pysparse.bsr_linear.default(x, values, crow_indices, col_indices, bias, out_features)
+
+    setup_context = staticmethod(_glue_setup)
+    backward = staticmethod(_glue_backward)
+
+
+def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(k, n)
+    bh, bw = block
+    keep = torch.rand(-(-n // bh), -(-k // bw), generator=gen) >= sparsity
+    mask = keep.repeat_interleave(bh, 0)[:n].repeat_interleave(bw, 1)[:, :k]
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    packed = pysparse.sparsify(nn.Sequential(dense), block_size=block, min_sparsity=0.0, trainable=True)[0]
+    assert isinstance(packed, pysparse.nn.SparseLinear), type(packed)
+    return dense, packed, mask
+
+
+def _step(module_call, params, x, grad):
+    def run():
+        for t in params:
+            t.grad = None
+        with torch.enable_grad():  # the timer runs under no_grad
+            module_call(x).backward(grad)
+    return run
+
+
+def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict:
+    dense, packed, mask = _layers(k, n, block, sparsity)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
+    crow, col = packed.crow_indices, packed.col_indices
+
+    def old(inp):
+        return _GlueBsrLinear.apply(inp, packed.values, crow, col, packed.bias, n)
+
+    # The new gradients against the dense layer's before timing.
+    _step(packed, [x, packed.values, packed.bias], x, grad)()
+    got = (x.grad.clone(), packed.values.grad.clone(), packed.bias.grad.clone())
+    _step(dense, [x, dense.weight, dense.bias], x, grad)()
+    torch.testing.assert_close(got[0], x.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got[2], dense.bias.grad, rtol=1e-4, atol=1e-3)
+    want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
+    torch.testing.assert_close(got[1], want_values, rtol=1e-4, atol=1e-3)
+
+    fns = {
+        "dense": _step(dense, [x, dense.weight, dense.bias], x, grad),
+        "new": _step(packed, [x, packed.values, packed.bias], x, grad),
+        "old": _step(old, [x, packed.values, packed.bias], x, grad),
+    }
+    t = alternating_medians(fns, rounds=rounds, min_run_time=0.05)
+    return {name: s * 1e3 for name, s in t.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds per case (median kept)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
+          f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
+    print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, n in SHAPES:
+        for m in TOKENS:
+            for block, sparsity in PATTERNS:
+                ms = measure(k, n, block, sparsity, m, args.rounds)
+                print(f"| {k}->{n} | {block[0]}x{block[1]} | {sparsity:.0%} | {m} | {ms['dense']:.2f} "
+                      f"| {ms['old']:.2f} | {ms['new']:.2f} | {ms['dense'] / ms['old']:.2f}x "
+                      f"| {ms['dense'] / ms['new']:.2f}x | {ms['old'] / ms['new']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
