@@ -21,8 +21,8 @@ void check_common(const char* op, const at::Tensor& input, const at::Tensor& val
   TORCH_CHECK_VALUE(values.size(0) == out_index.numel() && values.size(1) == in_index.numel(), op,
                     ": values must have shape [len(out_index)=", out_index.numel(), ", len(in_index)=",
                     in_index.numel(), ", ...], got ", values.sizes());
-  TORCH_CHECK_VALUE(n_out >= out_index.numel(), op, ": the dense layer has ", n_out, " outputs, fewer than the ",
-                    out_index.numel(), " kept ones");
+  TORCH_CHECK_VALUE(n_out >= out_index.numel(), op, ": out_index keeps ", out_index.numel(),
+                    " outputs, more than the dense layer's ", n_out);
   const auto device = input.device();
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
                                 {"out_index", &out_index},

@@ -55,7 +55,7 @@ def test_residual_is_added_as_torch_would():
             ref = F.relu(dense(x) + r)
             assert out.shape == ref.shape and out.dtype == ref.dtype
             assert relative_error(out, ref.double()) < 1e-5
-        with pytest.raises(RuntimeError):   # what torch says of shapes that do not broadcast
+        with pytest.raises(ValueError, match="residual must broadcast with the output's shape"):
             layer(x, torch.randn(5, 89))
     with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
         layer(x, [0.0] * 90)
@@ -150,7 +150,7 @@ def test_sparse_conv_residual_is_added_as_torch_would():
             out, ref = layer(x, r), F.relu(dense(x) + r)
             assert out.shape == ref.shape and out.dtype == ref.dtype
             assert relative_error(out, ref.double()) < 1e-5
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="residual must broadcast with the output's shape"):
             layer(x, torch.randn(2, 96, 13, 11))
     with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
         layer(x, 1.0)

@@ -7,7 +7,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
 from .._validate import as_pair
-from .layer_support import call, conv_output_length
+from .layer_support import call, check_count, conv_output_length
 
 __all__ = ["channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
            "channel_sparse_conv2d_reference"]
@@ -18,7 +18,8 @@ def _channel_index(name: str, t, limit: int, check: bool) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if check and t.dim() == 1 and t.numel():
+    # int64 is range-checked even when not asked: the int32 cast below would wrap 2**32 + i to a valid i.
+    if (check or t.dtype == torch.int64) and t.dim() == 1 and t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= limit:
             raise ValueError(f"{name} entries must lie in [0, {limit}), got min {lo}, max {hi}")
@@ -51,7 +52,8 @@ def channel_sparse_linear(input: torch.Tensor, values: torch.Tensor, out_index: 
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     k = int(input.shape[-1]) if input.dim() else 0
-    out_index = _channel_index("out_index", out_index, int(out_features), check_indices)
+    out_features = check_count("out_features", out_features)
+    out_index = _channel_index("out_index", out_index, out_features, check_indices)
     in_index = _channel_index("in_index", in_index, k, check_indices)
     return call(torch.ops.pysparse.channel_sparse_linear.default, input, values, out_index, in_index, bias,
                  int(out_features))
@@ -89,7 +91,8 @@ def channel_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, out_index: 
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     c = int(input.shape[1]) if input.dim() > 1 else 0
-    out_index = _channel_index("out_index", out_index, int(out_channels), check_indices)
+    out_channels = check_count("out_channels", out_channels)
+    out_index = _channel_index("out_index", out_index, out_channels, check_indices)
     in_index = _channel_index("in_index", in_index, c, check_indices)
     pad = (padding, padding) if isinstance(padding, int) and not isinstance(padding, bool) else padding
     if not (isinstance(pad, (tuple, list)) and len(pad) == 2 and all(isinstance(p, int) and p >= 0 for p in pad)):

@@ -5,10 +5,12 @@ Internal: the names are public within pysparse (``nn`` imports them), not part o
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["ACTIVATIONS", "wants_grad", "only_bias_wants_grad", "call", "check_activation", "check_residual",
+__all__ = ["ACTIVATIONS", "wants_grad", "only_bias_wants_grad", "call", "check_activation", "check_count", "check_residual",
            "torch_epilogue", "fits_output", "fake_with_residual", "bsr_int32_indices", "conv_output_length"]
 
 # Activations the kernels can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
@@ -50,6 +52,15 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
+def check_count(name: str, value) -> int:
+    """``value`` as an int >= 0 (a layer's number of outputs), or a TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
 def check_residual(residual) -> None:
     if residual is not None and not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -59,6 +70,11 @@ def torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tens
     """``activation(y + residual)`` in torch (either optional): what the CPU kernels' epilogue computes, for the
     paths that cannot fuse it (gradients, CUDA, a residual that broadcasts or promotes)."""
     if residual is not None:
+        try:
+            torch.broadcast_shapes(y.shape, residual.shape)
+        except RuntimeError:  # named here, not as torch's "size of tensor a must match"
+            raise ValueError(f"residual must broadcast with the output's shape {tuple(y.shape)}, got "
+                             f"{tuple(residual.shape)}") from None
         y = y + residual
     return y if activation is None else ACTIVATIONS[activation](y)
 
