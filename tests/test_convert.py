@@ -303,7 +303,8 @@ def test_eval_mode_gets_fusions_and_fast_attention_by_default_bert():
 
 def test_training_gets_nothing_that_changes_training():
     bert = _pruned_bert()
-    for training, kw, why in ((True, {}, "the model is in training mode"), (False, {"trainable": True}, "trainable=True")):
+    for training, kw, why in ((True, {}, "the model is in training mode"),
+                              (False, {"trainable": True}, "trainable=True")):
         out = sparsify(bert.train(training), block_size=(16, 16), **kw)
         assert out.config._attn_implementation == "sdpa" and _fused(out) == []
         assert f"defaults: fuse_activations=False, fast_attention=False ({why}: nothing that changes training" in str(

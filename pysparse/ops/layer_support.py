@@ -10,8 +10,9 @@ import numbers
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["ACTIVATIONS", "wants_grad", "only_bias_wants_grad", "call", "check_activation", "check_count", "check_residual",
-           "torch_epilogue", "fits_output", "fake_with_residual", "bsr_int32_indices", "conv_output_length"]
+__all__ = ["ACTIVATIONS", "bsr_int32_indices", "call", "check_activation", "check_count", "check_residual",
+           "conv_output_length", "fake_with_residual", "fits_output", "only_bias_wants_grad", "torch_epilogue",
+           "wants_grad"]
 
 # Activations the kernels can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
 ACTIVATIONS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6, "gelu": torch.nn.functional.gelu}
