@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="frontier", help="file stem: writes OUT.json and OUT.png")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the points already in OUT.json and add this run's (a frontier built in parts)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--progress", action="store_true", help="tqdm bars during distillation")
 
@@ -54,6 +56,20 @@ def _sweep(args) -> list[tuple]:
         fixed = pattern.fixed_sparsity()
         points += [(pattern, fixed)] if fixed is not None else [(pattern, s) for s in sparsities]
     return points
+
+
+def _earlier_points(path: str, model: str) -> list[dict]:
+    """The points of an earlier run of the same model written to ``path`` (none when it does not exist)."""
+    import json
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("options", {}).get("model") != model:
+        raise SystemExit(f"--append: {path} holds points of model {earlier.get('options', {}).get('model')!r}, "
+                         f"not {model!r}")
+    return earlier["points"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     work = build_workload(args.model, seed=args.seed, train_sentences=args.train_sentences)
     steps = args.full_steps if args.point is not None and args.full_steps else args.steps
+    earlier = _earlier_points(args.out + ".json", work.name) if args.append else []
     points, models = [], []
     for pattern, sparsity in sweep:
         print(f"[frontier] {work.name}: {pattern.name} at {sparsity:.0%}, {steps} steps", flush=True)
@@ -97,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         from ..io import save
         save(models[0], args.save)
         print(f"saved the packed model to {args.save} (pysparse.load into a fresh {work.name} gives it back)")
+    points = earlier + points
     chosen = choose(points, quality=args.quality, agreement=args.agreement)
     env = collect("cpu")
     print()
