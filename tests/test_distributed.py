@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import pysparse
-from pysparse.prune import GradualSchedule, distill, fine_tune, get_masks, prune_, recovery
+from pysparse.prune import GradualSchedule, distill, fine_tune, get_masks, mask_sparsity, prune_, recovery
 from pysparse.prune.train_checkpoint import load_training_state
 
 WORLD = 2
@@ -86,7 +86,7 @@ def _worker(rank: int, port: int, tmp: str, results) -> None:
                   block_size=(16, 16), checkpoint=ckpt, resume=True, progress=False)
         out["fine_tune_identical"] = _same_on_all_ranks(_flat(model))
         out["fine_tune_pruned_zero"] = _pruned_entries_zero(model)
-        out["fine_tune_sparsity"] = recovery.mask_sparsity(model)
+        out["fine_tune_sparsity"] = mask_sparsity(model)
         out["writes"] = len(writes)
 
         # distill: the student under DDP, the dense teacher plain on each rank.
