@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 from checkpoint_tools import rewrite, snapshot, unchanged
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from test_fuzz import fuzz_settings
 from torch import nn
@@ -73,7 +73,9 @@ def _loads_consistently(path, want: torch.Tensor | None) -> None:
     except ValueError as exc:
         assert str(path) in str(exc) and ("invalid pysparse checkpoint" in str(exc) or "safetensors" in str(exc)), exc
         assert unchanged(model, snap), "a refused load changed the model"
+        event("refused")   # --hypothesis-show-statistics counts refused and loaded cases
         return
+    event("loaded")
     packed = [m for m in model.modules() if isinstance(m, _PACKED)]
     assert packed, "a load that succeeds swaps the sparse layers in"
     with torch.no_grad():

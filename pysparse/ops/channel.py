@@ -51,7 +51,9 @@ def channel_sparse_linear(input: torch.Tensor, values: torch.Tensor, out_index: 
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    k = int(input.shape[-1]) if input.dim() else 0
+    if input.dim() == 0:  # before the indices, whose range check would otherwise blame in_index
+        raise ValueError("input must have at least 1 dimension [..., in_features], got a 0-d tensor")
+    k = int(input.shape[-1])
     out_features = check_count("out_features", out_features)
     out_index = _channel_index("out_index", out_index, out_features, check_indices)
     in_index = _channel_index("in_index", in_index, k, check_indices)
@@ -90,7 +92,9 @@ def channel_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, out_index: 
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    c = int(input.shape[1]) if input.dim() > 1 else 0
+    if input.dim() != 4:  # before the indices, whose range check would otherwise blame in_index
+        raise ValueError(f"input must be 4-D [batch, channels, height, width], got shape {tuple(input.shape)}")
+    c = int(input.shape[1])
     out_channels = check_count("out_channels", out_channels)
     out_index = _channel_index("out_index", out_index, out_channels, check_indices)
     in_index = _channel_index("in_index", in_index, c, check_indices)
