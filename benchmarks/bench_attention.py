@@ -2,8 +2,8 @@
 
 Shapes are the encoders pysparse sparsifies (MiniLM-L6: 12 heads x 32; BERT-base: 12 x 64) at a few batch sizes and
 lengths, transformers' layout (q / k / v are transposed views of [batch, seq, heads, dim] projections) and mask (bool
-[batch, 1, seq, seq] with padding in the last rows), plus a causal case. GFLOP/s counts the attention over kept keys only (a padded key is work
-neither needed nor, here, done). What is timed is what a transformers model
+[batch, 1, seq, seq] with padding in the last rows), plus a causal case. GFLOP/s counts the attention over kept keys
+only (a padded key is work neither needed nor, here, done). What is timed is what a transformers model
 needs next: torch's output made contiguous as [batch, seq, heads, dim] (what transformers does after SDPA), and
 pysparse's op, which writes that layout directly. Every result is checked against the float64 reference first.
 

@@ -3,7 +3,8 @@
 For every point (shape x block x sparsity x M) it checks pysparse's result against the dense masked weight,
 then times the three implementations interleaved (``pysparse.analysis.alternating_medians``: 15 rounds, each
 implementation's median per call in every round, the median of the rounds), so load from other processes hits all
-three alike. Masks come from ``pysparse.bench.sweep.block_mask``, errors from ``pysparse.bench.check.rel_err``. It prints, per point, the speedup over dense and over torch ``sparse_bsr``
+three alike. Masks come from ``pysparse.bench.sweep.block_mask``, errors from ``pysparse.bench.check.rel_err``. It
+prints, per point, the speedup over dense and over torch ``sparse_bsr``
 beside the ideal 1/density, and the GFLOP/s of useful work (2 * M * kept weights); at M <= 4 also the GB/s of
 kept weight bytes (values + indices), the bound in that regime.
 
@@ -148,7 +149,8 @@ def main(argv=None) -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         points = [(k, n, b, s, m) for (k, n) in shapes for b in args.blocks for s in args.sparsity for m in args.m]
     print(f"# pysparse {pysparse.__version__} CPU path {pysparse.ops.available_backends()['cpu']}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"dtype {args.dtype}, "
           f"load average before {os.getloadavg()[0]:.2f}")
     rows, weights_key, weights = [], None, None

@@ -46,7 +46,8 @@ def main():
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}")
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, "
+          f"torch {torch.__version__}")
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         w_full = torch.randn(n, k, generator=gen, device="cuda", dtype=torch.float32).to(dtype) * 0.02
@@ -120,7 +121,8 @@ def main():
                                + ("" if r["correct"] else "!") for r in cells)
                 print(f"{shape:>10} {m:>5} {b:>3} {txt}")
     if any(r["tile_variant_ms"] for r in rows):
-        print("\nLARGE-M TOKEN TILES (speedup vs cuBLAS dense with each forced: " + "/".join(args.tile_variants.split(",")) + ")")
+        variants = "/".join(args.tile_variants.split(","))
+        print(f"\nLARGE-M TOKEN TILES (speedup vs cuBLAS dense with each forced: {variants})")
         for shape in args.shapes.split(","):
             for m in (m for m in map(int, args.ms.split(",")) if m > 16):
                 for b in map(int, args.blocks.split(",")):

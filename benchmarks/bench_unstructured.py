@@ -4,7 +4,8 @@ For each point (shape x sparsity x M) it checks the result against the dense mas
 dense ``F.linear``, the unstructured kernel (``pysparse.ops.unstructured_linear_packed`` on an
 ``UnstructuredSparseWeight``) and, for comparison, the same mask through the BSR kernels with 1x1 blocks, alternating
 the variants (``pysparse.analysis.timing.alternating_medians``: the median of several rounds of per-variant
-medians), so load from other processes hits all alike. Masks are uniform random at the exact sparsity. It prints the speedup of each
+medians), so load from other processes hits all alike. Masks are uniform random at the exact sparsity. It prints the
+speedup of each
 over dense, the GFLOP/s of useful work (2 * M * kept weights) and, at M = 1, the GB/s of packed weight bytes (values
 plus indices; the weights are warm in cache here: a bound, not a DRAM figure).
 

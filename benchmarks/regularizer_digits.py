@@ -120,7 +120,8 @@ def cnn_seed(seed, alphas, flops_fraction=0.5, *, dense_epochs=15, tune_epochs=8
             fine_tune(pruned, loader(x, y, seed + 1, 64), F.cross_entropy,
                       torch.optim.Adam(pruned.parameters(), lr=1e-3), steps=tune_epochs * len(loader(x, y, seed, 64)),
                       progress=False)
-        rows.append({"method": f"CNN slimming alpha={alpha:g}", "seed": seed, "penalised": accuracy(model, x_test, y_test),
+        rows.append({"method": f"CNN slimming alpha={alpha:g}", "seed": seed,
+                     "penalised": accuracy(model, x_test, y_test),
                          "gamma": gamma, "flops": report.flops_after / report.flops_before, "one_shot": one_shot,
                          "fine_tuned": accuracy(pruned, x_test, y_test)})
     return rows

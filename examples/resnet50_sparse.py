@@ -1,8 +1,8 @@
 """torchvision ResNet-50 with block-sparse convolutions: prune every conv with >= 64 input channels to 90%
 32x32-block sparsity, sparsify, and compare outputs and latency with the dense model, in one process.
 
-    python examples/resnet50_sparse.py [--batch 8] [--size 224] [--sparsity 0.9] [--threads 2] [--no-fold-bn] [--no-fuse]
-                                       [--json out.json]
+    python examples/resnet50_sparse.py [--batch 8] [--size 224] [--sparsity 0.9] [--threads 2] [--no-fold-bn]
+                                       [--no-fuse] [--json out.json]
 
 The weights are torchvision's random initialisation (nothing is downloaded) with random BatchNorm statistics (so
 folding them is not the identity); speed does not depend on them, and the outputs are compared with the masked

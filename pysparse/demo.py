@@ -135,7 +135,8 @@ def threshold_for(model: nn.Module, sparsity: float, *, block_size=(16, 16)) -> 
     ranked = torch.cat([n.detach() for n in norms.values()]).sort().values
     k = round(sparsity * ranked.numel())
     if not 0 < k < ranked.numel():
-        raise ValueError(f"sparsity must leave some of the {ranked.numel()} blocks pruned and some kept, got {sparsity}")
+        raise ValueError(f"sparsity must leave some of the {ranked.numel()} blocks pruned and some kept, "
+                         f"got {sparsity}")
     return float(ranked[k - 1] + ranked[k]) / 2
 
 
@@ -246,7 +247,8 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
                     "progress": progress, "desc": method}
         one_shot = None
         with threads(1):
-            if how == "gradual":  # prune 8 times during the first 60% of fine-tuning, then recover at the final sparsity
+            # gradual: prune 8 times during the first 60% of fine-tuning, then recover at the final sparsity
+            if how == "gradual":
                 ramp = int(0.6 * steps)
                 schedule = GradualSchedule(0.0, sparsity, start_step=0, end_step=ramp, every=max(1, ramp // 8))
                 fine_tune(model, loader(x_train, y_train, seed + salt), F.cross_entropy, optimizer,
@@ -285,7 +287,8 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
                   "packed_bytes": state_bytes(cnn["dense"]), "speed": dict.fromkeys(batches, 1.0)},
              {"method": "CNN prune_channels L2", "sparsity": CNN_RATIO, "one_shot": cnn["one_shot"],
                   "fine_tuned": cnn["fine_tuned"], "vs_dense": 100 * (cnn["fine_tuned"] - cnn["dense_accuracy"]),
-                  "packed_err": cnn["checkpoint_err"], "packed_bytes": state_bytes(cnn["pruned"]), "speed": cnn["speed"]}]
+                  "packed_err": cnn["checkpoint_err"], "packed_bytes": state_bytes(cnn["pruned"]),
+                  "speed": cnn["speed"]}]
     report = cnn["report"]
     out(f"CNN conv32-conv64-pool-conv64-pool-fc64-fc10 (BatchNorm): trained {cnn_epochs[0]} epochs (Adam), "
         f"prune_channels(ratio={CNN_RATIO}) removes channels physically, then fine-tuned {cnn_epochs[1]} epochs: "
@@ -295,7 +298,8 @@ def run(*, smoke: bool = False, seed: int = 0, timing_threads: int | None = None
         if "penalised" in v:
             p = v["penalised"]
             out(f"{v['method']}: trained {dense_epochs} epochs (Adam) with the group-lasso penalty of alpha "
-                f"{p['alpha']:g} on the 16x16 blocks' L2 norms (SparsityRegularizer; test accuracy {p['accuracy']:.2%}, "
+                f"{p['alpha']:g} on the 16x16 blocks' L2 norms (SparsityRegularizer; "
+                f"test accuracy {p['accuracy']:.2%}, "
                 f"final penalty {p['penalty']:.3g}); prune_(threshold=gamma) "
                 f"at gamma={p['gamma']:.3g}, the block L2 norm below which {v['sparsity']:.0%} of the blocks lie, "
                 f"removes {v['zeros']:.1%} of the weights")

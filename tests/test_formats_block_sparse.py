@@ -1,4 +1,5 @@
-"""BlockSparseWeight: packing, exact round trips, padding at ragged edges, torch.sparse_bsr, density, nbytes, validate."""
+"""BlockSparseWeight: packing, exact round trips, padding at ragged edges, torch.sparse_bsr, density, nbytes,
+validate."""
 import pytest
 import torch
 

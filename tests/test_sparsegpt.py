@@ -10,7 +10,8 @@ from pysparse._weight_layout import weight_matrix
 from pysparse.prune import get_masks, prune_
 from pysparse.prune.sparsegpt import _input_matrix, _inverse_cholesky, _prune_matrix, sparsegpt_
 
-ALL = lambda name, module: True  # a filter_fn that takes every layer
+def ALL(name, module):  # a filter_fn that takes every layer
+    return True
 
 
 def correlated(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -158,7 +159,10 @@ def test_tiny_bert_with_dict_batches():
         mask = torch.ones_like(ids)
         mask[1:, 9:] = 0
         batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
-    encoder = lambda name, module: name.startswith("encoder.") and isinstance(module, nn.Linear)
+
+    def encoder(name, module):
+        return name.startswith("encoder.") and isinstance(module, nn.Linear)
+
     with torch.no_grad():
         want = model(**batches[0]).last_hidden_state
     masks = sparsegpt_(model, batches, sparsity=0.5, filter_fn=encoder)

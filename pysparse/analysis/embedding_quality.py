@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["embedding_quality", "load_minilm", "mean_pooled", "mean_pooled_embeddings", "minilm_dir", "neighbour_agreement",
-           "tokenize"]
+__all__ = ["embedding_quality", "load_minilm", "mean_pooled", "mean_pooled_embeddings", "minilm_dir",
+           "neighbour_agreement", "tokenize"]
 
 
 def mean_pooled(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -3,8 +3,8 @@ from .channel_sparse import ChannelSparseConv2d, ChannelSparseLinear
 from .sparse_conv import SparseConv2d, conv_weight_from_matrix, conv_weight_matrix
 from .sparse_linear import SparseLinear, UnstructuredSparseLinear
 
-__all__ = ["SparseConv2d", "SparseLinear", "UnstructuredSparseLinear", "conv_weight_from_matrix", "conv_weight_matrix", "ChannelSparseLinear",
-           "ChannelSparseConv2d", "use_pysparse_attention"]
+__all__ = ["SparseConv2d", "SparseLinear", "UnstructuredSparseLinear", "conv_weight_from_matrix", "conv_weight_matrix",
+           "ChannelSparseLinear", "ChannelSparseConv2d", "use_pysparse_attention"]
 
 
 def __getattr__(name: str):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .mask_selection import (Groups, check_amount, check_norm, check_pattern, check_sparsity, first_pruned, group_scores,
-                    pattern_fits, pruning_order, select)
+from .mask_selection import (Groups, check_amount, check_norm, check_pattern, check_sparsity, first_pruned,
+                             group_scores, pattern_fits, pruning_order, select)
 
 __all__ = ["prune_", "prunable_layers", "apply_masks", "remove_masks", "get_masks", "masks_from_state_dict",
            "mask_sparsity", "WeightMask"]

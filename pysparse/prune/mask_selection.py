@@ -1,8 +1,9 @@
 """Masks from importance scores: group scores per pattern (unstructured, block, N:M, channel) and exact selection.
 
 A weight of any rank >= 2 is seen as its ``[out, in]`` matrix view: ``[N, K]`` for Linear, ``[O, kh*kw*I]`` for
-Conv (tap-major, pysparse._weight_layout: the view SparseConv2d packs, so block masks pack exactly). Groups are single entries (unstructured, nm), ``(bh, bw)``
-tiles of that view with ragged tiles at the edges (block), or whole output rows / conv filters (channel).
+Conv (tap-major, pysparse._weight_layout: the view SparseConv2d packs, so block masks pack exactly). Groups are
+single entries (unstructured, nm), ``(bh, bw)`` tiles of that view with ragged tiles at the edges (block), or whole
+output rows / conv filters (channel).
 """
 from __future__ import annotations
 

@@ -40,15 +40,16 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def fine_tune(model: nn.Module, data, loss_fn, optimizer: torch.optim.Optimizer, *, steps: int,
-              schedule: GradualSchedule | None = None, lr_scheduler=None, regularizer: SparsityRegularizer | None = None,
+              schedule: GradualSchedule | None = None, lr_scheduler=None,
+              regularizer: SparsityRegularizer | None = None,
               eval_fn=None, eval_every: int | None = None, checkpoint: str | os.PathLike | None = None,
               checkpoint_every: int | None = None, resume: bool = False, progress: bool = True,
               desc: str = "fine-tune", **prune_kwargs) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps, pruning on ``schedule`` and holding masks throughout.
 
     Args:
-        data: an iterable of ``(input, target)`` batches (moved to the model's device), iterated again (a new epoch) whenever it runs out,
-            so a shuffling ``DataLoader`` reshuffles. ``input`` reaches the model through
+        data: an iterable of ``(input, target)`` batches (moved to the model's device), iterated again (a new epoch)
+            whenever it runs out, so a shuffling ``DataLoader`` reshuffles. ``input`` reaches the model through
             :func:`~pysparse.prune.batches.call_model` (a tensor, a tuple of positional inputs or a dict of
             keyword inputs).
         loss_fn: ``loss_fn(model(input), target) -> scalar tensor``.

@@ -205,9 +205,9 @@ class ChannelGraph:
             # A matching between distinct roots (the common case: one dim's channels onto another's): link
             # all at once, then merge the (few, distinct) family pairs and carry pin reasons over.
             self._parent[hi] = lo
-            for h, l in zip(hi.tolist(), lo.tolist()):
-                if self._pinned_because[h] is not None and self._pinned_because[l] is None:
-                    self._pinned_because[l] = self._pinned_because[h]
+            for h, low in zip(hi.tolist(), lo.tolist()):
+                if self._pinned_because[h] is not None and self._pinned_because[low] is None:
+                    self._pinned_because[low] = self._pinned_because[h]
             fl, fh = self._vfind(self._fparent, lo), self._vfind(self._fparent, hi)
             for u, v in set(zip(fl.tolist(), fh.tolist())):
                 u, v = self.family(u), self.family(v)
