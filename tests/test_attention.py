@@ -1,6 +1,6 @@
 """CPU scaled-dot-product attention: the op ``torch.ops.pysparse.attention``, the drop-in wrapper
-``pysparse.ops.scaled_dot_product_attention`` (and its fallbacks to torch's function), and the transformers glue
-(``pysparse.nn.use_pysparse_attention``, ``sparsify(fast_attention=True)``).
+``pysparse.ops.scaled_dot_product_attention`` (and its fallbacks to torch's function); the transformers glue is
+tested in test_attention_switch.py.
 
 Every result is compared with the float64 oracle ``attention_reference`` (itself checked against torch's float64
 SDPA) on fresh random inputs drawn from the session seed: odd head dims, ragged and unequal sequence lengths,
@@ -10,7 +10,6 @@ test_cpu_kernels_isa.py.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -21,7 +20,6 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from conftest import SEED, assert_matches_reference, generator_for, relative_error
 from pysparse import ops
@@ -455,218 +453,6 @@ def test_op_refuses_operands_not_on_the_cpu():
             OP.redispatch(cpu, *bad.values())
 
 
-# ---- the drop-in wrapper --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_wrapper_matches_torch_and_runs_the_kernel(layout):
-    gen = _case_gen("wrapper", layout)
-    q, k, v = make_qkv(2, 6, 3, 11, 19, 20, 12, layout=layout, gen=gen)
-    for kw in (dict(), dict(is_causal=True), dict(attn_mask=make_mask("bool", "B1QK", 2, 6, 11, 19, gen)),
-               dict(attn_mask=make_mask("float", "QK", 2, 6, 11, 19, gen), scale=0.2)):
-        assert ops.attention_kernel_applies(q, k, v, kw.get("attn_mask"), 0.0, kw.get("is_causal", False), True)
-        calls, ours = kernel_calls(lambda: ops.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw))
-        assert calls == 1, f"{layout} {list(kw)}: the kernel ran {calls} times"
-        theirs = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
-        assert ours.shape == theirs.shape == (2, 6, 11, 12) and ours.dtype == torch.float32
-        assert bool(torch.isfinite(ours).all())
-        assert relative_error(ours, theirs.double()) < TOL
-        ref = reference(q, k, v, kw.get("attn_mask"), kw.get("is_causal", False), kw.get("scale"))
-        assert relative_error(ours, ref.transpose(1, 2)) < TOL
-        # [B, H, Sq, Dv] as a view of the op's [B, Sq, H, Dv]: what transformers does next copies nothing.
-        assert ours.transpose(1, 2).is_contiguous()
-
-
-def test_wrapper_under_no_grad_and_inference_mode_uses_the_kernel():
-    gen = _case_gen("modes")
-    q, k, v = make_qkv(1, 2, 2, 5, 8, 4, 4, gen=gen)
-    qg = q.clone().requires_grad_()
-    with torch.no_grad():
-        calls, _ = kernel_calls(lambda: ops.scaled_dot_product_attention(qg, k, v))
-    assert calls == 1
-    with torch.inference_mode():
-        calls, out = kernel_calls(lambda: ops.scaled_dot_product_attention(q, k, v))
-    assert calls == 1 and relative_error(out, reference(q, k, v).transpose(1, 2)) < TOL
-
-
-def test_kernel_applies_truth_table():
-    gen = _case_gen("applies")
-    q, k, v = make_qkv(2, 4, 2, 5, 7, 8, 8, gen=gen)
-    m = torch.ones(5, 7, dtype=torch.bool)
-    yes = ops.attention_kernel_applies
-    assert yes(q, k, v, enable_gqa=True) and yes(q, k, v, m, enable_gqa=True)
-    assert yes(q, k, v, m.float(), enable_gqa=True) and yes(q, k, v, None, 0.0, True, True)
-    assert not yes(q, k, v)                                   # different heads without enable_gqa
-    assert not yes(q, k, v, m, 0.0, True, True)               # mask together with is_causal: torch raises
-    assert not yes(q, k, v, None, 0.1, False, True)           # dropout
-    assert not yes(q.double(), k.double(), v.double(), enable_gqa=True)
-    assert not yes(q.bfloat16(), k.bfloat16(), v.bfloat16(), enable_gqa=True)
-    assert not yes(q[0], k[0], v[0], enable_gqa=True)         # 3-D
-    assert not yes(q, k, v, m.int(), enable_gqa=True)          # int mask: torch's error
-    assert not yes(q, k, v, m.double(), enable_gqa=True)
-    assert not yes(q.requires_grad_(), k, v, enable_gqa=True)  # a gradient is wanted
-    with torch.no_grad():
-        assert yes(q, k, v, enable_gqa=True)
-    q.requires_grad_(False)
-    assert not yes(q, k, v, m.float().requires_grad_(), enable_gqa=True)
-    assert not yes(q, k[:1], v[:1], enable_gqa=True)          # batch mismatch (torch broadcasts or raises)
-    assert not yes(q, k, v[..., :6, :], enable_gqa=True)      # value length differs from key's
-    assert not yes(q, k[..., :6], v, enable_gqa=True)         # head dim differs
-
-
-def test_wrapper_dropout_falls_back_to_torch():
-    """dropout_p > 0 is torch's (its RNG): same seed, same result as F.scaled_dot_product_attention; no kernel."""
-    gen = _case_gen("dropout")
-    q, k, v = make_qkv(2, 3, 3, 9, 12, 8, 8, gen=gen)
-    torch.manual_seed(123)
-    calls, ours = kernel_calls(lambda: ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
-    torch.manual_seed(123)
-    theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    assert calls == 0
-    assert ours.shape == (2, 3, 9, 8) and bool(torch.isfinite(ours).all())
-    assert torch.equal(ours, theirs)
-    assert relative_error(ours, reference(q, k, v).transpose(1, 2)) > 1e-3  # dropout did something
-
-
-def test_wrapper_gradients_flow_like_torch():
-    """Inputs that require grad go to torch's function: backward works and gives torch's gradients."""
-    gen = _case_gen("grad")
-    base = make_qkv(2, 6, 2, 7, 10, 8, 5, gen=gen)
-    mask = make_mask("float", "B1QK", 2, 6, 7, 10, gen)
-    mask[..., 0] = 0.0
-    grads = []
-    for fn in (ops.scaled_dot_product_attention, F.scaled_dot_product_attention):
-        q, k, v = (t.detach().clone().requires_grad_() for t in base)
-        calls, out = kernel_calls(lambda: fn(q, k, v, attn_mask=mask, enable_gqa=True))
-        if fn is ops.scaled_dot_product_attention:
-            assert calls == 0
-        assert out.requires_grad
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        grads.append((out.detach(), q.grad, k.grad, v.grad))
-    for ours, theirs in zip(*grads):
-        assert ours is not None and theirs is not None
-        assert bool(torch.isfinite(ours).all()) and float(ours.abs().max()) > 0
-        assert relative_error(ours, theirs.double()) < TOL
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_wrapper_other_dtypes_fall_back_to_torch(dtype):
-    gen = _case_gen("dtype", dtype)
-    q, k, v = (t.to(dtype) for t in make_qkv(2, 4, 4, 6, 9, 8, 8, gen=gen))
-    mask = torch.rand(6, 9, generator=gen) > 0.3
-    calls, ours = kernel_calls(lambda: ops.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert calls == 0 and ours.dtype == dtype
-    assert torch.equal(ours, theirs)
-    tol = 1e-12 if dtype == torch.float64 else 1e-2
-    assert relative_error(ours, reference(q, k, v, mask).transpose(1, 2)) < tol
-
-
-def test_wrapper_3d_inputs_fall_back_to_torch():
-    gen = _case_gen("3d")
-    q, k, v = (t[0] for t in make_qkv(1, 3, 3, 6, 9, 8, 5, gen=gen))  # [N, S, E]
-    calls, ours = kernel_calls(lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=True))
-    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert calls == 0 and ours.shape == (3, 6, 5)
-    assert torch.equal(ours, theirs)
-
-
-def test_wrapper_mask_with_is_causal_raises_like_torch():
-    gen = _case_gen("causal+mask")
-    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, 8, gen=gen)
-    mask = torch.ones(4, 4, dtype=torch.bool)
-    with pytest.raises(Exception) as theirs:
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-    with pytest.raises(Exception) as ours:
-        ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-    assert type(ours.value) is type(theirs.value)
-    assert str(ours.value) == str(theirs.value)
-
-
-def test_wrapper_mismatched_heads_raise_like_torch():
-    """Different head counts without enable_gqa: torch's error (the wrapper does not take them silently)."""
-    gen = _case_gen("heads")
-    q, k, v = make_qkv(1, 6, 2, 4, 5, 8, 8, gen=gen)
-    with pytest.raises(Exception) as theirs:
-        F.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(Exception) as ours:
-        ops.scaled_dot_product_attention(q, k, v)
-    assert type(ours.value) is type(theirs.value)
-
-
-def test_wrapper_mask_that_does_not_broadcast_raises():
-    """A drop-in raises what torch raises (the wrapper leaves such a mask to torch); the op itself raises
-    ValueError naming attn_mask (the project's convention, tested with the other bad inputs)."""
-    gen = _case_gen("bad mask")
-    q, k, v = make_qkv(1, 2, 2, 3, 5, 8, 8, gen=gen)
-    bad = torch.ones(4, 5, dtype=torch.bool)
-    assert not ops.attention_kernel_applies(q, k, v, bad)
-    with pytest.raises(RuntimeError):
-        F.scaled_dot_product_attention(q, k, v, attn_mask=bad)
-    with pytest.raises(RuntimeError):
-        ops.scaled_dot_product_attention(q, k, v, attn_mask=bad)
-
-
-# ---- torch.library / torch.compile ----------------------------------------------------------------------------------
-def _opcheck_samples():
-    gen = _case_gen("opcheck")
-    q, k, v = make_qkv(2, 3, 3, 5, 7, 8, 6, layout="transformers", gen=gen)
-    qg, kg, vg = make_qkv(1, 6, 2, 9, 4, 5, 3, layout="sliced", gen=gen)
-    return {
-        "plain": (q, k, v, None, False, None),
-        "bool-mask-causal-scale": (q, k, v, make_mask("bool", "B1QK", 2, 3, 5, 7, gen), True, 0.3),
-        "float-mask-gqa": (qg, kg, vg, make_mask("float", "QK", 1, 6, 9, 4, gen), False, None),
-        "empty-kv": (q, k[:, :, :0], v[:, :, :0], None, True, None),
-    }
-
-
-@pytest.mark.parametrize("sample", list(_opcheck_samples()))
-def test_opcheck(sample):
-    args = _opcheck_samples()[sample]
-    torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
-                                                 "test_aot_dispatch_dynamic"))
-
-
-def test_fake_kernel_shape():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        q, k, v = torch.empty(2, 6, 5, 8), torch.empty(2, 3, 9, 8), torch.empty(2, 3, 9, 7)
-        out = OP(q, k, v, None, False, None)
-    assert tuple(out.shape) == (2, 5, 6, 7) and out.dtype == torch.float32
-
-
-def test_compile_fullgraph_matches_eager():
-    """torch.compile(fullgraph=True) of a function calling the wrapper: one graph, the op inside it, eager's result."""
-    from torch._dynamo.testing import CompileCounter
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def f(q, k, v, m):
-        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1) * 2.0
-
-    gen = _case_gen("compile")
-    q, k, v = make_qkv(2, 4, 2, 7, 11, 8, 8, layout="transformers", gen=gen)
-    m = make_mask("float", "B1QK", 2, 4, 7, 11, gen)
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    with torch.no_grad():
-        eager = f(q, k, v, m)
-        compiled = torch.compile(f, backend=counter, fullgraph=True)(q, k, v, m)
-        assert counter.frame_count == 1
-        assert relative_error(compiled, eager.double()) < 1e-6
-        traced = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, m)
-        assert relative_error(traced, eager.double()) < 1e-6
-        inductor = torch.compile(f, fullgraph=True)(q, k, v, m)
-        assert relative_error(inductor, eager.double()) < 1e-6
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert any(t is OP or t is torch.ops.pysparse.attention for t in targets), targets
-    torch._dynamo.reset()
-
-
 # ---- every ISA path (one interpreter each) --------------------------------------------------------------------------
 def _run_worker(isa: str) -> dict:
     import pysparse
@@ -718,144 +504,6 @@ def _worker(seed: int) -> None:
     print(json.dumps({"isa": isa, "checked": checked, "failures": failures}))
 
 
-# ---- transformers ---------------------------------------------------------------------------------------------------
-def _bert(attn_implementation="sdpa", **overrides):
-    transformers = pytest.importorskip("transformers")
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
-    kw.update(overrides)
-    config = transformers.BertConfig(**kw)  # a config per model: _from_config sets its _attn_implementation
-    torch.manual_seed(0)
-    model = transformers.BertModel._from_config(config, attn_implementation=attn_implementation)
-    assert model.config._attn_implementation == attn_implementation
-    return model.eval()
-
-
-def _bert_inputs():
-    gen = _case_gen("bert")
-    ids = torch.randint(0, 100, (3, 13), generator=gen)
-    mask = torch.ones(3, 13, dtype=torch.long)
-    mask[1, 9:] = 0   # padding
-    mask[2, 4:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
-
-
-def test_use_pysparse_attention_on_bert():
-    from pysparse.nn import use_pysparse_attention
-
-    sdpa = _bert()
-    model = copy.deepcopy(sdpa)
-    said = use_pysparse_attention(model)
-    assert isinstance(said, str) and "pysparse" in said and "unchanged" not in said
-    assert model.config._attn_implementation == "pysparse_sdpa"
-    assert sdpa.config._attn_implementation == "sdpa"
-    inputs = _bert_inputs()
-    with torch.no_grad():
-        expect = sdpa(**inputs).last_hidden_state
-        calls, got = kernel_calls(lambda: model(**inputs).last_hidden_state)
-    assert calls == 2, f"pysparse::attention ran {calls} times for 2 layers"
-    assert got.shape == expect.shape == (3, 13, 64)
-    assert bool(torch.isfinite(got).all())
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
-    with torch.no_grad():  # padding matters: the padded rows' keys are really masked out
-        unpadded = model(input_ids=inputs["input_ids"]).last_hidden_state
-    assert float((unpadded[2] - got[2]).abs().max()) > 1e-3
-    # Twice is fine: says so, and still computes the same.
-    again = use_pysparse_attention(model)
-    assert isinstance(again, str) and "unchanged" not in again
-    assert model.config._attn_implementation == "pysparse_sdpa"
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).last_hidden_state, expect, rtol=0, atol=1e-5)
-
-
-def _sdpa_and_switched(sdpa):
-    """``sdpa`` and a copy of it switched to pysparse's attention."""
-    from pysparse.nn import use_pysparse_attention
-
-    model = copy.deepcopy(sdpa)
-    use_pysparse_attention(model)
-    return sdpa, model
-
-
-def _same_draws_without_kernel(sdpa, model, inputs, seed):
-    """Both models' last hidden states under the same random draws: the switched model must not have run the
-    kernel (it fell back to SDPA) and must give the sdpa model's result."""
-    torch.manual_seed(seed)
-    expect = sdpa(**inputs).last_hidden_state
-    torch.manual_seed(seed)
-    calls, got = kernel_calls(lambda: model(**inputs).last_hidden_state)
-    assert calls == 0
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
-    return expect, got
-
-
-def test_bert_training_falls_back_to_sdpa():
-    """With gradients (train mode) transformers' SDPA runs: same outputs and gradients as the sdpa model under the
-    same seed (attention dropout off so that the only dropout is the hidden one, drawn the same way)."""
-    sdpa, model = _sdpa_and_switched(_bert(attention_probs_dropout_prob=0.0).train())
-    inputs = _bert_inputs()
-    expect, got = _same_draws_without_kernel(sdpa, model, inputs, seed=7)
-    expect.square().sum().backward()
-    got.square().sum().backward()
-    for (name, p_ref), (_, p) in zip(sdpa.named_parameters(), model.named_parameters()):
-        if p_ref.grad is None:
-            assert p.grad is None, name
-            continue
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
-    q_grad = model.encoder.layer[0].attention.self.query.weight.grad
-    assert q_grad is not None and float(q_grad.abs().max()) > 0
-    # Train mode without gradients but with attention dropout: also SDPA (torch's RNG), same result.
-    with torch.no_grad():
-        _same_draws_without_kernel(*_sdpa_and_switched(_bert().train()), inputs, seed=8)
-
-
-def test_use_pysparse_attention_leaves_other_models_alone():
-    from pysparse.nn import use_pysparse_attention
-
-    eager = _bert("eager")
-    said = use_pysparse_attention(eager)
-    assert "unchanged" in said and "eager" in said
-    assert eager.config._attn_implementation == "eager"
-    inputs = _bert_inputs()
-    with torch.no_grad():
-        calls, _ = kernel_calls(lambda: eager(**inputs))
-    assert calls == 0
-    linear = nn.Linear(4, 4)
-    assert "unchanged" in use_pysparse_attention(linear)
-    assert "unchanged" in use_pysparse_attention(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
-        use_pysparse_attention("bert")
-
-
-def test_sparsify_fast_attention_report():
-    import pysparse
-
-    sdpa = _bert()
-    inputs = _bert_inputs()
-    sparse = pysparse.sparsify(sdpa, fast_attention=True)
-    report = sparse.sparsify_report
-    assert isinstance(report.attention, str) and "pysparse" in report.attention
-    assert "unchanged" not in report.attention
-    assert report.attention in str(report)
-    assert sparse.config._attn_implementation == "pysparse_sdpa"
-    assert sdpa.config._attn_implementation == "sdpa"  # not in place: the original is untouched
-    with torch.no_grad():
-        expect = sdpa(**inputs).last_hidden_state
-        calls, got = kernel_calls(lambda: sparse(**inputs).last_hidden_state)
-    assert calls == 2
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
-    # With fast_attention=False (the default of an eval model is on) nothing is said or switched; an eager model is
-    # reported unchanged.
-    plain = pysparse.sparsify(sdpa, fast_attention=False)
-    assert plain.sparsify_report.attention is None and plain.config._attn_implementation == "sdpa"
-    eager_report = pysparse.sparsify(_bert("eager"), fast_attention=True).sparsify_report
-    assert "unchanged" in eager_report.attention and eager_report.attention in str(eager_report)
-
-
-if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker(int(sys.argv[sys.argv.index("--worker") + 1]))
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_padded_batch_masks(causal):
     """A padded batch (entry b keeps keys [0, len_b), len_b = 0 included): the kernel skips the keys past what a
@@ -875,3 +523,7 @@ def test_padded_batch_masks(causal):
         out_min, _ = check_op(q, k, v, finfo_min, False, what="padding finfo.min")
         theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=finfo_min).transpose(1, 2)
         assert relative_error(out_min, theirs.double()) < TOL
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(int(sys.argv[sys.argv.index("--worker") + 1]))
