@@ -71,3 +71,4 @@ def test_digits_point_end_to_end(tmp_path):
     assert point["cosine"] > 0.5                       # accuracy of 10 classes after 80% pruning + recovery
     assert point["speedup"] > 0 and point["layers_sparse"] >= 0
     assert result["chosen"] == 0 and result["machine"]["cpu_isa"] in ("avx512", "avx2", "generic")
+    assert 0.9 < result["dense"]["cosine"] <= 1.0      # the dense MLP's own test accuracy, beside the point's

@@ -117,8 +117,10 @@ def main(args: argparse.Namespace) -> int:
     points = earlier + points
     chosen = choose(points, quality=args.quality, agreement=args.agreement)
     env = collect("cpu")
+    dense = work.evaluate(work.teacher)
     print()
-    print(f"{work.describe}; {env['cpu']}, ISA {env['cpu_isa']}, {env['threads']} threads")
+    print(f"{work.describe}; {env['cpu']}, ISA {env['cpu_isa']}, {env['threads']} threads; dense model: "
+          f"{work.quality_name} {dense['cosine']:.4f}")
     print(format_table(points, quality_name=work.quality_name, chosen=chosen,
                        front=pareto_front(points)))
     if args.quality is not None or args.agreement is not None:
@@ -127,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
                             f"{points[chosen]['speedup']:.2f}x"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     options = {k: v for k, v in vars(args).items() if k != "command"}
-    write_json(args.out + ".json", machine=env, points=points, chosen=chosen, options=options)
+    write_json(args.out + ".json", machine=env, points=points, chosen=chosen, options=options, dense=dense)
     if not args.no_plot:
         plot_frontier(args.out + ".png", points, quality_name=work.quality_name, chosen=chosen,
                       title=f"{work.describe}\n{env['cpu']}, {env['threads']} threads")

@@ -56,9 +56,11 @@ def format_table(points: list[dict], *, quality_name: str, chosen: int | None, f
     return "\n".join(left_aligned(header, rows))
 
 
-def write_json(path, *, machine: dict, points: list[dict], chosen: int | None, options: dict) -> None:
+def write_json(path, *, machine: dict, points: list[dict], chosen: int | None, options: dict, dense: dict) -> None:
+    """``dense``: the dense model's own quality on the same held-out data (digits: its accuracy)."""
     with open(path, "w") as f:
-        json.dump({"machine": machine, "options": options, "points": points, "chosen": chosen}, f, indent=1)
+        json.dump({"machine": machine, "options": options, "dense": dense, "points": points, "chosen": chosen}, f,
+                  indent=1)
 
 
 def plot_frontier(path, points: list[dict], *, quality_name: str, title: str, chosen: int | None) -> None:
