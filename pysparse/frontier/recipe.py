@@ -36,11 +36,12 @@ CRITERIA = ("magnitude", "wanda", "sparsegpt")
 def _prune_with(criterion: str, model: nn.Module, work: Workload, pattern: Pattern, sparsity: float) -> None:
     kwargs = pattern.prune_kwargs()
     if criterion == "magnitude":
-        prune_(model, sparsity=sparsity, norm="l2", filter_fn=work.filter_fn, **kwargs)
+        prune_(model, sparsity=sparsity, norm="l2", filter_fn=work.filter_fn, scope=work.scope, **kwargs)
     elif criterion == "wanda":
         scores = wanda_scores(model, work.calibration,
                               names=[n for n, m in model.named_modules() if work.filter_fn(n, m)])
-        prune_(model, sparsity=sparsity, norm="l1", filter_fn=work.filter_fn, importance=scores, **kwargs)
+        prune_(model, sparsity=sparsity, norm="l1", filter_fn=work.filter_fn, importance=scores, scope=work.scope,
+               **kwargs)
     elif criterion == "sparsegpt":
         sparsegpt_(model, work.calibration, sparsity=sparsity, filter_fn=work.filter_fn, **kwargs)
     else:

@@ -37,6 +37,7 @@ class Workload:
     quality_name: str = "cosine"
     distill_kwargs: dict = field(default_factory=dict)
     lr: float = 1e-4
+    scope: str = "layer"     # prune_'s scope for magnitude and Wanda (SparseGPT prunes each layer on its own)
 
 
 def _minilm(seed: int, train_sentences: int) -> Workload:
@@ -96,7 +97,9 @@ def _digits_mlp(seed: int, train_sentences: int) -> Workload:
         filter_fn=lambda name, module: name in ("fc1", "fc2"),
         calibration=batches[:8], validation=[x_val], train=batches, evaluate=evaluate,
         quick_quality=lambda model: accuracy(model, x_val, y_val), timing_inputs=x_test[:360],
-        quality_name="accuracy", distill_kwargs={"loss": "logits"}, lr=1e-3)
+        quality_name="accuracy", distill_kwargs={"loss": "logits"}, lr=1e-3,
+        # global: the 64-input fc1 keeps more of its blocks than the 256-input fc2 (as in the demo)
+        scope="global")
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {"minilm": _minilm, "digits-mlp": _digits_mlp}
