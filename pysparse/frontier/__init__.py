@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps for the points on the sweep's Pareto front, run again (0: none)")
     parser.add_argument("--criteria", default="magnitude,wanda,sparsegpt",
                         help="one-shot criteria tried at each point (the best on a validation split is kept)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="first distil the dense model with a group-lasso penalty of this strength over the "
+                             "pattern's groups (the article's method), then prune it")
+    parser.add_argument("--penalty-steps", type=int, default=None, help="steps of the penalised run (default: --steps)")
     parser.add_argument("--quality", type=float, default=None, help="least mean cosine (digits: accuracy)")
     parser.add_argument("--agreement", type=float, default=None, help="least nearest-neighbour agreement")
     parser.add_argument("--point", default=None, help="PATTERN,SPARSITY: run this one point (e.g. 16x1,0.7)")
@@ -85,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--criteria must name some of {CRITERIA}, got {args.criteria!r}")
         if args.save and args.point is None:
             raise ValueError("--save needs --point (it saves that one point's model)")
+        if args.alpha is not None and not args.alpha > 0:
+            raise ValueError(f"--alpha must be > 0, got {args.alpha}")
         if args.steps < 0 or args.full_steps < 0:
             raise ValueError(f"--steps and --full-steps must be >= 0, got {args.steps} and {args.full_steps}")
     except ValueError as exc:
@@ -98,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
     points, models = [], []
     for pattern, sparsity in sweep:
         print(f"[frontier] {work.name}: {pattern.name} at {sparsity:.0%}, {steps} steps", flush=True)
-        record, sparse = run_point(work, pattern, sparsity, steps=steps, criteria=criteria, progress=args.progress)
+        record, sparse = run_point(work, pattern, sparsity, steps=steps, criteria=criteria, progress=args.progress,
+                                   alpha=args.alpha, penalty_steps=args.penalty_steps or steps)
         points.append(record)
         models.append(sparse)
         print(format_table([record], quality_name=work.quality_name, chosen=None, front=[]), flush=True)

@@ -5,6 +5,9 @@ The recipe, and why:
 - one-shot: magnitude (L2), Wanda and SparseGPT each prune a copy; the one whose embeddings (accuracy) on a
   validation split, not the held-out one, stay closest to the dense model's is kept, since no criterion wins on
   every pattern (SparseGPT's weight updates help most where the pattern leaves freedom inside a group);
+- optionally first the article's method (``alpha``): the dense model distilled from itself with a group-lasso
+  penalty over the pattern's groups (:class:`pysparse.prune.SparsityRegularizer`), so that the groups the one-shot
+  step removes are already small when it removes them;
 - recovery: :func:`pysparse.prune.distill` on unlabelled training batches, the dense model as teacher, AdamW with
   a linear warm-up and a linear decay (the short budgets here leave no room for a constant-rate tail);
 - speed: ``sparsify(..., autotune=True)`` with activation fusion and fast attention, so a layer runs sparse only
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from ..analysis.timing import alternating_medians
-from ..prune import distill, prune_, remove_masks, wanda_scores
+from ..prune import SparsityRegularizer, distill, prune_, remove_masks, wanda_scores
 from ..prune.batches import call_model
 from ..prune.sparsegpt import sparsegpt_
 from ..transforms.sparsify import sparsify
@@ -48,11 +51,13 @@ def _prune_with(criterion: str, model: nn.Module, work: Workload, pattern: Patte
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
 
 
-def one_shot(work: Workload, pattern: Pattern, sparsity: float, criteria=CRITERIA) -> tuple[nn.Module, str, dict]:
-    """The teacher pruned by each criterion; returns (best masked copy, its criterion, {criterion: quality})."""
+def one_shot(work: Workload, pattern: Pattern, sparsity: float, criteria=CRITERIA, start: nn.Module | None = None
+             ) -> tuple[nn.Module, str, dict]:
+    """``start`` (default: the teacher) pruned by each criterion; returns (best masked copy, its criterion,
+    {criterion: quality})."""
     best, scores = None, {}
     for criterion in criteria:
-        student = copy.deepcopy(work.teacher)
+        student = copy.deepcopy(work.teacher if start is None else start)
         _prune_with(criterion, student, work, pattern, sparsity)
         scores[criterion] = work.quick_quality(student)
         if best is None or scores[criterion] > scores[best[1]]:
@@ -60,7 +65,19 @@ def one_shot(work: Workload, pattern: Pattern, sparsity: float, criteria=CRITERI
     return best[0], best[1], scores
 
 
-def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False) -> list[dict]:
+def penalised(work: Workload, pattern: Pattern, alpha: float, steps: int, *, progress: bool = False) -> nn.Module:
+    """A copy of the dense model distilled from the original for ``steps`` steps with ``alpha`` x the group norms of
+    the pattern's groups (group lasso; single entries: L1) added to the loss."""
+    student = copy.deepcopy(work.teacher)
+    groups = "block" if pattern.pattern == "block" else "unstructured"
+    reg = SparsityRegularizer(student, alpha=alpha, pattern=groups, block_size=pattern.block_size,
+                              norm="group" if groups == "block" else "l1", filter_fn=work.filter_fn)
+    recover(student, work, steps, progress=progress, regularizer=reg)
+    return student
+
+
+def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False, regularizer=None
+            ) -> list[dict]:
     """Distil ``student`` (masks held) from the dense teacher for ``steps`` steps."""
     if steps == 0:
         return []
@@ -70,7 +87,7 @@ def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     return distill(student, work.teacher, work.train, optimizer, steps=steps, lr_scheduler=schedule,
-                   progress=progress, **work.distill_kwargs)
+                   progress=progress, regularizer=regularizer, **work.distill_kwargs)
 
 
 @torch.no_grad()
@@ -94,10 +111,13 @@ def measure_speed(work: Workload, pruned: nn.Module, pattern: Pattern, *, rounds
 
 
 def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, criteria=CRITERIA,
-              progress: bool = False, timing_rounds: int = 3) -> tuple[dict, nn.Module]:
-    """One point of the frontier: returns (its record, the packed model)."""
+              progress: bool = False, timing_rounds: int = 3, alpha: float | None = None,
+              penalty_steps: int = 0) -> tuple[dict, nn.Module]:
+    """One point of the frontier: returns (its record, the packed model). With ``alpha``, ``penalty_steps`` of
+    penalised distillation come before the one-shot step (:func:`penalised`)."""
     start = time.perf_counter()
-    student, criterion, one_shot_scores = one_shot(work, pattern, sparsity, criteria)
+    base = penalised(work, pattern, alpha, penalty_steps, progress=progress) if alpha else None
+    student, criterion, one_shot_scores = one_shot(work, pattern, sparsity, criteria, start=base)
     one_shot_quality = work.evaluate(student)
     history = recover(student, work, steps, progress=progress)
     minutes = (time.perf_counter() - start) / 60
@@ -106,7 +126,8 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
     speedup, speedup_same, sparse = measure_speed(work, student, pattern, rounds=timing_rounds)
     record = {
         "pattern": pattern.name, "block_size": list(pattern.block_size), "sparsity": sparsity,
-        "criterion": criterion, "steps": steps, "minutes": round(minutes, 2),
+        "criterion": criterion if not alpha else f"{criterion} after penalty alpha={alpha:g} ({penalty_steps} steps)",
+        "steps": steps + (penalty_steps if alpha else 0), "minutes": round(minutes, 2),
         "cosine": quality["cosine"], "top1": quality["top1"],
         "speedup": speedup, "speedup_same_options": speedup_same,
         "one_shot": {"criteria": one_shot_scores, "cosine": one_shot_quality["cosine"],
