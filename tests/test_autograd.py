@@ -211,21 +211,3 @@ def test_trainable_state_dict_keeps_parameter():
     assert torch.equal(layer.weight.to_dense(), other.weight.to_dense())
     if other.values.shape == w.values.shape:
         assert layer.values is param   # optimizers keep training the loaded values
-
-
-def test_compiled_backward_matches_eager():
-    torch._dynamo.reset()
-    w = _block_sparse(48, 40, (16, 8), 0.5)
-    layer = SparseLinear(w, torch.randn(48), trainable=True)
-    x = torch.randn(3, 5, 40, requires_grad=True)
-
-    def step(m, inp):
-        return (m(inp) ** 2).sum()
-
-    step(layer, x).backward()
-    eager = [t.grad.clone() for t in (x, layer.values, layer.bias)]
-    for t in (x, layer.values, layer.bias):
-        t.grad = None
-    torch.compile(step, backend="aot_eager", fullgraph=True)(layer, x).backward()
-    for got, want in zip((x.grad, layer.values.grad, layer.bias.grad), eager):
-        assert _rel(got, want) < 1e-6
