@@ -70,5 +70,6 @@ def test_digits_point_end_to_end(tmp_path):
     assert point["pattern"] == "16x16" and point["sparsity"] == 0.8 and point["criterion"] in ("magnitude", "wanda")
     assert point["cosine"] > 0.5                       # accuracy of 10 classes after 80% pruning + recovery
     assert point["speedup"] > 0 and point["layers_sparse"] >= 0
+    assert len(point["measured"]["load_average"]) == 3 and point["measured"]["date"].startswith("20")
     assert result["chosen"] == 0 and result["machine"]["cpu_isa"] in ("avx512", "avx2", "generic")
     assert 0.9 < result["dense"]["cosine"] <= 1.0      # the dense MLP's own test accuracy, beside the point's

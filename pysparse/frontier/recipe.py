@@ -17,7 +17,9 @@ The recipe, and why:
 from __future__ import annotations
 
 import copy
+import os
 import time
+from datetime import datetime, timezone
 
 import torch
 from torch import nn
@@ -134,5 +136,8 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
                      "top1": one_shot_quality["top1"]},
         "final_loss": history[-1]["loss"] if history else None,
         "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
+        # a frontier built in parts (--append) mixes runs: each point keeps the conditions its speed was timed in
+        "measured": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "load_average": [round(x, 2) for x in os.getloadavg()]},
     }
     return record, sparse
