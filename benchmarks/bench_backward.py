@@ -29,7 +29,8 @@ from pysparse.ops.bsr_linear_op import bsr_linear_autograd
 
 SHAPES = ((384, 1536), (768, 3072))  # (in_features, out_features): MiniLM and BERT-base FFN
 TOKENS = (128, 1024)
-PATTERNS = tuple(((b, b), s) for b in (32, 16) for s in (0.5, 0.7, 0.9))  # (block size, sparsity)
+BLOCKS = ((32, 32), (16, 16), (16, 1))  # 16x1: column vectors, which the kernels run with their own tiles
+SPARSITIES = (0.5, 0.7, 0.9)
 
 _glue_setup, _glue_backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default)
 
@@ -98,7 +99,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds per case (median kept)")
+    ap.add_argument("--blocks", default=",".join(f"{h}x{w}" for h, w in BLOCKS),
+                    help="block sizes, comma-separated (default: %(default)s)")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values (default: %(default)s)")
     args = ap.parse_args(argv)
+    try:
+        blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
+        tokens = [int(m) for m in args.tokens.split(",")]
+    except ValueError:
+        ap.error(f"--blocks takes BHxBW,... and --tokens M,...; got {args.blocks!r} and {args.tokens!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
@@ -106,8 +115,8 @@ def main(argv=None) -> None:
     print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
-        for m in TOKENS:
-            for block, sparsity in PATTERNS:
+        for m in tokens:
+            for block, sparsity in ((b, s) for b in blocks for s in SPARSITIES):
                 ms = measure(k, n, block, sparsity, m, args.rounds)
                 print(f"| {k}->{n} | {block[0]}x{block[1]} | {sparsity:.0%} | {m} | {ms['dense']:.2f} "
                       f"| {ms['old']:.2f} | {ms['new']:.2f} | {ms['dense'] / ms['old']:.2f}x "

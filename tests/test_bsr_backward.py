@@ -26,6 +26,8 @@ CASES = [
     (40, 48, (16, 16), (6,), 0.0),        # no block kept
     (96, 80, (32, 32), (300,), 0.5),      # more tokens than one chunk
     (40, 100, (8, 48), (), 0.6),          # 1-D input, wide blocks
+    (50, 40, (16, 1), (3, 15), 0.3),      # column vectors (their own kernels), ragged last block row
+    (70, 23, (32, 1), (300,), 0.5),       # column vectors of two vectors' rows, more tokens than one chunk
 ]
 
 

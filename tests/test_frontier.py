@@ -73,3 +73,51 @@ def test_digits_point_end_to_end(tmp_path):
     assert len(point["measured"]["load_average"]) == 3 and point["measured"]["date"].startswith("20")
     assert result["chosen"] == 0 and result["machine"]["cpu_isa"] in ("avx512", "avx2", "generic")
     assert 0.9 < result["dense"]["cosine"] <= 1.0      # the dense MLP's own test accuracy, beside the point's
+
+
+def _tiny_work(seed=0):
+    import torch
+    from torch import nn
+
+    from pysparse.frontier.workloads import Workload
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    batches = [torch.randn(24, 48) for _ in range(4)]
+    return Workload(name="tiny", describe="tiny MLP", teacher=teacher, fresh=None,
+                    filter_fn=lambda name, module: isinstance(module, nn.Linear), calibration=batches,
+                    validation=batches[:1], train=batches, evaluate=None, quick_quality=None,
+                    timing_inputs=batches[0], quality_name="cosine", distill_kwargs={"loss": "hidden"}, lr=1e-2)
+
+
+def test_packed_recovery_makes_the_same_updates_as_masked_recovery():
+    """The recipe may recover through packed trainable layers instead of masked dense ones, for speed alone: both
+    from one pruned model, with the same batches and optimizer, land on the same weights, zeros kept."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    import pysparse
+    from pysparse.frontier.recipe import _unpacked, packed_for_training, recover
+    from pysparse.prune import prune_, remove_masks
+    work = _tiny_work()
+    pattern = parse_pattern("16x1")
+    masked = copy.deepcopy(work.teacher)
+    prune_(masked, sparsity=0.7, filter_fn=work.filter_fn, **pattern.prune_kwargs())
+    packed = copy.deepcopy(masked)
+    remove_masks(packed)
+    packed = pysparse.sparsify(packed, block_size=(16, 1), min_sparsity=0.3, trainable=True)
+    assert all(isinstance(m, pysparse.nn.SparseLinear) for m in (packed[0], packed[2]))
+    recover(masked, work, 5)
+    recover(packed, work, 5)
+    remove_masks(masked)
+    dense_again = _unpacked(packed)
+    for a, b in zip((masked[0], masked[2]), (dense_again[0], dense_again[2])):
+        assert type(b) is nn.Linear
+        torch.testing.assert_close(b.weight, a.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.bias, a.bias, rtol=1e-4, atol=1e-5)
+        assert torch.equal(b.weight == 0, a.weight == 0)
+        assert (a.weight == 0).float().mean() >= 0.6   # recovery kept the pruned weights at zero
+    chosen, record = packed_for_training(masked, work, pattern)   # whichever is faster here; it says which
+    assert record["layers"] in ("packed", "masked") and record["masked_ms"] > 0 and record["packed_ms"] > 0
+    assert (chosen is masked) == (record["layers"] == "masked")

@@ -200,6 +200,11 @@ int main() {
       {23, 40, 100, 48, 8, 0.6},       // tall blocks
       {260, 33, 66, 16, 24, 0.5, 2},   // chunk boundary, 1.5-vector groups
       {0, 32, 32, 16, 16, 0.5},        // no tokens: grad_values all zero
+      {45, 40, 50, 16, 1, 0.3},        // column vectors (their own tiles): ragged last block row, token tails
+      {300, 23, 70, 32, 1, 0.5, 1},    // column vectors of two vectors' rows, more tokens than one chunk, strided x
+      {21, 37, 29, 5, 1, 0.6},         // column vectors shorter than a vector, ragged
+      {9, 24, 48, 16, 1, 1.0},         // dense column vectors: more blocks per row than one tile
+      {9, 24, 48, 16, 1, 0.0},         // no column vector kept
   };
   for (const Case& c : cases) run_case(c, rng);
   return check::report("test_bsr_backward");

@@ -33,6 +33,8 @@ struct Isa {
   static constexpr int kGiVecs = 2;
   static constexpr int gi_tokens(int nv) { return nv == 1 ? 12 : 6; }
   // grad_values: 6 rows x 2 vectors, or 12 rows x 1 vector.
+  // grad_input of column vectors: 8 rows of grad_y (vectors over the tokens) in registers
+  static constexpr int kGiColumnRows = 8;
   static constexpr int kGvVecs = 2;
   static constexpr int gv_rows(int nv) { return nv == 1 ? 12 : 6; }
   static __m256i mask(int n) {

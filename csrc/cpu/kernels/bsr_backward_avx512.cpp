@@ -37,6 +37,8 @@ struct Isa {
   static constexpr int kGiVecs = 2;
   static constexpr int gi_tokens(int nv) { return nv == 1 ? 16 : 12; }
   // grad_values: 8 rows x 2 vectors (32 wide blocks: 4 tiles per block); one vector takes 16 rows.
+  // grad_input of column vectors: 16 rows of grad_y (vectors over the tokens) in registers
+  static constexpr int kGiColumnRows = 16;
   static constexpr int kGvVecs = 2;
   static constexpr int gv_rows(int nv) { return nv == 1 ? 16 : 8; }
   static __mmask16 mask(int n) { return n <= 0 ? 0 : n >= L ? 0xffff : __mmask16((1u << n) - 1); }

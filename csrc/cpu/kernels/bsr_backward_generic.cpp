@@ -19,6 +19,8 @@ struct Isa {
   };
   static constexpr int kGiVecs = 2;
   static constexpr int gi_tokens(int) { return 4; }
+  // grad_input of column vectors: 8 rows of grad_y (vectors over the tokens) in registers
+  static constexpr int kGiColumnRows = 8;
   static constexpr int kGvVecs = 2;
   static constexpr int gv_rows(int) { return 4; }
   static V zero() { return V{}; }

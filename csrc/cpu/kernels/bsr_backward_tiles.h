@@ -14,6 +14,11 @@
 // into a per-item row-major scratch, once per work item. Work items are (token chunk, block column) pairs, chunk
 // major, handed out dynamically: the grad_y rows of a chunk stay in cache while its block columns are worked.
 //
+// Column vectors (bw == 1, e.g. 16x1) would use one lane of L in those tiles, so both products have their own:
+// grad_input runs its vectors over L tokens (register tile = up to kGiColumnRows rows of a block row's grad_y,
+// reused by every block of the row, each weight broadcast), grad_values groups the blocks of a block row (register
+// tile = R blocks x the vectors of bh rows, each block's x column broadcast per token).
+//
 // grad_values (SDDMM): for a kept block, out[a][b] = sum_t A[t][a] * B[t][b] with (A, B) = (grad_y's block rows,
 // x's block columns) for row-major blocks, (x's, grad_y's) for block-transposed ones: both layouts are one kernel,
 // written straight into the gradient's storage. Register tile = R rows a x NV vectors of b over the tokens of a
@@ -119,9 +124,93 @@ void gi_dispatch(int nv, bool tail, const float* gy, const float* const* w, cons
   gi_group<NV>(tail, gy, w, rows, n, p, wn, gx, out_n, t0, t1);
 }
 
+// ---- grad_input, column vectors (bw == 1) ----------------------------------------------------------------------
+// Per block row, for L tokens: g[i] = grad_y[tokens][r*bh + i0 + i] as vectors over the tokens, held in registers
+// (reused by every block of the row), then for each block of the row gxT[c] += sum_i w[i] * g[i] with w[i]
+// broadcast. gxT is the item's [K][L] accumulator (grad_x transposed), acc splits the sum for latency. ni (<= RB)
+// rows are valid: the rest of the block is padding past N, never read.
+template <int RB>
+PYSPARSE_BWD_NOINLINE void gi_column_row(const float* gyt, int ni, const float* values, const int32_t* ids,
+                                         const int32_t* cols, int64_t n, int64_t bh, float* gxt) {
+  V g[RB];
+  PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) g[i] = i < ni ? Isa::load(gyt + i * L) : Isa::zero();
+  for (int64_t e = 0; e < n; ++e) {
+    const float* w = values + int64_t(ids[e]) * bh;
+    float* o = gxt + int64_t(cols[e]) * L;
+    V acc[4] = {Isa::load(o), Isa::zero(), Isa::zero(), Isa::zero()};
+    if (ni == RB) {
+      PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) acc[i % 4] = Isa::fma(g[i], Isa::bcast(w + i), acc[i % 4]);
+    } else {
+      for (int i = 0; i < ni; ++i) acc[0] = Isa::fma(Isa::load(gyt + i * L), Isa::bcast(w + i), acc[0]);
+    }
+    Isa::store(o, Isa::add(Isa::add(acc[0], acc[1]), Isa::add(acc[2], acc[3])));
+  }
+}
+
+// dst[j * ldd + t] = src[t * lds + j] for the n columns of tn <= L rows, t < L (zero past tn): L x L tiles through a
+// scratch block, so that the strided side moves whole vectors (a column walk would take a cache line per element).
+void transpose_rows(const float* src, int64_t lds, int64_t n, int64_t tn, float* dst, int64_t ldd) {
+  alignas(64) float tile[L][L];
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    const int64_t w = std::min<int64_t>(L, n - j0);
+    for (int64_t t = 0; t < L; ++t) {
+      const V v = t < tn ? Isa::load_n(src + t * lds + j0, int(w)) : Isa::zero();
+      Isa::store(tile[t], v);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      PYSPARSE_BWD_UNROLL for (int t = 0; t < L; ++t) dst[(j0 + j) * ldd + t] = tile[t][j];
+    }
+  }
+}
+
+// Work items are groups of L tokens (dynamic): each walks the block rows in order with its own grad_x^T accumulator
+// and writes its tokens' rows of grad_x once at the end; no output is shared. The row order of the blocks is rebuilt
+// from the column index (O(nnz), small next to the product).
+void grad_input_columns(const float* gy, const float* values, const int32_t* col_ptr, const int32_t* entries,
+                        float* gx, const BsrProblem& p, int num_threads) {
+  constexpr int RB = Isa::kGiColumnRows;
+  std::vector<int32_t> row_start(size_t(p.n_block_rows + 1), 0), ids(size_t(p.nnz)), cols(size_t(p.nnz));
+  for (int64_t e = 0; e < p.nnz; ++e) ++row_start[size_t(entries[2 * e]) + 1];
+  for (int64_t r = 0; r < p.n_block_rows; ++r) row_start[r + 1] += row_start[r];
+  {
+    std::vector<int32_t> next(row_start.begin(), row_start.end() - 1);
+    for (int64_t c = 0; c < p.n_block_cols; ++c) {
+      for (int32_t e = col_ptr[c]; e < col_ptr[c + 1]; ++e) {
+        const int32_t slot = next[entries[2 * e]]++;
+        ids[slot] = entries[2 * e + 1];
+        cols[slot] = int32_t(c);
+      }
+    }
+  }
+  const int64_t n_groups = (p.M + L - 1) / L;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> gxt(size_t(p.K * L)), gyt(size_t(p.N * L));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_groups; ++item) {
+      const int64_t t0 = item * L, tn = std::min<int64_t>(L, p.M - t0);
+      std::fill(gxt.begin(), gxt.end(), 0.0f);
+      // grad_y's rows of the group, transposed: gyt[j][t] (tokens past tn are 0)
+      transpose_rows(gy + t0 * p.N, p.N, p.N, tn, gyt.data(), L);
+      for (int64_t r = 0; r < p.n_block_rows; ++r) {
+        const int64_t n = row_start[r + 1] - row_start[r], ih = std::min(p.bh, p.N - r * p.bh);
+        if (n == 0) continue;
+        for (int64_t i0 = 0; i0 < ih; i0 += RB) {
+          gi_column_row<RB>(gyt.data() + (r * p.bh + i0) * L, int(std::min<int64_t>(RB, ih - i0)), values + i0,
+                            ids.data() + row_start[r], cols.data() + row_start[r], n, p.bh, gxt.data());
+        }
+      }
+      for (int64_t t = 0; t < tn; ++t) {
+        for (int64_t c = 0; c < p.K; ++c) gx[(t0 + t) * p.K + c] = gxt[size_t(c * L + t)];
+      }
+    }
+  }
+}
+
 void grad_input(const float* gy, const float* values, bool transposed, const int32_t* col_ptr,
                 const int32_t* entries, float* gx, const BsrProblem& p, int num_threads) {
   if (p.M == 0 || p.K == 0) return;
+  if (p.bw == 1) return grad_input_columns(gy, values, col_ptr, entries, gx, p, num_threads);  // never transposed
   const int64_t bh = p.bh, bw = p.bw, block = bh * bw;
   const int64_t chunk = transposed ? kGiChunkTransposed : kGiChunk;
   const int64_t n_chunks = (p.M + chunk - 1) / chunk;
@@ -173,6 +262,22 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
 }
 
 // ---- grad_values --------------------------------------------------------------------------------------------
+// Writes (accumulate: adds) R rows x the first gw columns of a register tile to out (row stride ldo).
+template <int R, int NV>
+inline void gv_store(const V (&acc)[R][NV], float* out, int64_t ldo, int gw, bool accumulate) {
+  PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+      float* o = out + r * ldo + v * L;
+      const int k = lanes(gw, v);
+      if (k == L) {
+        Isa::store(o, accumulate ? Isa::add(Isa::load(o), acc[r][v]) : acc[r][v]);
+      } else if (k > 0) {
+        Isa::store_n(o, accumulate ? Isa::add(Isa::load_n(o, k), acc[r][v]) : acc[r][v], k);
+      }
+    }
+  }
+}
+
 // R rows x NV vectors: out[r][0 : gw] (+)= sum over nt tokens of a[t][r] * b[t][0 : bn], zero past bn. kTail: the
 // loads are masked to bn columns (bn < NV*L); accumulate: add to what out holds (a later token chunk).
 template <int R, int NV, bool kTail>
@@ -192,17 +297,7 @@ PYSPARSE_BWD_NOINLINE void gv_tile(const float* a, int64_t lda, const float* b, 
       PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fma(bv[v], s, acc[r][v]);
     }
   }
-  PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
-    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
-      float* o = out + r * ldo + v * L;
-      const int k = lanes(gw, v);
-      if (k == L) {
-        Isa::store(o, accumulate ? Isa::add(Isa::load(o), acc[r][v]) : acc[r][v]);
-      } else if (k > 0) {
-        Isa::store_n(o, accumulate ? Isa::add(Isa::load_n(o, k), acc[r][v]) : acc[r][v], k);
-      }
-    }
-  }
+  gv_store<R, NV>(acc, out, ldo, gw, accumulate);
 }
 
 // Rows [0, na) of one column group: full tiles, then the rest in tiles of 4, 2, 1.
@@ -254,6 +349,72 @@ void gv_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
   }
 }
 
+// Column vectors (bw == 1): R blocks of one block row x NV vectors of its bh rows: out[r][0 : gw] (+)= sum over nt
+// tokens of xa[r][t] * b[t][0 : bn] (xa[r]: block r's x column, contiguous over tokens; b: the block row's grad_y
+// slab), zero past bn. The blocks of a block row are consecutive in storage, so block r's gradient is out + r * ldo.
+template <int R, int NV, bool kTail>
+PYSPARSE_BWD_NOINLINE void gv_column_tile(const float* const* xa, const float* b, int64_t ldb, int64_t nt, int bn,
+                                          float* out, int64_t ldo, int gw, bool accumulate) {
+  V acc[R][NV];
+  PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Isa::zero();
+  }
+  for (int64_t t = 0; t < nt; ++t, b += ldb) {
+    V bv[NV];
+    PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
+      bv[v] = kTail ? Isa::load_n(b + v * L, bn - v * L) : Isa::load(b + v * L);
+    }
+    PYSPARSE_BWD_UNROLL for (int r = 0; r < R; ++r) {
+      const V s = Isa::bcast(xa[r] + t);
+      PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fma(bv[v], s, acc[r][v]);
+    }
+  }
+  gv_store<R, NV>(acc, out, ldo, gw, accumulate);
+}
+
+// The n blocks of one block row in tiles of R (at most 8: one general register per block's x pointer), then 4, 2, 1.
+template <int NV, bool kTail>
+void gv_column_blocks(const float* const* xa, int64_t n, const float* b, int64_t ldb, int64_t nt, int bn, float* out,
+                      int64_t ldo, int gw, bool accumulate) {
+  constexpr int R = std::min(8, Isa::gv_rows(NV));
+  int64_t r = 0;
+  for (; r + R <= n; r += R) gv_column_tile<R, NV, kTail>(xa + r, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  if constexpr (R > 4) {
+    for (; r + 4 <= n; r += 4) gv_column_tile<4, NV, kTail>(xa + r, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  }
+  if constexpr (R > 2) {
+    for (; r + 2 <= n; r += 2) gv_column_tile<2, NV, kTail>(xa + r, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+  }
+  for (; r < n; ++r) gv_column_tile<1, NV, kTail>(xa + r, b, ldb, nt, bn, out + r * ldo, ldo, gw, accumulate);
+}
+
+template <int NV = Isa::kGvVecs>
+void gv_column_dispatch(int nv, bool tail, const float* const* xa, int64_t n, const float* b, int64_t ldb, int64_t nt,
+                        int bn, float* out, int64_t ldo, int gw, bool accumulate) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return gv_column_dispatch<NV - 1>(nv, tail, xa, n, b, ldb, nt, bn, out, ldo, gw, accumulate);
+  }
+  if (tail) {
+    gv_column_blocks<NV, true>(xa, n, b, ldb, nt, bn, out, ldo, gw, accumulate);
+  } else {
+    gv_column_blocks<NV, false>(xa, n, b, ldb, nt, bn, out, ldo, gw, accumulate);
+  }
+}
+
+// All n blocks of a block row of column vectors over the nt tokens of a chunk: out is their [n][bh] storage, xa
+// their x columns, b the row's grad_y slab ([nt][bh]); rows of the block past vr are padding (written 0).
+void gv_column_row(const float* const* xa, int64_t n, const float* b, int64_t nt, bool accumulate, float* out,
+                   int64_t bh, int64_t vr) {
+  constexpr int64_t G = Isa::kGvVecs * L;
+  for (int64_t b0 = 0; b0 < bh; b0 += G) {
+    const int gw = int(std::min(G, bh - b0));
+    const int bn = int(std::max<int64_t>(0, std::min<int64_t>(gw, vr - b0)));
+    const int nv = (gw + L - 1) / L;
+    // bn == 0 (all padding) runs too: masked loads of nothing, zeros written
+    gv_column_dispatch(nv, bn < nv * L, xa, n, b + b0, bh, nt, bn, out + b0, bh, gw, accumulate);
+  }
+}
+
 // Copies rows [0, nt) x columns [0, n) of src (row stride ld) to dst with row stride w: a chunk of one block row's
 // (or block column's) slice, made contiguous so the tiles stream it with unit stride (no page per token).
 void pack_slab(const float* src, int64_t ld, int64_t nt, int64_t n, int64_t w, float* dst) {
@@ -278,17 +439,31 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
     const int64_t r_begin = std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
     const int64_t r_end = std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
     std::vector<float> gy_slab(size_t(kGvChunk * bh));
+    std::vector<const float*> xa;  // column vectors: the x column of each block of the row
     for (int64_t t0 = 0; t0 < p.M; t0 += kGvChunk) {
       const int64_t tn = std::min(kGvChunk, p.M - t0);
+      if (bw == 1) {  // each slab is one column of x over the chunk: transposed L tokens at a time
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < p.n_block_cols; ++c) {
-        pack_slab(x + t0 * p.ldx + c * bw, p.ldx, tn, std::min(bw, p.K - c * bw), bw,
-                  x_slabs.data() + c * kGvChunk * bw);
+        for (int64_t g = 0; g < tn; g += L) {
+          transpose_rows(x + (t0 + g) * p.ldx, p.ldx, p.K, std::min<int64_t>(L, tn - g), x_slabs.data() + g, kGvChunk);
+        }
+      } else {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < p.n_block_cols; ++c) {
+          pack_slab(x + t0 * p.ldx + c * bw, p.ldx, tn, std::min(bw, p.K - c * bw), bw,
+                    x_slabs.data() + c * kGvChunk * bw);
+        }
       }  // implicit barrier: every slab is packed
       for (int64_t r = r_begin; r < r_end; ++r) {
         if (crow[r] == crow[r + 1]) continue;
         const int64_t vr = std::min(bh, p.N - r * bh);  // rows of the block row inside grad_y
         pack_slab(gy + t0 * p.N + r * bh, p.N, tn, vr, bh, gy_slab.data());
+        if (bw == 1) {  // column vectors: never block-transposed
+          xa.clear();
+          for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) xa.push_back(x_slabs.data() + col[blk] * kGvChunk);
+          gv_column_row(xa.data(), int64_t(xa.size()), gy_slab.data(), tn, t0 > 0, gv + crow[r] * bh, bh, vr);
+          continue;
+        }
         for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) {
           const int64_t c = col[blk], vc = std::min(bw, p.K - c * bw);
           const float* xs = x_slabs.data() + c * kGvChunk * bw;
