@@ -1,10 +1,10 @@
 """``python -m pysparse frontier``: how much faster a model gets while it still does its job.
 
-For each pattern x sparsity: the best one-shot criterion, distillation from the dense model for a fixed step
-budget (the points on the Pareto front of a sweep then get the full budget), held-out quality, and the end-to-end
-speedup measured in the same process. Writes a table, JSON and a PNG; ``--quality`` / ``--agreement`` pick the
-fastest point that keeps both; ``--point PATTERN,SPARSITY --save PATH`` runs one point with the full recipe and
-saves the packed model with :func:`pysparse.save`.
+For each pattern x sparsity: the best one-shot criterion, distillation from the dense model for a fixed step budget
+(through packed trainable layers where that is measured faster; the points on the Pareto front of a sweep then get
+the full budget), held-out quality, and the end-to-end speedup measured in the same process. Writes a table, JSON
+and a PNG; ``--quality`` / ``--agreement`` pick the fastest point that keeps both; ``--point PATTERN,SPARSITY --save
+PATH`` runs one point with the full recipe and saves the packed model with :func:`pysparse.save`.
 """
 from __future__ import annotations
 
