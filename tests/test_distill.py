@@ -213,3 +213,21 @@ def test_bad_input(tmp_path):
         distill(student, teacher, data, opt, steps=1, resume=True, progress=False)
     with pytest.raises(ValueError, match="eval_every needs eval_fn"):
         distill(student, teacher, data, opt, steps=1, eval_every=2, progress=False)
+
+
+def test_dropout_off_trains_as_without_dropout_and_restores_p():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    with_dropout = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 8))
+    without = copy.deepcopy(with_dropout)
+    without[2].p = 0.0
+    data = [torch.randn(6, 12) for _ in range(3)]
+    for model, dropout in ((with_dropout, False), (without, True)):
+        torch.manual_seed(1)
+        distill(model, teacher, data, torch.optim.SGD(model.parameters(), lr=0.1), steps=4, progress=False,
+                dropout=dropout)
+    assert with_dropout[2].p == 0.5
+    for a, b in zip(with_dropout.parameters(), without.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dropout"):
+        distill(without, teacher, data, torch.optim.SGD(without.parameters(), lr=0.1), steps=1, dropout="no")

@@ -20,7 +20,6 @@ The recipe, and why:
 from __future__ import annotations
 
 import copy
-import os
 import time
 from datetime import datetime, timezone
 
@@ -28,8 +27,11 @@ import torch
 from torch import nn
 
 from ..analysis.timing import alternating_medians
+from ..bench.environment import cpu_model, load_average
+from ..ops import available_backends
 from ..prune import SparsityRegularizer, distill, prune_, remove_masks, wanda_scores
 from ..prune.batches import call_model
+from ..prune.recovery import dropout_off
 from ..prune.sparsegpt import sparsegpt_
 from ..transforms.sparsify import sparsify
 from ..transforms.attention_switch import use_pysparse_attention
@@ -81,14 +83,24 @@ def penalised(work: Workload, pattern: Pattern, alpha: float, steps: int, *, pro
     return student
 
 
+def _train_only(model: nn.Module, work: Workload) -> nn.Module:
+    """``model`` with the parameters that recovery does not train frozen (``work.trained``)."""
+    for name, param in model.named_parameters():
+        if not work.trained(name):
+            param.requires_grad_(False)
+    return model
+
+
 def _train_seconds(model: nn.Module, batch) -> float:
-    """Median seconds of one forward + backward of ``model`` on ``batch`` (gradients cleared after)."""
+    """Median seconds of one forward + backward of ``model`` on ``batch`` as recovery runs it (dropout off; gradients
+    cleared after)."""
     def step():
         with torch.enable_grad():  # the timer runs under no_grad
             out = call_model(model, batch)
             out = out if isinstance(out, torch.Tensor) else out[0]
             out.float().square().mean().backward()
-    seconds = alternating_medians({"step": step}, rounds=3, min_run_time=0.3)["step"]
+    with dropout_off(model):
+        seconds = alternating_medians({"step": step}, rounds=3, min_run_time=0.3)["step"]
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -105,6 +117,7 @@ def packed_for_training(student: nn.Module, work: Workload, pattern: Pattern) ->
     """(the model to distil, what was chosen): ``student`` with its masks made permanent, packed trainable where one
     timed forward + backward on a training batch runs faster packed than masked dense, else ``student`` itself
     (masks held). The record says which and the two timings."""
+    _train_only(student, work)
     packed = copy.deepcopy(student)
     remove_masks(packed)  # the pruned weights are zeros from here; the packed layers hold only the kept ones
     packed = sparsify(packed, block_size=pattern.block_size, min_sparsity=0.3, filter_fn=work.filter_fn,
@@ -120,16 +133,19 @@ def packed_for_training(student: nn.Module, work: Workload, pattern: Pattern) ->
 
 def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False, regularizer=None
             ) -> list[dict]:
-    """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps."""
+    """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps: dropout
+    off (the student chases the teacher's exact outputs), only
+    ``work.trained`` parameters updated."""
     if steps == 0:
         return []
+    _train_only(student, work)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=work.lr,
                                   weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     return distill(student, work.teacher, work.train, optimizer, steps=steps, lr_scheduler=schedule,
-                   progress=progress, regularizer=regularizer, **work.distill_kwargs)
+                   progress=progress, regularizer=regularizer, dropout=False, **work.distill_kwargs)
 
 
 @torch.no_grad()
@@ -179,8 +195,10 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
         "final_loss": history[-1]["loss"] if history else None,
         "recovery_layers": training_layers,
         "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
-        # a frontier built in parts (--append) mixes runs: each point keeps the conditions its speed was timed in
-        "measured": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "load_average": [round(x, 2) for x in os.getloadavg()]},
+        # a frontier built in parts (--append) mixes runs, even machines: each point keeps what its speed was
+        # timed on and under what load
+        "measured": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+                     "cpu_isa": available_backends()["cpu"], "threads": torch.get_num_threads(),
+                     "load_average": load_average()},
     }
     return record, sparse
