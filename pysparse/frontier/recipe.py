@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import copy
 import time
-from datetime import datetime, timezone
 
 import torch
 from torch import nn
 
 from ..analysis.timing import alternating_medians
-from ..bench.environment import cpu_model, load_average
-from ..ops import available_backends
+from ..bench.environment import collect
 from ..prune import SparsityRegularizer, distill, prune_, remove_masks, wanda_scores
 from ..prune.batches import call_model
 from ..prune.recovery import dropout_off
@@ -133,9 +131,8 @@ def packed_for_training(student: nn.Module, work: Workload, pattern: Pattern) ->
 
 def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False, regularizer=None
             ) -> list[dict]:
-    """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps: dropout
-    off (the student chases the teacher's exact outputs), only
-    ``work.trained`` parameters updated."""
+    """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps, dropout
+    off (the student chases the teacher's exact outputs), only the ``work.trained`` parameters updated."""
     if steps == 0:
         return []
     _train_only(student, work)
@@ -184,6 +181,7 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
     remove_masks(student)
     quality = work.evaluate(student)
     speedup, speedup_same, sparse = measure_speed(work, student, pattern, rounds=timing_rounds)
+    environment = collect("cpu")
     record = {
         "pattern": pattern.name, "block_size": list(pattern.block_size), "sparsity": sparsity,
         "criterion": criterion if not alpha else f"{criterion} after penalty alpha={alpha:g} ({penalty_steps} steps)",
@@ -197,8 +195,6 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
         "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
         # a frontier built in parts (--append) mixes runs, even machines: each point keeps what its speed was
         # timed on and under what load
-        "measured": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-                     "cpu_isa": available_backends()["cpu"], "threads": torch.get_num_threads(),
-                     "load_average": load_average()},
+        "measured": {key: environment[key] for key in ("date", "cpu", "cpu_isa", "threads", "load_average")},
     }
     return record, sparse
