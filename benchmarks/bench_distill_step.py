@@ -6,9 +6,10 @@ Students, all from the pretrained encoder with its 36 encoder Linear layers prun
   * dense: not pruned (the cost of a dense fine-tuning step);
   * masked PATTERN: ``prune_`` masks held (what recovery ran on before the backward kernels);
   * packed PATTERN: the same weights through ``sparsify(trainable=True)`` (the forward and backward kernels).
-Timed interleaved (each student once per round, the median of rounds kept).
+Timed interleaved (each student once per round, the median of rounds kept). ``--recovery`` times the step as the
+frontier's recovery runs it: dropout off, the embeddings frozen (only the encoder trained), the ``"embedding"`` loss.
 
-    python benchmarks/bench_distill_step.py [--length 64] [--patterns 16x1:0.7,32x32:0.9] [--rounds 3]
+    python benchmarks/bench_distill_step.py [--length 64] [--patterns 16x1:0.7,32x32:0.9] [--rounds 3] [--recovery]
 """
 from __future__ import annotations
 
@@ -44,10 +45,11 @@ def _students(teacher: nn.Module, patterns: list[tuple[tuple[int, int], float]])
     return students
 
 
-def _seconds_per_step(student, teacher, batches, steps: int) -> float:
+def _seconds_per_step(student, teacher, batches, steps: int, recovery: bool) -> float:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
     start = time.perf_counter()
-    distill(student, teacher, batches, optimizer, steps=steps, progress=False, loss="hidden")
+    distill(student, teacher, batches, optimizer, steps=steps, progress=False,
+            loss="embedding" if recovery else "hidden", dropout=not recovery)
     return (time.perf_counter() - start) / steps
 
 
@@ -58,6 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6, help="steps per timing (after 2 warm-up steps)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recovery", action="store_true",
+                    help="the frontier's recovery step: dropout off, embeddings frozen, the embedding loss")
     args = ap.parse_args(argv)
     try:
         patterns = [(tuple(int(v) for v in p.split(":")[0].split("x")), float(p.split(":")[1]))
@@ -70,14 +74,19 @@ def main(argv=None) -> None:
     batches = [dict(tokenizer(text[i:i + 16], padding="max_length", truncation=True, max_length=args.length,
                               return_tensors="pt")) for i in range(0, len(text), 16)]
     students = _students(teacher, patterns)
+    if args.recovery:
+        for student in students.values():
+            for name, param in student.named_parameters():
+                param.requires_grad_(name.startswith("encoder."))
     for student in students.values():  # warm-up: first-call allocations, the column indexes
-        _seconds_per_step(student, teacher, batches[:2], 2)
+        _seconds_per_step(student, teacher, batches[:2], 2, args.recovery)
     times = {name: [] for name in students}
     for _ in range(args.rounds):
         for name, student in students.items():
-            times[name].append(_seconds_per_step(student, teacher, batches, args.steps))
+            times[name].append(_seconds_per_step(student, teacher, batches, args.steps, args.recovery))
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(f"# MiniLM-L6 distillation step, batch 16 x {args.length} tokens, {torch.get_num_threads()} threads, CPU "
+    step = "recovery" if args.recovery else "distillation"
+    print(f"# MiniLM-L6 {step} step, batch 16 x {args.length} tokens, {torch.get_num_threads()} threads, CPU "
           f"path {pysparse.ops.available_backends()['cpu']}, load average {os.getloadavg()[0]:.2f}")
     print("| student | ms per step | vs masked (same pattern) | vs dense student |")
     print("|---|---|---|---|")

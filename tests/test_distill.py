@@ -43,7 +43,7 @@ def check_masks_held(model, masks):
         assert bool((model.get_submodule(name).weight[~mask] == 0).all())
 
 
-@pytest.mark.parametrize("loss", ["hidden", "logits"])
+@pytest.mark.parametrize("loss", ["hidden", "embedding", "logits"])
 def test_distill_lowers_the_loss_and_keeps_the_masks(loss):
     teacher = mlp().eval()
     student = copy.deepcopy(teacher)
@@ -57,6 +57,50 @@ def test_distill_lowers_the_loss_and_keeps_the_masks(loss):
     assert gap(student, teacher, data) < before
     check_masks_held(student, masks)
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+
+
+class Tokens(nn.Module):
+    """A stand-in encoder on dict batches: token vectors [B, T, D], with noise added at the ``noisy`` positions."""
+
+    def __init__(self, noisy=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(20, 8)
+        self.noisy = noisy
+
+    def forward(self, input_ids, attention_mask):
+        out = self.table(input_ids)
+        return out if self.noisy is None else out + 5.0 * self.noisy.unsqueeze(-1) * torch.randn_like(out)
+
+
+@pytest.mark.parametrize("loss", ["hidden", "embedding"])
+def test_hidden_losses_leave_padding_out(loss):
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[3, 1:] = 0
+    teacher, student = Tokens(), Tokens(noisy=mask == 0)
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    frozen = torch.optim.SGD(student.parameters(), lr=0.0)
+    history = distill(student, teacher, data, frozen, steps=1, loss=loss, progress=False)
+    assert history[0]["loss"] == pytest.approx(0.0, abs=1e-6)     # the outputs differ at padding only
+    mask[1, 3] = 1                                                 # now one noisy position counts
+    history = distill(student, teacher, data, frozen, steps=1, loss=loss, progress=False)
+    assert history[0]["loss"] > 0.01
+
+
+def test_embedding_loss_adds_the_pooled_cosine():
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(2))
+    data = [{"input_ids": ids, "attention_mask": torch.ones(3, 5, dtype=torch.long)}]
+    teacher, student = Tokens(), Tokens()
+    with torch.no_grad():
+        student.table.weight.mul_(-1.0).add_(0.3)
+    frozen = torch.optim.SGD(student.parameters(), lr=0.0)
+    hidden = distill(student, teacher, data, frozen, steps=1, loss="hidden", progress=False)[0]["loss"]
+    embedding = distill(student, teacher, data, frozen, steps=1, loss="embedding", progress=False)[0]["loss"]
+    with torch.no_grad():
+        s, t = student(**data[0]).mean(1), teacher(**data[0]).mean(1)
+    assert embedding - hidden == pytest.approx((1 - F.cosine_similarity(s, t, dim=-1)).mean().item(), rel=1e-5)
 
 
 def test_distill_with_intermediate_layers_schedule_regularizer_and_eval():

@@ -9,7 +9,10 @@ The recipe, and why:
   penalty over the pattern's groups (:class:`pysparse.prune.SparsityRegularizer`), so that the groups the one-shot
   step removes are already small when it removes them;
 - recovery: :func:`pysparse.prune.distill` on unlabelled training batches, the dense model as teacher, AdamW with
-  a linear warm-up and a linear decay (the short budgets here leave no room for a constant-rate tail). The masks
+  a linear warm-up and a linear decay (the short budgets here leave no room for a constant-rate tail), on the
+  quality that is measured (MiniLM: the mean-pooled embedding beside the token states, padding left out).
+  Training block by block on each layer's output (local distillation, the teacher's hidden states as targets) was
+  tried and lost to this end-to-end loss at equal minutes (BENCHMARKS.md). The masks
   are fixed by then, so the student trains through packed trainable layers (``sparsify(trainable=True)``, the
   backward kernels) where a timed forward + backward on a training batch says that is faster than the masked
   dense layers: the same updates of the kept weights, more steps per minute;
@@ -191,6 +194,7 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
         "one_shot": {"criteria": one_shot_scores, "cosine": one_shot_quality["cosine"],
                      "top1": one_shot_quality["top1"]},
         "final_loss": history[-1]["loss"] if history else None,
+        "recovery_loss": work.distill_kwargs.get("loss"),
         "recovery_layers": training_layers,
         "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
         # a frontier built in parts (--append) mixes runs, even machines: each point keeps what its speed was

@@ -31,7 +31,7 @@ from .train_checkpoint import load_training_state, rng_states, save_training_sta
 
 __all__ = ["DISTILL_LOSSES", "distill", "fine_tune"]
 
-DISTILL_LOSSES = ("hidden", "logits")
+DISTILL_LOSSES = ("hidden", "embedding", "logits")
 _END = object()
 
 
@@ -105,7 +105,12 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
     Args:
         loss: ``"hidden"``: ``1 - cosine + MSE`` between the outputs (a transformers output's
             ``last_hidden_state``, else its first tensor; a plain tensor output itself), cosine along the last
-            dimension; ``"logits"``: ``T^2 x KL(teacher || student)`` of the softmax at temperature ``T``
+            dimension; positions that a dict batch's ``attention_mask`` (shape ``[B, T]`` of the output's first two
+            dimensions) marks as padding are left out, so the student does not spend capacity on them;
+            ``"embedding"``: ``"hidden"`` plus ``1 - cosine`` between the outputs mean-pooled over the real
+            positions (a sentence encoder's embedding: the loss then trains what its quality is measured on; on
+            MiniLM it recovers more embedding cosine per step than ``"hidden"``, BENCHMARKS.md);
+            ``"logits"``: ``T^2 x KL(teacher || student)`` of the softmax at temperature ``T``
             (``.logits`` of a transformers output), over the last dimension.
         temperature: ``T`` for ``loss="logits"``.
         layers: ``[(student module name, teacher module name), ...]``: the MSE between those modules' outputs
@@ -152,7 +157,13 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
         if s.shape != t.shape:
             raise ValueError(f"student and teacher outputs differ in shape: student {tuple(s.shape)}, teacher "
                              f"{tuple(t.shape)} (loss={loss!r})")
-        value = _hidden_loss(s, t) if loss == "hidden" else _logits_loss(s, t, temperature)
+        if loss == "logits":
+            value = _logits_loss(s, t, temperature)
+        else:
+            real = _real_positions(batch, s)
+            value = _hidden_loss(s, t) if real is None else _hidden_loss(s[real], t[real])
+            if loss == "embedding":
+                value = value + (1 - F.cosine_similarity(_pooled(s, real), _pooled(t, real), dim=-1)).mean()
         pairs = [(captured[("student", a)], captured[("teacher", b)]) for a, b in layers or ()]
         if intermediate:
             pairs += list(zip(_hidden_states(s_out, "student"), _hidden_states(t_out, "teacher")))
@@ -198,7 +209,7 @@ def _first_tensor(out):
 
 def _output(out, loss: str) -> torch.Tensor:
     """The tensor a loss compares: ``.last_hidden_state`` / ``.logits`` of a transformers output, else its first."""
-    key = "last_hidden_state" if loss == "hidden" else "logits"
+    key = "logits" if loss == "logits" else "last_hidden_state"
     if isinstance(out, Mapping) and isinstance(out.get(key), torch.Tensor):
         return out[key]
     return _first_tensor(out)
@@ -210,6 +221,25 @@ def _hidden_states(out, who: str) -> tuple:
         raise ValueError(f"intermediate=True needs the {who}'s output to have hidden_states (a transformers model "
                          f"called with output_hidden_states=True), got {type(out).__name__}")
     return states
+
+
+def _real_positions(batch, out: torch.Tensor) -> torch.Tensor | None:
+    """The ``[B, T]`` boolean mask of real (not padding) positions of ``out`` ``[B, T, D]``, from a dict batch's
+    ``attention_mask``; None when the batch has none that fits."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and out.dim() == 3 and mask.shape == out.shape[:2]:
+        return mask.to(out.device) != 0
+    return None
+
+
+def _pooled(out: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``out`` ``[B, ..., D]`` averaged over its middle dimensions (the real positions only, when known): ``[B, D]``."""
+    if out.dim() <= 2:
+        return out
+    if real is None:
+        return out.flatten(1, -2).mean(1)
+    weights = real.unsqueeze(-1).to(out.dtype)
+    return (out * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 def _hidden_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
