@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prune.batches import mean_over_positions
+
 __all__ = ["embedding_quality", "load_minilm", "mean_pooled", "mean_pooled_embeddings", "minilm_dir",
            "neighbour_agreement", "tokenize"]
 
@@ -26,8 +28,7 @@ def mean_pooled(model: nn.Module, batch: dict) -> torch.Tensor:
     L2-normalised."""
     out = model(**batch)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+    return F.normalize(mean_over_positions(hidden, batch["attention_mask"].to(hidden.device) != 0), dim=-1)
 
 
 @torch.no_grad()

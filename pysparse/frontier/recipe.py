@@ -12,10 +12,10 @@ The recipe, and why:
   a linear warm-up and a linear decay (the short budgets here leave no room for a constant-rate tail), on the
   quality that is measured (MiniLM: the mean-pooled embedding beside the token states, padding left out).
   Training block by block on each layer's output (local distillation, the teacher's hidden states as targets) was
-  tried and lost to this end-to-end loss at equal minutes (BENCHMARKS.md). The masks
-  are fixed by then, so the student trains through packed trainable layers (``sparsify(trainable=True)``, the
-  backward kernels) where a timed forward + backward on a training batch says that is faster than the masked
-  dense layers: the same updates of the kept weights, more steps per minute;
+  tried and lost to this end-to-end loss at equal minutes (BENCHMARKS.md). The masks are fixed by then, so the
+  student trains through packed trainable layers (``sparsify(trainable=True)``, the backward kernels) where a timed
+  forward + backward on a training batch says that is faster than the masked dense layers: the same updates of the
+  kept weights, more steps per minute;
 - speed: ``sparsify(..., autotune=True)`` with activation fusion and fast attention, so a layer runs sparse only
   where that is faster on the timed input; timed against the stock dense model and against the dense model with
   the same exact options (fast attention), all three alternating in one process.

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["batch_size", "calibration_input", "call_model", "input_rows", "to_device"]
+__all__ = ["batch_size", "calibration_input", "call_model", "input_rows", "mean_over_positions",
+           "real_positions", "to_device"]
 
 
 def call_model(model: nn.Module, batch, **kwargs):
@@ -35,14 +36,31 @@ def calibration_input(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def input_rows(x: torch.Tensor, batch) -> torch.Tensor:
-    """A layer's input ``x`` ``[..., K]`` as rows ``[R, K]``, leaving out padding: when ``batch`` is a dict with an
-    ``attention_mask`` of ``x``'s leading shape ``[B, T]``, only the rows of real tokens (mask != 0) are kept, so
-    calibration statistics do not depend on how much a batch was padded."""
+def real_positions(batch, x: torch.Tensor) -> torch.Tensor | None:
+    """The ``[B, T]`` boolean mask of the real (not padding) positions of ``x`` ``[B, T, D]``: a dict ``batch``'s
+    ``attention_mask`` != 0 when it has ``x``'s leading shape; None when the batch has none that fits."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x.dim() == 3 and x.shape[:2] == mask.shape:
-        return x[mask.to(x.device) != 0]
-    return x.reshape(-1, x.shape[-1])
+        return mask.to(x.device) != 0
+    return None
+
+
+def input_rows(x: torch.Tensor, batch) -> torch.Tensor:
+    """A layer's input ``x`` ``[..., K]`` as rows ``[R, K]``, leaving out padding (:func:`real_positions`), so
+    calibration statistics do not depend on how much a batch was padded."""
+    real = real_positions(batch, x)
+    return x.reshape(-1, x.shape[-1]) if real is None else x[real]
+
+
+def mean_over_positions(x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``[B, ..., D]`` averaged over its middle dimensions: ``[B, D]`` (a sentence embedding from token
+    states); with ``real`` (``[B, T]``, :func:`real_positions`), over the real positions only."""
+    if x.dim() <= 2:
+        return x
+    if real is None:
+        return x.flatten(1, -2).mean(1)
+    weights = real.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 def batch_size(batch) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batches import call_model, to_device
+from .batches import call_model, mean_over_positions, real_positions, to_device
 from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
 from .regularize import SparsityRegularizer
 from .schedules import GradualSchedule
@@ -160,10 +160,11 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
         if loss == "logits":
             value = _logits_loss(s, t, temperature)
         else:
-            real = _real_positions(batch, s)
+            real = real_positions(batch, s)
             value = _hidden_loss(s, t) if real is None else _hidden_loss(s[real], t[real])
             if loss == "embedding":
-                value = value + (1 - F.cosine_similarity(_pooled(s, real), _pooled(t, real), dim=-1)).mean()
+                pooled_s, pooled_t = mean_over_positions(s, real), mean_over_positions(t, real)
+                value = value + (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
         pairs = [(captured[("student", a)], captured[("teacher", b)]) for a, b in layers or ()]
         if intermediate:
             pairs += list(zip(_hidden_states(s_out, "student"), _hidden_states(t_out, "teacher")))
@@ -221,25 +222,6 @@ def _hidden_states(out, who: str) -> tuple:
         raise ValueError(f"intermediate=True needs the {who}'s output to have hidden_states (a transformers model "
                          f"called with output_hidden_states=True), got {type(out).__name__}")
     return states
-
-
-def _real_positions(batch, out: torch.Tensor) -> torch.Tensor | None:
-    """The ``[B, T]`` boolean mask of real (not padding) positions of ``out`` ``[B, T, D]``, from a dict batch's
-    ``attention_mask``; None when the batch has none that fits."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and out.dim() == 3 and mask.shape == out.shape[:2]:
-        return mask.to(out.device) != 0
-    return None
-
-
-def _pooled(out: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """``out`` ``[B, ..., D]`` averaged over its middle dimensions (the real positions only, when known): ``[B, D]``."""
-    if out.dim() <= 2:
-        return out
-    if real is None:
-        return out.flatten(1, -2).mean(1)
-    weights = real.unsqueeze(-1).to(out.dtype)
-    return (out * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 def _hidden_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
