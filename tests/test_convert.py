@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from pysparse import sparsify
-from pysparse.nn import SparseConv2d, SparseLinear, conv_weight_from_matrix, conv_weight_matrix
+from pysparse.nn import (SparseConv2d, SparseLinear, UnstructuredSparseLinear, conv_weight_from_matrix,
+                         conv_weight_matrix)
 from pysparse.transforms.report import SparsifyReport
 
 
@@ -77,6 +78,23 @@ def test_swaps_sparse_layers_and_matches_dense():
     assert swapped.density == out.head[1].density
     text = str(report)
     assert "head.1" in text and "groups=32" in text and "3/6 layers sparse" in text
+
+
+def test_single_entries_take_the_unstructured_format():
+    """block_size (1, 1): linear layers get the unstructured format and kernel (not 1x1 blocks), with and without
+    fused activations; convolutions keep 1x1 blocks."""
+    net = _pruned_net()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in (net.body[0], net.head[1], net.head[3]):
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=g) < 0.3)
+    x = torch.randn(2, 3, 8, 8)
+    for fuse in (False, True):
+        out = sparsify(net, block_size=(1, 1), fuse_activations=fuse, fast_attention=False)
+        assert isinstance(out.head[1], UnstructuredSparseLinear) and isinstance(out.head[3], UnstructuredSparseLinear)
+        assert type(out.body[0]) is SparseConv2d and out.body[0].block_size == (1, 1)
+        assert out.head[1].weight.nnz == int((net.head[1].weight != 0).sum())
+        assert _rel(out(x), net(x)) < 1e-5
 
 
 def test_inplace_and_min_sparsity():

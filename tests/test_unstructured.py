@@ -220,6 +220,25 @@ def test_backward_matches_dense():
     assert torch.allclose(grad_w, dense.grad * mask, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_and_both_work_splits(threads):
+    """Few token tiles split each tile's rows between threads; many tiles (here M = 700, over 3 x 64 tokens) give
+    each thread whole tiles: both splits and every thread count against the dense reference."""
+    gen = torch.Generator().manual_seed(SEED + 7)
+    weight, mask = make_weight(45, 300, 0.3, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    bias = torch.randn(45, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (70, 700):
+            x = torch.randn(m, 300, generator=gen)
+            y = ops.unstructured_linear_packed(x, w.values, w.columns, w.segment_ptr, bias, 45)
+            assert_close(y, reference(x, weight, bias))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_concurrent_calls_from_python_threads():
     gen = torch.Generator().manual_seed(SEED + 6)
     weight, mask = make_weight(64, 96, 0.2, gen)

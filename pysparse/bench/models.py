@@ -188,7 +188,8 @@ def recalibrate_batchnorm_(model: nn.Module, inputs: tuple[tuple, dict]) -> bool
 
 
 class TorchBsrLinear(nn.Module):
-    """``F.linear`` on a ``torch.sparse_bsr`` weight: torch's own sparse path, for comparison."""
+    """``F.linear`` on a ``torch.sparse_bsr`` weight (``torch.sparse_csr`` for an unstructured layer): torch's own
+    sparse path, for comparison."""
 
     def __init__(self, layer: SparseLinear):
         super().__init__()

@@ -82,6 +82,10 @@ class UnstructuredSparseWeight(PackedWeight):
         """Dense ``[N, K]`` weight: kept entries exactly, zeros elsewhere."""
         return unstructured_to_dense(self.values, self.columns, self.segment_ptr, self.shape)
 
+    def to_torch_sparse(self) -> torch.Tensor:
+        """``torch.sparse_csr`` tensor of the same matrix (torch's own sparse path, for comparisons)."""
+        return self.to_dense().to_sparse_csr()
+
     @property
     def nnz(self) -> int:
         """Kept entries."""

@@ -22,8 +22,8 @@ from torch.utils import benchmark
 from .._module_hooks import carry_hooks
 from .._validate import as_pair
 from .._weight_layout import weight_matrix
-from ..formats import BlockSparseWeight
-from ..nn import SparseConv2d, SparseLinear
+from ..formats import BlockSparseWeight, UnstructuredSparseWeight
+from ..nn import SparseConv2d, SparseLinear, UnstructuredSparseLinear
 from ..ops import available_backends
 from . import fold_batchnorm as _fold
 from .activation_fusion import activation_sites
@@ -78,6 +78,9 @@ def _sparse_module(module: nn.Module, weight: BlockSparseWeight, trainable: bool
         new = SparseConv2d(weight, bias, in_channels=module.in_channels, kernel_size=module.kernel_size,
                            stride=module.stride, padding=module.padding, dilation=module.dilation,
                            padding_mode=module.padding_mode, trainable=trainable)
+    elif weight.block_size == (1, 1):  # single entries: the unstructured format and kernel, not 1x1 blocks
+        new = UnstructuredSparseLinear(UnstructuredSparseWeight.from_dense(module.weight.detach()), bias,
+                                       trainable=trainable)
     else:
         new = SparseLinear(weight, bias, trainable=trainable)
     return new.train(module.training)
