@@ -17,6 +17,7 @@ class LayerReport:
     shape: tuple                       # the dense weight's shape
     swapped: bool
     reason: str
+    block_size: tuple | None = None    # the (bh, bw) it packs with (sparsify's, or its own with "auto")
     density: float | None = None       # fraction of (bh, bw) blocks kept, in the layout the layer packs
     dense_bytes: int = 0               # the dense weight
     packed_bytes: int | None = None    # values + indices of the packed weight
@@ -29,7 +30,7 @@ class LayerReport:
 class SparsifyReport:
     """Per-layer decisions of :func:`sparsify` (``model.sparsify_report``); ``str()`` gives a table."""
 
-    def __init__(self, layers: list[LayerReport], block_size: tuple[int, int], min_sparsity: float):
+    def __init__(self, layers: list[LayerReport], block_size: tuple[int, int] | str, min_sparsity: float):
         self.layers = layers
         self.block_size = block_size
         self.min_sparsity = min_sparsity
@@ -53,16 +54,18 @@ class SparsifyReport:
         return len(self.layers)
 
     def to_dict(self) -> dict:
-        return {"block_size": list(self.block_size), "min_sparsity": self.min_sparsity,
+        return {"block_size": self.block_size if isinstance(self.block_size, str) else list(self.block_size),
+                "min_sparsity": self.min_sparsity,
                 "layers": [asdict(r) for r in self.layers], "attention": self.attention,
                 "defaults": self.defaults}
 
     def __str__(self) -> str:
-        head = ("layer", "type", "shape", "kept", "density", "packed/dense", "reason")
+        head = ("layer", "type", "shape", "kept", "block", "density", "packed/dense", "reason")
         rows = []
         for r in self.layers:
             ratio = f"{r.packed_bytes / r.dense_bytes:.3f}" if r.packed_bytes is not None and r.dense_bytes else "-"
             rows.append((r.name or "<root>", r.kind, "x".join(map(str, r.shape)), "sparse" if r.swapped else "dense",
+                         "-" if r.block_size is None else "x".join(map(str, r.block_size)),
                          "-" if r.density is None else f"{r.density:.3f}", ratio, r.reason))
         lines = left_aligned(head, rows)
         dense = sum(r.dense_bytes for r in self.layers)

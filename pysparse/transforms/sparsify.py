@@ -28,6 +28,7 @@ from ..ops import available_backends
 from . import fold_batchnorm as _fold
 from .activation_fusion import activation_sites
 from .attention_switch import use_pysparse_attention
+from .format_choice import choose_block_size
 from .forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
 from .report import LayerReport, SparsifyReport
 
@@ -43,7 +44,7 @@ _AUTOTUNE_MIN_RUN_S = 0.05
 # A module's registrations: every (parent, attribute) it is reachable under; (None, "") for the root.
 Places = dict[int, list[tuple[nn.Module | None, str]]]
 # A layer chosen for swapping: the dense module, its packed weight and its report line.
-Candidate = tuple[nn.Module, BlockSparseWeight, LayerReport]
+Candidate = tuple[nn.Module, BlockSparseWeight | UnstructuredSparseWeight, LayerReport]
 
 
 def _why_not(module: nn.Module, parents: list[nn.Module | None], shared: bool) -> str | None:
@@ -72,15 +73,24 @@ def _why_not(module: nn.Module, parents: list[nn.Module | None], shared: bool) -
     return None
 
 
-def _sparse_module(module: nn.Module, weight: BlockSparseWeight, trainable: bool) -> nn.Module:
+def _pack(module: nn.Module, block_size: tuple[int, int]) -> BlockSparseWeight | UnstructuredSparseWeight:
+    """``module``'s weight packed in ``block_size`` blocks; single entries of a linear layer on the CPU get the
+    unstructured format and kernel (1x1 blocks elsewhere: CUDA has a BSR kernel, not an unstructured one)."""
+    matrix = weight_matrix(module.weight.detach())
+    if block_size == (1, 1) and isinstance(module, nn.Linear) and matrix.device.type == "cpu":
+        return UnstructuredSparseWeight.from_dense(matrix)
+    return BlockSparseWeight.from_dense(matrix, block_size=block_size)
+
+
+def _sparse_module(module: nn.Module, weight: BlockSparseWeight | UnstructuredSparseWeight, trainable: bool
+                   ) -> nn.Module:
     bias = module.bias.detach() if module.bias is not None else None
     if isinstance(module, nn.Conv2d):
         new = SparseConv2d(weight, bias, in_channels=module.in_channels, kernel_size=module.kernel_size,
                            stride=module.stride, padding=module.padding, dilation=module.dilation,
                            padding_mode=module.padding_mode, trainable=trainable)
-    elif weight.block_size == (1, 1):  # single entries: the unstructured format and kernel, not 1x1 blocks
-        new = UnstructuredSparseLinear(UnstructuredSparseWeight.from_dense(module.weight.detach()), bias,
-                                       trainable=trainable)
+    elif isinstance(weight, UnstructuredSparseWeight):
+        new = UnstructuredSparseLinear(weight, bias, trainable=trainable)
     else:
         new = SparseLinear(weight, bias, trainable=trainable)
     return new.train(module.training)
@@ -192,10 +202,11 @@ def _parameter_owners(model: nn.Module) -> dict[int, int]:
     return owners
 
 
-def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int], min_sparsity: float,
+def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int] | str, min_sparsity: float,
                   filter_fn) -> tuple[list[LayerReport], dict[str, Candidate]]:
     """A report line for every nn.Linear / nn.Conv2d of ``model``, and, by name, those to swap: the layers that can
-    be swapped, pass ``filter_fn`` and whose packed weight has at least ``min_sparsity`` of its blocks all-zero."""
+    be swapped, pass ``filter_fn`` and whose packed weight has at least ``min_sparsity`` of its blocks all-zero.
+    ``block_size="auto"``: each layer's block size by :func:`~pysparse.transforms.format_choice.choose_block_size`."""
     owners = _parameter_owners(model)
     reports: list[LayerReport] = []
     chosen: dict[str, Candidate] = {}
@@ -215,14 +226,22 @@ def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int],
         if reason is not None:
             report.reason = reason
             continue
-        weight = BlockSparseWeight.from_dense(weight_matrix(module.weight.detach()), block_size=block_size)
+        block, why = block_size, ""
+        if block_size == "auto":
+            on_cpu = w.device.type == "cpu"
+            block, why = choose_block_size(weight_matrix(w.detach()),
+                                           path=available_backends()["cpu"] if on_cpu else w.device.type,
+                                           single_entries=on_cpu and isinstance(module, nn.Linear))
+            why += "; "
+        weight = _pack(module, block)
+        report.block_size = block
         report.density = weight.density
         report.packed_bytes = weight.nbytes
         sparsity = 1.0 - weight.density
         if sparsity < min_sparsity and not math.isclose(sparsity, min_sparsity):
-            report.reason = f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+            report.reason = f"{why}block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
             continue
-        report.reason = f"block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
+        report.reason = f"{why}block sparsity {sparsity:.3f} >= min_sparsity {min_sparsity}"
         chosen[name] = (module, weight, report)
     return reports, chosen
 
@@ -322,7 +341,10 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
 
     Args:
         model: any ``nn.Module`` (a bare Linear/Conv2d is replaced and returned as well).
-        block_size: ``(bh, bw)`` blocks over ``weight`` (Linear) or ``conv_weight_matrix(weight)`` (Conv2d).
+        block_size: ``(bh, bw)`` blocks over ``weight`` (Linear) or ``conv_weight_matrix(weight)`` (Conv2d);
+            ``(1, 1)`` gives a CPU linear layer the unstructured format and kernel. ``"auto"``: per layer, the
+            block size (``(1, 1)`` included) whose packed form of the layer's zeros has the least estimated time on
+            this machine's kernel path (:mod:`pysparse.transforms.format_choice`; the report says which and why).
         min_sparsity: swap a layer when at least this fraction of its blocks is all-zero.
         filter_fn: ``filter_fn(name, module) -> bool``; layers it returns False for stay dense.
         inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left untouched.
@@ -359,7 +381,11 @@ def sparsify(model: nn.Module, *, block_size=(32, 32), min_sparsity: float = 0.5
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    block_size = as_pair("block_size", block_size)
+    if isinstance(block_size, str):
+        if block_size != "auto":
+            raise ValueError(f"block_size must be (bh, bw), an int or 'auto', got {block_size!r}")
+    else:
+        block_size = as_pair("block_size", block_size)
     _check_arguments(model, min_sparsity, filter_fn, autotune, example_inputs, trainable, fold_batchnorm,
                      fuse_activations, fast_attention)
     fuse_activations, fast_attention, defaults = inference_defaults(model, trainable, fuse_activations,
