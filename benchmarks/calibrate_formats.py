@@ -2,7 +2,7 @@
 
 For every candidate block size of :data:`pysparse.transforms.format_choice.CANDIDATES` and every density of
 :data:`~pysparse.transforms.format_choice.DENSITIES` it packs a random weight of that format (blocks, or single
-entries for ``(1, 1)``, kept at that density), times the layer against nothing else (median of rounds, variants
+entries for ``(1, 1)``, exactly that fraction kept), times the layer against nothing else (median of rounds, variants
 alternating), and reports GFLOP/s of *stored* entries (2 * M * entries the format holds, zeros inside kept blocks
 included), averaged (geometric mean) over the shapes. It prints the table and the Python literal of
 ``THROUGHPUT[path]``; a path other than the machine's own is measured by forcing it at load:
@@ -24,14 +24,13 @@ import torch
 
 from pysparse import ops
 from pysparse.analysis.timing import alternating_medians
+from pysparse.bench.sweep import block_mask
 from pysparse.nn import SparseLinear
 from pysparse.transforms.format_choice import CANDIDATES, DENSITIES
 
 
 def random_layer(k: int, n: int, block: tuple[int, int], density: float, gen: torch.Generator) -> SparseLinear:
-    bh, bw = block
-    keep = torch.rand(-(-n // bh), -(-k // bw), generator=gen) < density
-    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
+    mask = block_mask(n, k, block, 1.0 - density, gen)
     linear = torch.nn.Linear(k, n)
     with torch.no_grad():
         linear.weight.mul_(mask)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pysparse import ops, sparsify
+from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.nn import SparseLinear, UnstructuredSparseLinear
 from pysparse.transforms.format_choice import CANDIDATES, DENSITIES, THROUGHPUT, choose_block_size, stored_entries
@@ -14,10 +15,7 @@ SEED = 23
 
 
 def block_pruned(n: int, k: int, block: tuple[int, int], density: float, gen: torch.Generator) -> torch.Tensor:
-    bh, bw = block
-    keep = torch.rand(-(-n // bh), -(-k // bw), generator=gen) < density
-    mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
-    return torch.randn(n, k, generator=gen) * mask
+    return torch.randn(n, k, generator=gen) * block_mask(n, k, block, 1.0 - density, gen)
 
 
 @pytest.mark.parametrize("shape", [(37, 50), (64, 64), (5, 130)])

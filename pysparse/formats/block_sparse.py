@@ -10,6 +10,15 @@ from .packed import PackedWeight
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def kept_blocks(keep: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """``[ceil(N / bh), ceil(K / bw)]`` bool: which ``bh x bw`` blocks of the ``[N, K]`` bool ``keep`` hold a True
+    entry (the edge blocks ragged, padded with False)."""
+    bh, bw = block_size
+    n, k = keep.shape
+    padded = torch.nn.functional.pad(keep, (0, -k % bw, 0, -n % bh))
+    return padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw).any(dim=3).any(dim=1)
+
+
 class BlockSparseWeight(PackedWeight):
     """Block-sparse weight ``W [N, K]`` stored as kept ``(bh, bw)`` blocks.
 
@@ -50,10 +59,8 @@ class BlockSparseWeight(PackedWeight):
         n_br, n_bc = -(-n // bh), -(-k // bw)
         padded = weight.new_zeros(n_br * bh, n_bc * bw)
         padded[:n, :k] = weight
-        keep_padded = torch.zeros(n_br * bh, n_bc * bw, dtype=torch.bool, device=weight.device)
-        keep_padded[:n, :k] = keep
         blocks = padded.reshape(n_br, bh, n_bc, bw).permute(0, 2, 1, 3)           # [n_br, n_bc, bh, bw]
-        block_keep = keep_padded.reshape(n_br, bh, n_bc, bw).any(dim=3).any(dim=1)  # [n_br, n_bc]
+        block_keep = kept_blocks(keep, (bh, bw))                                    # [n_br, n_bc]
         rows, cols = torch.nonzero(block_keep, as_tuple=True)                      # row-major: sorted
         values = blocks[rows, cols].contiguous()
         counts = block_keep.sum(dim=1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.block_sparse import kept_blocks
+
 __all__ = ["CANDIDATES", "DENSITIES", "THROUGHPUT", "choose_block_size", "stored_entries"]
 
 CANDIDATES = ((1, 1), (16, 1), (8, 1), (1, 16), (4, 4), (8, 8), (16, 16), (32, 32))
@@ -57,14 +59,10 @@ THROUGHPUT: dict[str, dict[tuple[int, int], tuple[tuple[float, float], ...]]] = 
 def stored_entries(matrix: torch.Tensor, block: tuple[int, int]) -> int:
     """Entries a ``block`` format stores for ``matrix [N, K]``: whole ``bh x bw`` blocks with a nonzero in them
     (edge blocks count whole: the kernels pad them), or the nonzeros themselves for ``(1, 1)``."""
-    bh, bw = block
     nonzero = matrix != 0
-    if (bh, bw) == (1, 1):
+    if block == (1, 1):
         return int(nonzero.sum())
-    n, k = nonzero.shape
-    padded = torch.nn.functional.pad(nonzero, (0, -k % bw, 0, -n % bh))
-    kept = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw).any(dim=3).any(dim=1)
-    return int(kept.sum()) * bh * bw
+    return int(kept_blocks(nonzero, block).sum()) * block[0] * block[1]
 
 
 def _rate(points: tuple[tuple[float, float], ...], density: float) -> float:

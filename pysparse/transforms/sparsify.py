@@ -73,10 +73,11 @@ def _why_not(module: nn.Module, parents: list[nn.Module | None], shared: bool) -
     return None
 
 
-def _pack(module: nn.Module, block_size: tuple[int, int]) -> BlockSparseWeight | UnstructuredSparseWeight:
-    """``module``'s weight packed in ``block_size`` blocks; single entries of a linear layer on the CPU get the
-    unstructured format and kernel (1x1 blocks elsewhere: CUDA has a BSR kernel, not an unstructured one)."""
-    matrix = weight_matrix(module.weight.detach())
+def _pack(module: nn.Module, matrix: torch.Tensor, block_size: tuple[int, int]
+          ) -> BlockSparseWeight | UnstructuredSparseWeight:
+    """``module``'s weight (as ``matrix``, its ``weight_matrix``) packed in ``block_size`` blocks; single entries of a
+    linear layer on the CPU get the unstructured format and kernel (1x1 blocks elsewhere: CUDA has a BSR kernel,
+    not an unstructured one)."""
     if block_size == (1, 1) and isinstance(module, nn.Linear) and matrix.device.type == "cpu":
         return UnstructuredSparseWeight.from_dense(matrix)
     return BlockSparseWeight.from_dense(matrix, block_size=block_size)
@@ -226,14 +227,14 @@ def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int] 
         if reason is not None:
             report.reason = reason
             continue
+        matrix = weight_matrix(w.detach())
         block, why = block_size, ""
         if block_size == "auto":
             on_cpu = w.device.type == "cpu"
-            block, why = choose_block_size(weight_matrix(w.detach()),
-                                           path=available_backends()["cpu"] if on_cpu else w.device.type,
+            block, why = choose_block_size(matrix, path=available_backends()["cpu"] if on_cpu else w.device.type,
                                            single_entries=on_cpu and isinstance(module, nn.Linear))
             why += "; "
-        weight = _pack(module, block)
+        weight = _pack(module, matrix, block)
         report.block_size = block
         report.density = weight.density
         report.packed_bytes = weight.nbytes
