@@ -4,9 +4,11 @@
 Variants, timed interleaved (``alternating_medians``: the median of rounds, each variant once per round):
   * dense: ``nn.Linear`` (oneDNN / MKL GEMMs for the three products);
   * new: the packed layer as pysparse runs it (CPU backward kernels ``bsr_linear_grad_input`` /
-    ``bsr_linear_grad_values``);
+    ``bsr_linear_grad_values``; for 1x1, ``UnstructuredSparseLinear`` with ``unstructured_linear_grad_input`` /
+    ``_grad_values``);
   * old: the same layer and forward kernel with the torch-glue backward (``W^T`` rebuilt per call, gathered slices,
-    batched GEMMs), the backward pysparse ran before the kernels, through an ``autograd.Function``.
+    batched GEMMs; for 1x1 the dense weight and its dense gradient), the backward pysparse ran before the kernels,
+    through an ``autograd.Function``.
 Every call clears the gradients first, alike for all variants. The new gradients are checked against the dense
 layer's (masked) before timing.
 
@@ -24,12 +26,13 @@ from torch import nn
 
 import pysparse
 from pysparse.analysis.timing import alternating_medians
-from pysparse.formats import BlockSparseWeight
+from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
+from pysparse.formats.unstructured import entry_segments, unstructured_to_dense
 from pysparse.ops.bsr_linear_op import bsr_linear_autograd
 
 SHAPES = ((384, 1536), (768, 3072))  # (in_features, out_features): MiniLM and BERT-base FFN
 TOKENS = (128, 1024)
-BLOCKS = ((32, 32), (16, 16), (16, 1))  # 16x1: column vectors, which the kernels run with their own tiles
+BLOCKS = ((32, 32), (16, 16), (16, 1), (1, 1))  # 16x1: column vectors (own tiles); 1x1: the unstructured format
 SPARSITIES = (0.5, 0.7, 0.9)
 
 _glue_setup, _glue_backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default)
@@ -46,6 +49,30 @@ class _GlueBsrLinear(torch.autograd.Function):
     backward = staticmethod(_glue_backward)
 
 
+class _GlueUnstructuredLinear(torch.autograd.Function):
+    """unstructured_linear with the dense-glue backward of the "old" variant: grad_x through the dense weight, the
+    values' gradient gathered from the dense weight gradient."""
+
+    @staticmethod
+    def forward(x, values, columns, segment_ptr, bias, out_features):
+        return torch.ops.pysparse.unstructured_linear.default(x, values, columns, segment_ptr, bias, out_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, columns, segment_ptr, _bias, n = inputs
+        ctx.save_for_backward(x, values, columns, segment_ptr)
+        ctx.n = n
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, columns, segment_ptr = ctx.saved_tensors
+        n, k = ctx.n, x.shape[-1]
+        grad_x = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
+        grad_weight = grad.reshape(-1, n).t() @ x.reshape(-1, k)
+        rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
+        return grad_x, grad_weight[rows, columns.long()], None, None, grad.reshape(-1, n).sum(0), None
+
+
 def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     dense = nn.Linear(k, n)
@@ -55,7 +82,8 @@ def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int =
     with torch.no_grad():
         dense.weight.mul_(mask)
     packed = pysparse.sparsify(nn.Sequential(dense), block_size=block, min_sparsity=0.0, trainable=True)[0]
-    assert isinstance(packed, pysparse.nn.SparseLinear), type(packed)
+    want = pysparse.nn.UnstructuredSparseLinear if block == (1, 1) else pysparse.nn.SparseLinear
+    assert isinstance(packed, want), type(packed)
     return dense, packed, mask
 
 
@@ -72,10 +100,12 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict
     dense, packed, mask = _layers(k, n, block, sparsity)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).requires_grad_()
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
-    crow, col = packed.crow_indices, packed.col_indices
-
-    def old(inp):
-        return _GlueBsrLinear.apply(inp, packed.values, crow, col, packed.bias, n)
+    if block == (1, 1):
+        def old(inp):
+            return _GlueUnstructuredLinear.apply(inp, packed.values, packed.columns, packed.segment_ptr, packed.bias, n)
+    else:
+        def old(inp):
+            return _GlueBsrLinear.apply(inp, packed.values, packed.crow_indices, packed.col_indices, packed.bias, n)
 
     # The new gradients against the dense layer's before timing.
     _step(packed, [x, packed.values, packed.bias], x, grad)()
@@ -83,7 +113,10 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict
     _step(dense, [x, dense.weight, dense.bias], x, grad)()
     torch.testing.assert_close(got[0], x.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got[2], dense.bias.grad, rtol=1e-4, atol=1e-3)
-    want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
+    if block == (1, 1):
+        want_values = UnstructuredSparseWeight.from_dense(dense.weight.grad * mask, mask=mask).values
+    else:
+        want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
     torch.testing.assert_close(got[1], want_values, rtol=1e-4, atol=1e-3)
 
     fns = {

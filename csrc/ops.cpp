@@ -45,6 +45,13 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz] float32 and columns [nnz] int32. CPU only.
   m.def("unstructured_linear(Tensor input, Tensor values, Tensor columns, Tensor segment_ptr, Tensor? bias, "
         "int out_features) -> Tensor");
+  // Its backward on the CPU, float32. unstructured_transpose: W^T [in_features, out_features] in the same format,
+  // (columns_t, segment_ptr_t, perm) with values_t = values[perm] (grad_input is unstructured_linear on it);
+  // grad_values = grad_output^T @ input at the kept entries -> [nnz] in the order of columns.
+  m.def("unstructured_transpose(Tensor columns, Tensor segment_ptr, int in_features, int out_features) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("unstructured_linear_grad_values(Tensor grad_output, Tensor input, Tensor columns, Tensor segment_ptr) "
+        "-> Tensor");
   // Scaled-dot-product attention of query [B, H, Sq, D] with key [B, Hk, Skv, D] and value [B, Hk, Skv, Dv] (H a
   // multiple of Hk: grouped-query heads), returned as [B, Sq, H, Dv] (heads next to the features: the layout the
   // output projection reads). attn_mask broadcasts to [B, H, Sq, Skv]: bool (True = attend) or float (added to the

@@ -20,6 +20,7 @@ from pysparse import ops
 from pysparse.formats import UnstructuredSparseWeight
 from pysparse.formats.unstructured import BLOCK_COLS
 from pysparse.nn import SparseLinear, UnstructuredSparseLinear
+from pysparse.ops.unstructured_linear import transposed_index
 
 # (M, K, N, density): odd shapes, N not a multiple of 4, M around the gather threshold (4) and the tile widths.
 CASES = [(1, 384, 1536, 0.1), (3, 37, 19, 0.3), (4, 33, 9, 0.5), (17, 31, 7, 0.3), (65, 50, 21, 0.7),
@@ -220,6 +221,87 @@ def test_backward_matches_dense():
     assert torch.allclose(grad_w, dense.grad * mask, atol=1e-5)
 
 
+# ---- backward kernels (grad_values, grad_x through W^T) -------------------------------------------------------------
+def _backward_against_dense(m, k, n, density, gen, leading=()):
+    weight, mask = make_weight(n, k, density, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    x = torch.randn(*leading, m, k, generator=gen, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(n, generator=gen, requires_grad=True)
+    grad = torch.randn(*leading, m, n, generator=gen)
+    ops.unstructured_linear(x, values, w.columns, w.segment_ptr, bias, n).backward(grad)
+    xd, wd = x.detach().double().requires_grad_(), weight.double().requires_grad_()
+    F.linear(xd, wd).backward(grad.double())
+    assert_close(x.grad, xd.grad)
+    assert_close(UnstructuredSparseWeight(values.grad, w.columns, w.segment_ptr, w.shape).to_dense(), wd.grad * mask)
+    assert_close(bias.grad, grad.double().flatten(0, -2).sum(0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_kernels_match_dense(case):
+    _backward_against_dense(*case, torch.Generator().manual_seed(SEED + 20))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_backward_thread_counts(threads):
+    gen = torch.Generator().manual_seed(SEED + 21)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (5, 700):
+            _backward_against_dense(m, 300, 45, 0.3, gen, leading=(2,))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_transposed_index_is_the_transpose_and_is_cached():
+    gen = torch.Generator().manual_seed(SEED + 22)
+    weight, mask = make_weight(37, 300, 0.3, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    columns = w.columns.clone()
+    columns_t, segment_ptr_t, perm = first = transposed_index(columns, w.segment_ptr, 300, 37)
+    transposed = UnstructuredSparseWeight(w.values[perm.long()], columns_t, segment_ptr_t, (300, 37))  # validates
+    assert torch.equal(transposed.to_dense(), weight.t())
+    assert transposed_index(columns, w.segment_ptr, 300, 37) is first
+    columns.add_(0)  # written in place: the cached index is rebuilt
+    again = transposed_index(columns, w.segment_ptr, 300, 37)
+    assert again is not first and all(torch.equal(a, b) for a, b in zip(again, first))
+
+
+def test_backward_ops_reject_bad_input():
+    w = _good()
+    x, grad = torch.randn(3, 130), torch.randn(3, 5)
+    grad_values = torch.ops.pysparse.unstructured_linear_grad_values
+    transpose = torch.ops.pysparse.unstructured_transpose
+    with pytest.raises(ValueError, match="share their leading dimensions"):
+        grad_values(torch.randn(4, 5), x, w.columns, w.segment_ptr)
+    with pytest.raises(TypeError, match="float32"):
+        grad_values(grad.double(), x, w.columns, w.segment_ptr)
+    with pytest.raises(ValueError, match="segment_ptr must have"):
+        grad_values(torch.randn(3, 6), x, w.columns, w.segment_ptr)
+    bad_columns = w.columns.clone()
+    bad_columns[2] = 999
+    for call in (lambda: grad_values(grad, x, bad_columns, w.segment_ptr),
+                 lambda: transpose(bad_columns, w.segment_ptr, 130, 5)):
+        with pytest.raises(ValueError, match="columns\\[2\\]=999 is outside its column block 0"):
+            call()
+    with pytest.raises(ValueError, match="segment_ptr must have"):
+        transpose(w.columns, w.segment_ptr, 130, 7)
+    with pytest.raises(ValueError, match=">= 0"):
+        transpose(w.columns, w.segment_ptr, -1, 5)
+
+
+def test_opcheck_backward_ops():
+    gen = torch.Generator().manual_seed(SEED + 23)
+    for m, k, n, density in [(5, 13, 9, 0.4), (1, 16, 8, 0.5), (70, 140, 3, 1.0)]:
+        weight, mask = make_weight(n, k, density, gen)
+        w = UnstructuredSparseWeight.from_dense(weight, mask)
+        x, grad = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
+        torch.library.opcheck(torch.ops.pysparse.unstructured_linear_grad_values.default,
+                              (grad, x, w.columns, w.segment_ptr))
+        torch.library.opcheck(torch.ops.pysparse.unstructured_transpose.default, (w.columns, w.segment_ptr, k, n))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts_and_both_work_splits(threads):
     """Few token tiles split each tile's rows between threads; many tiles (here M = 700, over 3 x 64 tokens) give
@@ -266,7 +348,7 @@ def test_every_cpu_path(isa):
     code = (
         "import torch, pysparse.ops as ops\n"
         "from pysparse.formats import UnstructuredSparseWeight\n"
-        f"g = torch.Generator().manual_seed({SEED})\n"
+        f"g, g2 = torch.Generator().manual_seed({SEED}), torch.Generator().manual_seed({SEED + 1})\n"
         "for m, k, n in [(1, 100, 30), (3, 64, 9), (20, 33, 13), (150, 70, 21)]:\n"
         "    mask = torch.rand(n, k, generator=g) < 0.3\n"
         "    w = torch.randn(n, k, generator=g) * mask\n"
@@ -275,6 +357,12 @@ def test_every_cpu_path(isa):
         "    y = ops.unstructured_linear(x, p.values, p.columns, p.segment_ptr, b, n)\n"
         "    want = torch.nn.functional.linear(x.double(), w.double(), b.double())\n"
         "    assert (y.double() - want).abs().max() < 1e-4, (m, k, n)\n"
+        "    xg, v = x.clone().requires_grad_(), p.values.clone().requires_grad_()\n"
+        "    gy = torch.randn(m, n, generator=g2)\n"
+        "    ops.unstructured_linear(xg, v, p.columns, p.segment_ptr, b, n).backward(gy)\n"
+        "    assert (xg.grad.double() - gy.double() @ w.double()).abs().max() < 1e-4, (m, k, n)\n"
+        "    gw = UnstructuredSparseWeight(v.grad, p.columns, p.segment_ptr, (n, k)).to_dense().double()\n"
+        "    assert (gw - (gy.double().t() @ x.double()) * mask).abs().max() < 1e-4, (m, k, n)\n"
         "print(ops.available_backends()['cpu'])\n"
     )
     env = dict(os.environ, PYSPARSE_CPU_ISA=isa)
@@ -359,6 +447,23 @@ def test_layer_under_torch_compile():
     x = torch.randn(7, 64)
     with torch.no_grad():
         assert torch.allclose(compiled(x), layer(x), atol=1e-6)
+
+
+def test_training_step_under_torch_compile():
+    """Forward and backward (the transpose op and the grad_values op traced) in one graph, gradients as eager."""
+    linear, mask = _linear(24, 140, 0.3, SEED + 16)
+    layer = SparseLinear.from_dense(linear, (1, 1), mask=mask, trainable=True)
+    x = torch.randn(9, 140, requires_grad=True)
+
+    def step(inp):
+        return layer(inp).square().sum()
+
+    step(x).backward()
+    want = (x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone())
+    x.grad = layer.values.grad = layer.bias.grad = None
+    torch.compile(step, fullgraph=True)(x).backward()
+    for got, ref in zip((x.grad, layer.values.grad, layer.bias.grad), want):
+        assert torch.allclose(got, ref, atol=1e-4)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,5 +1,6 @@
-// CPU implementation of pysparse::unstructured_linear: argument checks, the index check, then the torch-free kernel
-// core (csrc/cpu/kernels/unstructured_linear.h, which describes the format).
+// CPU implementation of pysparse::unstructured_linear and of its backward's ops (unstructured_transpose,
+// unstructured_linear_grad_values): argument checks, the index check, then the torch-free kernel core
+// (csrc/cpu/kernels/unstructured_linear.h, which describes the format).
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -10,33 +11,59 @@
 namespace pysparse {
 namespace {
 
+// The problem of a weight [N, K] in the format (columns, segment_ptr) with `nnz` values, after every check that
+// memory safety needs: the ops are public, so malformed indices must raise, never read out of bounds.
+UnstructuredProblem checked_problem(const char* op, const at::Tensor& columns, const at::Tensor& segment_ptr,
+                                    int64_t nnz, int64_t K, int64_t N, const at::Device& device) {
+  TORCH_CHECK_TYPE(columns.scalar_type() == at::kInt && segment_ptr.scalar_type() == at::kInt, op,
+                   ": columns and segment_ptr must be int32, got ", columns.scalar_type(), " and ",
+                   segment_ptr.scalar_type());
+  TORCH_CHECK_VALUE(columns.dim() == 1 && segment_ptr.dim() == 1, op, ": columns and segment_ptr must be 1-D, got "
+                    "shapes ", columns.sizes(), " and ", segment_ptr.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"columns", &columns},
+                                {"segment_ptr", &segment_ptr}}) {
+    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " must be on the input's device ", device, ", got ",
+                      t->device());
+  }
+  UnstructuredProblem p;
+  p.K = K;
+  p.N = N;
+  p.n_blocks = (K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols;
+  p.nnz = nnz;
+  TORCH_CHECK_VALUE(columns.numel() == nnz, op, ": columns must have one entry per value (", nnz, "), got ",
+                    columns.numel());
+  TORCH_CHECK_VALUE(nnz <= INT32_MAX && K <= INT32_MAX, op, ": at most 2^31-1 values and in_features are supported, "
+                    "got ", nnz, " and ", K);
+  TORCH_CHECK_VALUE(segment_ptr.numel() == p.n_blocks * N + 1, op, ": segment_ptr must have ceil(in_features / ",
+                    kUnstructuredBlockCols, ") * out_features + 1 = ", p.n_blocks * N + 1, " entries for in_features=",
+                    K, ", out_features=", N, ", got ", segment_ptr.numel());
+  const std::string bad = check_unstructured_indices(segment_ptr.const_data_ptr<int32_t>(),
+                                                     columns.const_data_ptr<int32_t>(), p);
+  TORCH_CHECK_VALUE(bad.empty(), op, ": ", bad);
+  return p;
+}
+
+// [M, cols] view of t [..., cols] with unit column stride and a row stride >= cols (ld returned).
+at::Tensor rows_of(const at::Tensor& t, int64_t M, int64_t cols, int64_t& ld) {
+  at::Tensor x = t.dim() == 2 ? t : t.reshape({M, cols});
+  if (cols > 1 && x.stride(1) != 1) x = x.contiguous();
+  if (x.size(0) > 1 && x.stride(0) < cols) x = x.contiguous();  // broadcast (stride 0) rows
+  ld = x.size(0) > 1 ? x.stride(0) : cols;
+  return x;
+}
+
 at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& columns,
                                         const at::Tensor& segment_ptr, const std::optional<at::Tensor>& bias,
                                         int64_t out_features) {
   constexpr const char* op = "unstructured_linear";
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, op, ": values must be float32, got ", values.scalar_type());
-  TORCH_CHECK_TYPE(columns.scalar_type() == at::kInt && segment_ptr.scalar_type() == at::kInt, op,
-                   ": columns and segment_ptr must be int32, got ", columns.scalar_type(), " and ",
-                   segment_ptr.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least 1 dimension [..., in_features], got a 0-d "
                     "tensor");
-  TORCH_CHECK_VALUE(values.dim() == 1 && columns.dim() == 1 && segment_ptr.dim() == 1, op,
-                    ": values, columns and segment_ptr must be 1-D, got shapes ", values.sizes(), ", ",
-                    columns.sizes(), " and ", segment_ptr.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(values.device() == input.device(), op, ": values must be on the input's device ", input.device(),
+                    ", got ", values.device());
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
-  UnstructuredProblem p;
-  p.K = input.size(-1);
-  p.N = out_features;
-  p.n_blocks = (p.K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols;
-  p.nnz = values.numel();
-  TORCH_CHECK_VALUE(columns.numel() == p.nnz, op, ": columns must have one entry per value (", p.nnz, "), got ",
-                    columns.numel());
-  TORCH_CHECK_VALUE(p.nnz <= INT32_MAX && p.K <= INT32_MAX, op, ": at most 2^31-1 values and in_features are "
-                    "supported, got ", p.nnz, " and ", p.K);
-  TORCH_CHECK_VALUE(segment_ptr.numel() == p.n_blocks * p.N + 1, op, ": segment_ptr must have ceil(in_features / ",
-                    kUnstructuredBlockCols, ") * out_features + 1 = ", p.n_blocks * p.N + 1, " entries for in_features=",
-                    p.K, ", out_features=", p.N, ", got ", segment_ptr.numel());
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, op, ": bias must be float32, got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape [",
@@ -44,23 +71,13 @@ at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tenso
     TORCH_CHECK_VALUE(bias->device() == input.device(), op, ": bias must be on the input's device ", input.device(),
                       ", got ", bias->device());
   }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
-                                {"columns", &columns}, {"segment_ptr", &segment_ptr}}) {
-    TORCH_CHECK_VALUE(t->device() == input.device(), op, ": ", name, " must be on the input's device ",
-                      input.device(), ", got ", t->device());
-  }
   const at::Tensor vals = values.contiguous(), cols = columns.contiguous(), ptr = segment_ptr.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  // The op is public: malformed indices must raise, never read out of bounds.
-  const std::string bad = check_unstructured_indices(ptr.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>(), p);
-  TORCH_CHECK_VALUE(bad.empty(), op, ": ", bad);
-
+  UnstructuredProblem p = checked_problem(op, cols, ptr, values.numel(), input.size(-1), out_features,
+                                          input.device());
   // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous.
   p.M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
-  at::Tensor x = input.dim() == 2 ? input : input.reshape({p.M, p.K});
-  if (p.K > 1 && x.stride(1) != 1) x = x.contiguous();
-  if (x.size(0) > 1 && x.stride(0) < p.K) x = x.contiguous();  // broadcast (stride 0) rows
-  p.ldx = x.size(0) > 1 ? x.stride(0) : p.K;
+  const at::Tensor x = rows_of(input, p.M, p.K, p.ldx);
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = out_features;
   at::Tensor y = empty_output(out_shape, input.options());
@@ -70,8 +87,62 @@ at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tenso
   return y;
 }
 
+// (columns_t, segment_ptr_t, perm) of W^T (unstructured_transpose): the backward's grad_input runs the forward
+// kernel on it, with values[perm].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unstructured_transpose_cpu_impl(const at::Tensor& columns,
+                                                                              const at::Tensor& segment_ptr,
+                                                                              int64_t in_features,
+                                                                              int64_t out_features) {
+  constexpr const char* op = "unstructured_transpose";
+  TORCH_CHECK_VALUE(in_features >= 0 && out_features >= 0, op, ": in_features and out_features must be >= 0, got ",
+                    in_features, " and ", out_features);
+  const at::Tensor cols = columns.contiguous(), ptr = segment_ptr.contiguous();
+  const UnstructuredProblem p = checked_problem(op, cols, ptr, columns.numel(), in_features, out_features,
+                                                columns.device());
+  TORCH_CHECK_VALUE(out_features <= INT32_MAX, op, ": at most 2^31-1 out_features are supported, got ",
+                    out_features);
+  const int64_t segments_t = (out_features + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols * in_features;
+  const auto options = columns.options().dtype(at::kInt);
+  at::Tensor columns_t = at::empty({p.nnz}, options), perm = at::empty({p.nnz}, options);
+  at::Tensor segment_ptr_t = at::empty({segments_t + 1}, options);
+  unstructured_transpose(cols.const_data_ptr<int32_t>(), ptr.const_data_ptr<int32_t>(), p,
+                         columns_t.mutable_data_ptr<int32_t>(), segment_ptr_t.mutable_data_ptr<int32_t>(),
+                         perm.mutable_data_ptr<int32_t>());
+  return {columns_t, segment_ptr_t, perm};
+}
+
+// grad_output [..., N]^T @ input [..., K] at the kept entries -> [nnz], in the order of columns.
+at::Tensor unstructured_linear_grad_values_cpu_impl(const at::Tensor& grad_output, const at::Tensor& input,
+                                                    const at::Tensor& columns, const at::Tensor& segment_ptr) {
+  constexpr const char* op = "unstructured_linear_grad_values";
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == at::kFloat && input.scalar_type() == at::kFloat, op,
+                   ": grad_output and input must be float32, got ", grad_output.scalar_type(), " and ",
+                   input.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1 && input.dim() == grad_output.dim() &&
+                        input.sizes().slice(0, input.dim() - 1) == grad_output.sizes().slice(0, grad_output.dim() - 1),
+                    op, ": grad_output [..., out_features] and input [..., in_features] must share their leading "
+                    "dimensions, got shapes ", grad_output.sizes(), " and ", input.sizes());
+  TORCH_CHECK_VALUE(input.device() == grad_output.device(), op, ": input must be on grad_output's device ",
+                    grad_output.device(), ", got ", input.device());
+  const at::Tensor cols = columns.contiguous(), ptr = segment_ptr.contiguous();
+  UnstructuredProblem p = checked_problem(op, cols, ptr, columns.numel(), input.size(-1), grad_output.size(-1),
+                                          grad_output.device());
+  p.M = c10::multiply_integers(grad_output.sizes().begin(), grad_output.sizes().end() - 1);
+  const at::Tensor x = rows_of(input, p.M, p.K, p.ldx);
+  const at::Tensor gy = grad_output.reshape({p.M, p.N}).contiguous();
+  at::Tensor grad_values = at::empty({p.nnz}, grad_output.options());
+  unstructured_linear_grad_values_cpu(gy.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                                      cols.const_data_ptr<int32_t>(), ptr.const_data_ptr<int32_t>(),
+                                      grad_values.mutable_data_ptr<float>(), p, at::get_num_threads());
+  return grad_values;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("unstructured_linear", &unstructured_linear_cpu_impl); }
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("unstructured_linear", &unstructured_linear_cpu_impl);
+  m.impl("unstructured_transpose", &unstructured_transpose_cpu_impl);
+  m.impl("unstructured_linear_grad_values", &unstructured_linear_grad_values_cpu_impl);
+}
 
 }  // namespace pysparse

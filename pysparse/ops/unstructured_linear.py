@@ -5,15 +5,20 @@ reference.
 The kernel is CPU and float32 only. The wrappers here fall back explicitly to the reference (the weight made dense,
 then ``F.linear``: the same result at dense speed) for CUDA tensors and other dtypes; the raw op raises for them.
 
-Backward (torch glue, registered with ``torch.library.register_autograd``): ``grad_x = grad_y @ W`` and
-``grad_values = (grad_y^T @ x)`` at the kept entries, both through the dense ``[N, K]`` weight or its gradient:
-O(N K) memory and dense time, which fine-tuning a pattern can afford.
+Backward (registered with ``torch.library.register_autograd``), for float32 CPU tensors on kernels whose work is in
+proportion to the kept entries, like the forward's: ``grad_x = grad_y @ W`` is the forward kernel run on ``W^T`` in the
+same format (``pysparse::unstructured_transpose``: its indices and the permutation of the values, built once per
+weight layout and cached, then ``values[perm]`` per call), and ``grad_values = grad_y^T @ x`` at the kept entries is
+``pysparse::unstructured_linear_grad_values``. Other devices and dtypes go through the dense ``[N, K]`` weight or its
+gradient (O(N K) memory, dense time).
 """
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
 from .layer_support import call
@@ -81,6 +86,46 @@ def _unstructured_linear_fake(input, values, columns, segment_ptr, bias, out_fea
     return input.new_empty((*input.shape[:-1], out_features))
 
 
+@torch.library.register_fake("pysparse::unstructured_transpose")
+def _transpose_fake(columns, segment_ptr, in_features, out_features):
+    segments = -(-out_features // 128) * in_features
+    return columns.new_empty(columns.shape), columns.new_empty((segments + 1,)), columns.new_empty(columns.shape)
+
+
+@torch.library.register_fake("pysparse::unstructured_linear_grad_values")
+def _grad_values_fake(grad_output, input, columns, segment_ptr):
+    return grad_output.new_empty((columns.shape[0],))
+
+
+def _grad_kernels_apply(grad: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether the backward runs on the kernels: CPU, float32 (``other``: the values or the input)."""
+    return grad.device.type == "cpu" and grad.dtype == torch.float32 and other.dtype == torch.float32
+
+
+# columns -> (weakref to segment_ptr, (versions, shape), (columns_t, segment_ptr_t, perm)): keyed weakly on the index
+# tensors a layer holds as buffers, so an entry lives as long as the layout and is rebuilt when either index tensor is
+# written in place (its version changes) or replaced.
+_TRANSPOSED = WeakTensorKeyDictionary()
+
+
+def transposed_index(columns: torch.Tensor, segment_ptr: torch.Tensor, in_features: int, out_features: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(columns_t, segment_ptr_t, perm)``: ``W^T [in_features, out_features]`` in the unstructured format, its
+    values being ``values[perm]``. Built once per weight layout and cached; under ``torch.compile`` the op is traced
+    instead (O(nnz), small next to the products)."""
+    op = torch.ops.pysparse.unstructured_transpose.default
+    plain = type(columns) is torch.Tensor and type(segment_ptr) is torch.Tensor
+    if not plain or torch.compiler.is_compiling():
+        return op(columns, segment_ptr, in_features, out_features)
+    key = (columns._version, segment_ptr._version, in_features, out_features)
+    hit = _TRANSPOSED.get(columns)
+    if hit is not None and hit[0]() is segment_ptr and hit[1] == key:
+        return hit[2]
+    index = op(columns, segment_ptr, in_features, out_features)
+    _TRANSPOSED[columns] = (weakref.ref(segment_ptr), key, index)
+    return index
+
+
 def _setup_context(ctx, inputs, output):
     input, values, columns, segment_ptr, _bias, out_features = inputs
     ctx.shape = (out_features, input.shape[-1])
@@ -89,18 +134,30 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input if needs_values else None, values if needs_input else None, columns, segment_ptr)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., F]`` as ``[rows, F]`` (reshape(-1, F) is ambiguous when F is 0)."""
+    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
+
+
 def _backward(ctx, grad):
     input, values, columns, segment_ptr = ctx.saved_tensors
     n, k = ctx.shape
     grad_input = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
-    if ctx.needs_input_grad[1]:
-        grad_weight = grad.reshape(-1, n).t() @ input.reshape(-1, k)  # [N, K]
+        if _grad_kernels_apply(grad, values):
+            columns_t, segment_ptr_t, perm = transposed_index(columns, segment_ptr, k, n)
+            grad_input = torch.ops.pysparse.unstructured_linear.default(grad, values.index_select(0, perm), columns_t,
+                                                                        segment_ptr_t, None, k)
+        else:
+            grad_input = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
+    if ctx.needs_input_grad[1] and _grad_kernels_apply(grad, input):
+        grad_values = torch.ops.pysparse.unstructured_linear_grad_values.default(grad, input, columns, segment_ptr)
+    elif ctx.needs_input_grad[1]:
+        grad_weight = _rows(grad).t() @ _rows(input)  # [N, K]
         rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
         grad_values = grad_weight[rows, columns.to(torch.int64)]
     if ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, n).sum(0)
+        grad_bias = _rows(grad).sum(0)
     return grad_input, grad_values, None, None, grad_bias, None
 
 

@@ -1,7 +1,10 @@
 // Unstructured sparse linear (float32) on every CPU path this machine runs, against a double-precision dense
 // reference: ragged shapes (M, N and K around the tile widths, the transposes' 8 / 16, the column block of 128 and
 // the gather threshold), empty rows, fully dense and all-zero weights, strided x, infinite x in a column no row keeps
-// (it must not reach an output), NaN-poisoned outputs, 1..3 threads; and the index check on malformed indices.
+// (it must not reach an output), NaN-poisoned outputs, 1..3 threads; and the index check on malformed indices. The
+// backward too: grad_values, and grad_x as the forward on W^T from unstructured_transpose (whose indices must pass the
+// index check and list each segment's columns increasing).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -60,6 +63,9 @@ std::vector<CpuIsa> paths() {
 
 const char* name(CpuIsa isa) { return isa == CpuIsa::kGeneric ? "generic" : isa == CpuIsa::kAvx2 ? "avx2" : "avx512"; }
 
+void run_backward(const Case& c, const std::vector<float>& w, const Packed& pk, const std::vector<float>& x,
+                  std::mt19937& rng);
+
 void run_case(const Case& c, std::mt19937& rng) {
   std::uniform_real_distribution<double> u01(0.0, 1.0);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -110,6 +116,79 @@ void run_case(const Case& c, std::mt19937& rng) {
                                    << " threads=" << threads << " bias=" << with_bias << ": y[" << i / c.N << ", "
                                    << i % c.N << "]=" << y[size_t(i)] << " want " << want);
           }
+        }
+      }
+    }
+  }
+  run_backward(c, w, pk, x, rng);
+}
+
+// The backward on every path: grad_values against sum_t grad_y[t, n] * x[t, k] (x's infinite column is kept by no
+// row, so it never enters), and grad_x = grad_y @ W through the transposed format and the forward kernel.
+void run_backward(const Case& c, const std::vector<float>& w, const Packed& pk, const std::vector<float>& x,
+                  std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> gy(size_t(c.M * c.N));
+  for (auto& v : gy) v = normal(rng);
+  // Reference gradients in double: per entry (in the format's order) and grad_x [M, K].
+  std::vector<double> want_gv(size_t(pk.p.nnz), 0.0), want_gx(size_t(c.M * c.K), 0.0);
+  for (int64_t b = 0; b < pk.p.n_blocks; ++b) {
+    for (int64_t n = 0; n < c.N; ++n) {
+      for (int64_t s = pk.segment_ptr[size_t(b * c.N + n)]; s < pk.segment_ptr[size_t(b * c.N + n + 1)]; ++s) {
+        const int64_t k = pk.columns[size_t(s)];
+        for (int64_t t = 0; t < c.M; ++t) {
+          want_gv[size_t(s)] += double(gy[size_t(t * c.N + n)]) * double(x[size_t(t * pk.p.ldx + k)]);
+          want_gx[size_t(t * c.K + k)] += double(gy[size_t(t * c.N + n)]) * double(w[size_t(n * c.K + k)]);
+        }
+      }
+    }
+  }
+  // W^T [K, N] in the same format, values permuted.
+  std::vector<int32_t> columns_t(size_t(pk.p.nnz)), perm(size_t(pk.p.nnz));
+  UnstructuredProblem pt;
+  pt.M = c.M, pt.K = c.N, pt.N = c.K, pt.ldx = c.N, pt.n_blocks = (c.N + B - 1) / B, pt.nnz = pk.p.nnz;
+  std::vector<int32_t> segment_ptr_t(size_t(pt.n_blocks * pt.N + 1), -1);
+  unstructured_transpose(pk.columns.data(), pk.segment_ptr.data(), pk.p, columns_t.data(), segment_ptr_t.data(),
+                         perm.data());
+  const std::string bad_t = check_unstructured_indices(segment_ptr_t.data(), columns_t.data(), pt);
+  CHECK(bad_t.empty(), "transpose M=" << c.M << " K=" << c.K << " N=" << c.N << ": " << bad_t);
+  if (!bad_t.empty()) return;
+  std::vector<float> values_t(size_t(pk.p.nnz));
+  for (int64_t b = 0; b < pt.n_blocks; ++b) {
+    for (int64_t k = 0; k < pt.N; ++k) {
+      for (int64_t i = segment_ptr_t[size_t(b * pt.N + k)]; i < segment_ptr_t[size_t(b * pt.N + k + 1)]; ++i) {
+        const int32_t n = columns_t[size_t(i)], s = perm[size_t(i)];
+        CHECK(i == segment_ptr_t[size_t(b * pt.N + k)] || columns_t[size_t(i - 1)] < n, "transpose: columns_t not "
+              "increasing in segment (" << b << ", " << k << ")");
+        CHECK(s >= 0 && s < pk.p.nnz && pk.columns[size_t(s)] == k && w[size_t(n * c.K + k)] == pk.values[size_t(s)],
+              "transpose: entry " << i << " is not W[" << n << ", " << k << "]");
+        values_t[size_t(i)] = pk.values[size_t(std::clamp<int64_t>(s, 0, pk.p.nnz - 1))];
+      }
+    }
+  }
+  const double tol = 1e-4 * (1.0 + std::sqrt(double(c.M) + double(c.N)));
+  for (CpuIsa isa : paths()) {
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> gv(size_t(pk.p.nnz), std::nanf("")), gx(size_t(c.M * c.K), std::nanf(""));
+      unstructured_linear_grad_values_cpu_isa(isa, gy.data(), x.data(), pk.columns.data(), pk.segment_ptr.data(),
+                                              gv.data(), pk.p, threads);
+      unstructured_linear_cpu_isa(isa, gy.data(), values_t.data(), columns_t.data(), segment_ptr_t.data(), nullptr,
+                                  gx.data(), pt, threads);
+      int bad = 0;
+      for (int64_t s = 0; s < pk.p.nnz && bad < 3; ++s) {
+        if (!(std::fabs(gv[size_t(s)] - want_gv[size_t(s)]) <= tol)) {
+          ++bad;
+          CHECK(false, name(isa) << " grad_values M=" << c.M << " K=" << c.K << " N=" << c.N << " threads="
+                                 << threads << ": entry " << s << " = " << gv[size_t(s)] << " want "
+                                 << want_gv[size_t(s)]);
+        }
+      }
+      for (int64_t i = 0; i < c.M * c.K && bad < 3; ++i) {
+        if (!(std::fabs(gx[size_t(i)] - want_gx[size_t(i)]) <= tol)) {
+          ++bad;
+          CHECK(false, name(isa) << " grad_x M=" << c.M << " K=" << c.K << " N=" << c.N << " threads=" << threads
+                                 << ": [" << i / c.K << ", " << i % c.K << "] = " << gx[size_t(i)] << " want "
+                                 << want_gx[size_t(i)]);
         }
       }
     }

@@ -104,6 +104,57 @@ void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values
   }
 }
 
+void unstructured_linear_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, const float* x, const int32_t* columns,
+                                             const int32_t* segment_ptr, float* grad_values,
+                                             const UnstructuredProblem& p, int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  switch (isa) {
+#if PYSPARSE_X86
+    case CpuIsa::kAvx2:
+      avx2::unstructured_linear_grad_values(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
+      return;
+    case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Bf16:
+      avx512::unstructured_linear_grad_values(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
+      return;
+#endif
+    default: generic::unstructured_linear_grad_values(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
+  }
+}
+
+void unstructured_linear_grad_values_cpu(const float* grad_y, const float* x, const int32_t* columns,
+                                         const int32_t* segment_ptr, float* grad_values, const UnstructuredProblem& p,
+                                         int num_threads) {
+  unstructured_linear_grad_values_cpu_isa(active_cpu_isa_id(), grad_y, x, columns, segment_ptr, grad_values, p,
+                                          num_threads);
+}
+
+void unstructured_transpose(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
+                            int32_t* columns_t, int32_t* segment_ptr_t, int32_t* perm) {
+  const int64_t segments_t = (p.N + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols * p.K;
+  std::vector<int64_t> cursor(size_t(segments_t + 1), 0);
+  auto segment_t = [&](int64_t n, int32_t column) { return n / kUnstructuredBlockCols * p.K + column; };
+  for (int64_t b = 0; b < p.n_blocks; ++b) {
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t s = segment_ptr[b * p.N + n]; s < segment_ptr[b * p.N + n + 1]; ++s) {
+        ++cursor[size_t(segment_t(n, columns[s]) + 1)];
+      }
+    }
+  }
+  for (int64_t i = 0; i < segments_t; ++i) cursor[size_t(i + 1)] += cursor[size_t(i)];
+  for (int64_t i = 0; i <= segments_t; ++i) segment_ptr_t[i] = int32_t(cursor[size_t(i)]);
+  // Rows in increasing order: each segment of W^T lists its columns (W's rows) increasing, as the format wants.
+  for (int64_t n = 0; n < p.N; ++n) {
+    for (int64_t b = 0; b < p.n_blocks; ++b) {
+      for (int64_t s = segment_ptr[b * p.N + n]; s < segment_ptr[b * p.N + n + 1]; ++s) {
+        const int64_t i = cursor[size_t(segment_t(n, columns[s]))]++;
+        columns_t[i] = int32_t(n);
+        perm[i] = int32_t(s);
+      }
+    }
+  }
+}
+
 void unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                              const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
   unstructured_linear_cpu_isa(active_cpu_isa_id(), x, values, columns, segment_ptr, bias, y, p, num_threads);

@@ -49,4 +49,20 @@ void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values
                                  const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads);
 
+// Backward of the weight, same paths and threads: grad_values [nnz], entry s at (row n, column k) gets the sum over
+// tokens t of grad_y[t, n] * x[t, k]; grad_y is [M, N] row-major, p.ldx is x's row stride. Thread-safe like the
+// forward. (grad_x = grad_y @ W is unstructured_linear_cpu on W^T, from unstructured_transpose.)
+void unstructured_linear_grad_values_cpu(const float* grad_y, const float* x, const int32_t* columns,
+                                         const int32_t* segment_ptr, float* grad_values, const UnstructuredProblem& p,
+                                         int num_threads);
+void unstructured_linear_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, const float* x, const int32_t* columns,
+                                             const int32_t* segment_ptr, float* grad_values,
+                                             const UnstructuredProblem& p, int num_threads);
+
+// The format of W^T [K, N] from W's indices (which must have passed check_unstructured_indices for p): its
+// columns_t [nnz] and segment_ptr_t [ceil(N / 128) * K + 1], and perm [nnz]: entry i of W^T is entry perm[i] of W.
+// A counting sort, O(nnz + segments), one thread; built once per weight layout (the Python side caches it).
+void unstructured_transpose(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
+                            int32_t* columns_t, int32_t* segment_ptr_t, int32_t* perm);
+
 }  // namespace pysparse

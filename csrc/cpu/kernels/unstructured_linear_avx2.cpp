@@ -51,9 +51,10 @@ __m256i first_lanes(int64_t n) {
 struct Isa {
   using V = __m256;
   static constexpr int64_t L = 8;
-  // 3 vectors: 24 tokens per tile (a column block of it 12 KB); the accumulators of a row and the next row's fit
-  // the 16 registers.
-  static constexpr int kMaxVecs = 3;
+  // 4 vectors: 32 tokens per tile (a column block of it 16 KB). On Zen 3, 4 ran 1.2-1.5x faster than 3 (the broadcast
+  // and the column index load amortised over more multiply-adds), 6 no faster, 8 slower (BENCHMARKS.md).
+  static constexpr int kMaxVecs = 4;
+  static constexpr int kGradValuesVecs = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -116,6 +117,12 @@ struct Isa {
 void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
   linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads);
+}
+
+void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,
+                                     const int32_t* segment_ptr, float* grad_values, const UnstructuredProblem& p,
+                                     int num_threads) {
+  grad_values_impl(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
 }
 
 }  // namespace avx2

@@ -61,6 +61,7 @@ struct Isa {
   // 4 vectors: 64 tokens per tile, one column block of it 32 KB (L1). Each nonzero costs a broadcast, its column and
   // 4 x loads + multiply-adds; the next row's independent chain overlaps a row's latency.
   static constexpr int kMaxVecs = 4;
+  static constexpr int kGradValuesVecs = 4;
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -119,6 +120,12 @@ struct Isa {
 void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
   linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads);
+}
+
+void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,
+                                     const int32_t* segment_ptr, float* grad_values, const UnstructuredProblem& p,
+                                     int num_threads) {
+  grad_values_impl(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
 }
 
 }  // namespace avx512

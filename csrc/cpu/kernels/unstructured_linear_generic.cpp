@@ -18,6 +18,7 @@ struct Isa {
   using V = float;
   static constexpr int64_t L = 1;
   static constexpr int kMaxVecs = 16;  // tokens per tile
+  static constexpr int kGradValuesVecs = 16;
   static V zero() { return 0.0f; }
   static V set1(float f) { return f; }
   static V load(const float* p) { return *p; }
@@ -49,6 +50,12 @@ struct Isa {
 void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
   linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads);
+}
+
+void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,
+                                     const int32_t* segment_ptr, float* grad_values, const UnstructuredProblem& p,
+                                     int num_threads) {
+  grad_values_impl(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
 }
 
 }  // namespace generic

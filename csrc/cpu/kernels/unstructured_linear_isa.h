@@ -11,7 +11,10 @@ namespace pysparse {
 #define PYSPARSE_UNSTRUCTURED_ENTRY                                                                              \
   void unstructured_linear(const float* x, const float* values, const int32_t* columns,                          \
                            const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p, \
-                           int num_threads);
+                           int num_threads);                                                                     \
+  void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,               \
+                                       const int32_t* segment_ptr, float* grad_values,                            \
+                                       const UnstructuredProblem& p, int num_threads);
 
 namespace generic {
 PYSPARSE_UNSTRUCTURED_ENTRY
