@@ -113,8 +113,12 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict
     _step(dense, [x, dense.weight, dense.bias], x, grad)()
     torch.testing.assert_close(got[0], x.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got[2], dense.bias.grad, rtol=1e-4, atol=1e-3)
-    if block == (1, 1):
-        want_values = UnstructuredSparseWeight.from_dense(dense.weight.grad * mask, mask=mask).values
+    if block == (1, 1):  # on the packed entries (a kept weight that is exactly 0 is not packed)
+        ones = torch.ones_like(packed.values.detach())
+        kept = UnstructuredSparseWeight(ones, packed.columns, packed.segment_ptr, (n, k)).to_dense() != 0
+        want_values = dense.weight.grad[kept]
+        got = (got[0], UnstructuredSparseWeight(got[1], packed.columns, packed.segment_ptr, (n, k)).to_dense()[kept],
+               got[2])
     else:
         want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
     torch.testing.assert_close(got[1], want_values, rtol=1e-4, atol=1e-3)
@@ -135,19 +139,23 @@ def main(argv=None) -> None:
     ap.add_argument("--blocks", default=",".join(f"{h}x{w}" for h, w in BLOCKS),
                     help="block sizes, comma-separated (default: %(default)s)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values (default: %(default)s)")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
+                    help="in x out, comma-separated (default: %(default)s)")
     args = ap.parse_args(argv)
     try:
         blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
         tokens = [int(m) for m in args.tokens.split(",")]
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     except ValueError:
-        ap.error(f"--blocks takes BHxBW,... and --tokens M,...; got {args.blocks!r} and {args.tokens!r}")
+        ap.error(f"--blocks and --shapes take AxB,... and --tokens M,...; got {args.blocks!r}, {args.shapes!r} and "
+                 f"{args.tokens!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
           f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
     print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for k, n in SHAPES:
+    for k, n in shapes:
         for m in tokens:
             for block, sparsity in ((b, s) for b in blocks for s in SPARSITIES):
                 ms = measure(k, n, block, sparsity, m, args.rounds)

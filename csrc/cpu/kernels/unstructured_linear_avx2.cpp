@@ -54,7 +54,9 @@ struct Isa {
   // 4 vectors: 32 tokens per tile (a column block of it 16 KB). On Zen 3, 4 ran 1.2-1.5x faster than 3 (the broadcast
   // and the column index load amortised over more multiply-adds), 6 no faster, 8 slower (BENCHMARKS.md).
   static constexpr int kMaxVecs = 4;
-  static constexpr int kGradValuesVecs = 8;
+  // grad_values: 32-token tiles, 8 entries reduced together (4 + 8 accumulators + a load fit the 16 registers).
+  static constexpr int kGradValuesVecs = 4;
+  static constexpr int kSumGroup = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -66,6 +68,14 @@ struct Isa {
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  }
+
+  // out[e] (+)= the sum of acc[e]'s lanes, e < 8: a tree of horizontal adds, then the two 128-bit halves added.
+  static void add_sums(const V* acc, float* out, bool first) {
+    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
   static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {

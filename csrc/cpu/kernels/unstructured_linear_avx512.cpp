@@ -62,6 +62,7 @@ struct Isa {
   // 4 x loads + multiply-adds; the next row's independent chain overlaps a row's latency.
   static constexpr int kMaxVecs = 4;
   static constexpr int kGradValuesVecs = 4;
+  static constexpr int kSumGroup = 8;  // grad_values: 8 entries reduced together
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -70,6 +71,19 @@ struct Isa {
 
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+
+  // out[e] (+)= the sum of acc[e]'s lanes, e < 8: each folded to 256 bits, then AVX2's tree of horizontal adds.
+  static void add_sums(const V* acc, float* out, bool first) {
+    __m256 h[8];
+    for (int e = 0; e < 8; ++e) {
+      h[e] = _mm256_add_ps(_mm512_castps512_ps256(acc[e]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[e]), 1)));
+    }
+    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
+  }
 
   static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
     __m512 r[16];

@@ -19,6 +19,7 @@ struct Isa {
   static constexpr int64_t L = 1;
   static constexpr int kMaxVecs = 16;  // tokens per tile
   static constexpr int kGradValuesVecs = 16;
+  static constexpr int kSumGroup = 4;
   static V zero() { return 0.0f; }
   static V set1(float f) { return f; }
   static V load(const float* p) { return *p; }
@@ -27,6 +28,9 @@ struct Isa {
 
   static void store(float* p, V v) { *p = v; }
   static float hsum(V v) { return v; }
+  static void add_sums(const V* acc, float* out, bool first) {
+    for (int e = 0; e < kSumGroup; ++e) out[e] = first ? acc[e] : out[e] + acc[e];
+  }
   static void store_transposed(const float* yT, int64_t, int64_t rows, int64_t tokens, float* y, int64_t) {
     if (rows > 0 && tokens > 0) *y = *yT;
   }
