@@ -55,6 +55,16 @@ def test_cli_rejects_bad_options_before_any_work(capsys):
     assert main(["frontier", "--model", "digits-mlp", "--criteria", "random"]) == 2
 
 
+def test_cli_without_matplotlib_stops_before_any_work(capsys, monkeypatch):
+    import importlib.util
+
+    from pysparse.__main__ import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["frontier", "--model", "digits-mlp", "--point", "16x16,0.9"]) == 2
+    assert "the plot needs matplotlib" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_digits_point_end_to_end(tmp_path):
     """One real point: it prunes to the sparsity asked for, distillation leaves accuracy well above chance, the

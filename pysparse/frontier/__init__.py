@@ -9,6 +9,7 @@ PATH`` runs one point with the full recipe and saves the packed model with :func
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 import torch
@@ -93,6 +94,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--alpha must be > 0, got {args.alpha}")
         if args.steps < 0 or args.full_steps < 0:
             raise ValueError(f"--steps and --full-steps must be >= 0, got {args.steps} and {args.full_steps}")
+        if not args.no_plot and importlib.util.find_spec("matplotlib") is None:  # before minutes of work, not after
+            raise ValueError("the plot needs matplotlib: pip install 'torch-pysparse[bench]' (or pass --no-plot)")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
