@@ -26,9 +26,10 @@ from torch import nn
 
 import pysparse
 from pysparse.analysis.timing import alternating_medians
-from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
-from pysparse.formats.unstructured import entry_segments, unstructured_to_dense
+from pysparse.formats import BlockSparseWeight
+from pysparse.formats.unstructured import entry_segments
 from pysparse.ops.bsr_linear_op import bsr_linear_autograd
+from pysparse.ops.unstructured_linear import dense_grad_input, dense_grad_values
 
 SHAPES = ((384, 1536), (768, 3072))  # (in_features, out_features): MiniLM and BERT-base FFN
 TOKENS = (128, 1024)
@@ -66,11 +67,10 @@ class _GlueUnstructuredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, values, columns, segment_ptr = ctx.saved_tensors
-        n, k = ctx.n, x.shape[-1]
-        grad_x = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
-        grad_weight = grad.reshape(-1, n).t() @ x.reshape(-1, k)
-        rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
-        return grad_x, grad_weight[rows, columns.long()], None, None, grad.reshape(-1, n).sum(0), None
+        shape = (ctx.n, x.shape[-1])
+        return (dense_grad_input(grad, values, columns, segment_ptr, shape),
+                dense_grad_values(grad, x, columns, segment_ptr, shape), None, None, grad.reshape(-1, ctx.n).sum(0),
+                None)
 
 
 def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int = 0):
@@ -113,12 +113,9 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict
     _step(dense, [x, dense.weight, dense.bias], x, grad)()
     torch.testing.assert_close(got[0], x.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got[2], dense.bias.grad, rtol=1e-4, atol=1e-3)
-    if block == (1, 1):  # on the packed entries (a kept weight that is exactly 0 is not packed)
-        ones = torch.ones_like(packed.values.detach())
-        kept = UnstructuredSparseWeight(ones, packed.columns, packed.segment_ptr, (n, k)).to_dense() != 0
-        want_values = dense.weight.grad[kept]
-        got = (got[0], UnstructuredSparseWeight(got[1], packed.columns, packed.segment_ptr, (n, k)).to_dense()[kept],
-               got[2])
+    if block == (1, 1):  # at the packed entries, in their order (a kept weight that is exactly 0 is not packed)
+        rows = entry_segments(packed.segment_ptr, packed.columns.numel()) % n
+        want_values = dense.weight.grad[rows, packed.columns.long()]
     else:
         want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
     torch.testing.assert_close(got[1], want_values, rtol=1e-4, atol=1e-3)

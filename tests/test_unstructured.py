@@ -13,7 +13,7 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import SEED
+from conftest import SEED, torch_threads
 
 import pysparse
 from pysparse import ops
@@ -245,13 +245,9 @@ def test_backward_kernels_match_dense(case):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_backward_thread_counts(threads):
     gen = torch.Generator().manual_seed(SEED + 21)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for m in (5, 700):
             _backward_against_dense(m, 300, 45, 0.3, gen, leading=(2,))
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_transposed_index_is_the_transpose_and_is_cached():
@@ -310,15 +306,11 @@ def test_thread_counts_and_both_work_splits(threads):
     weight, mask = make_weight(45, 300, 0.3, gen)
     w = UnstructuredSparseWeight.from_dense(weight, mask)
     bias = torch.randn(45, generator=gen)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for m in (70, 700):
             x = torch.randn(m, 300, generator=gen)
             y = ops.unstructured_linear_packed(x, w.values, w.columns, w.segment_ptr, bias, 45)
             assert_close(y, reference(x, weight, bias))
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_concurrent_calls_from_python_threads():

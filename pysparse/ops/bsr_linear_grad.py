@@ -6,19 +6,16 @@ per-layout cache of the column index. The autograd of ``bsr_linear`` and the ops
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
+from .layer_support import LayoutCache
 
 __all__ = ["bsr_linear_grad_input", "bsr_linear_grad_values", "column_index", "grad_kernels_apply"]
 
-# col_indices -> (weakref to crow_indices, (crow version, col version, n_block_cols), (col_ptr, entries)). Keyed
-# weakly on the index tensors a layer holds as buffers: an entry lives as long as the layout and is rebuilt when
-# either index tensor is written in place (its version changes) or replaced.
-_COLUMN_INDEX = WeakTensorKeyDictionary()
+# Built once per weight layout (crow_indices, col_indices); see LayoutCache.
+_COLUMN_INDEX = LayoutCache(lambda crow_indices, col_indices, n_block_cols:
+                            torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols))
 
 
 def grad_kernels_apply(grad: torch.Tensor, values: torch.Tensor) -> bool:
@@ -33,16 +30,7 @@ def column_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_
 
     Built once per weight layout and cached (rebuilt when an index tensor changes); under ``torch.compile`` the op
     is traced instead (it is O(nnz), small next to the product)."""
-    plain = type(crow_indices) is torch.Tensor and type(col_indices) is torch.Tensor
-    if not plain or torch.compiler.is_compiling():
-        return torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols)
-    key = (crow_indices._version, col_indices._version, n_block_cols)
-    hit = _COLUMN_INDEX.get(col_indices)
-    if hit is not None and hit[0]() is crow_indices and hit[1] == key:
-        return hit[2]
-    index = torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols)
-    _COLUMN_INDEX[col_indices] = (weakref.ref(crow_indices), key, index)
-    return index
+    return _COLUMN_INDEX(crow_indices, col_indices, n_block_cols)
 
 
 def bsr_linear_grad_input(grad: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,

@@ -6,16 +6,41 @@ Internal: the names are public within pysparse (``nn`` imports them), not part o
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["ACTIVATIONS", "bsr_int32_indices", "call", "check_activation", "check_count", "check_residual",
-           "conv_output_length", "fake_with_residual", "fits_output", "only_bias_wants_grad", "torch_epilogue",
-           "wants_grad"]
+__all__ = ["ACTIVATIONS", "LayoutCache", "bsr_int32_indices", "call", "check_activation", "check_count",
+           "check_residual", "conv_output_length", "fake_with_residual", "fits_output", "only_bias_wants_grad",
+           "torch_epilogue", "wants_grad"]
 
 # Activations the kernels can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
 ACTIVATIONS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6, "gelu": torch.nn.functional.gelu}
+
+
+class LayoutCache:
+    """What a backward derives from a weight's two index tensors (a column index, a transposed layout), built once
+    per layout. Keyed weakly on the index tensors a layer holds as buffers: an entry lives as long as the layout and
+    is rebuilt when either tensor is written in place (its version changes) or replaced. Under ``torch.compile``, and
+    for tensor subclasses (fake tensors), ``build`` is called every time instead (it is traced)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._entries = WeakTensorKeyDictionary()  # first -> (weakref to second, key, result)
+
+    def __call__(self, first: torch.Tensor, second: torch.Tensor, *sizes):
+        plain = type(first) is torch.Tensor and type(second) is torch.Tensor
+        if not plain or torch.compiler.is_compiling():
+            return self._build(first, second, *sizes)
+        key = (first._version, second._version, *sizes)
+        hit = self._entries.get(first)
+        if hit is not None and hit[0]() is second and hit[1] == key:
+            return hit[2]
+        result = self._build(first, second, *sizes)
+        self._entries[first] = (weakref.ref(second), key, result)
+        return result
 
 
 def wants_grad(*args) -> bool:

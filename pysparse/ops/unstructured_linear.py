@@ -15,13 +15,11 @@ gradient (O(N K) memory, dense time).
 from __future__ import annotations
 
 import numbers
-import weakref
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
-from .layer_support import call
+from .layer_support import LayoutCache, call
 
 __all__ = ["unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
 
@@ -102,10 +100,10 @@ def _grad_kernels_apply(grad: torch.Tensor, other: torch.Tensor) -> bool:
     return grad.device.type == "cpu" and grad.dtype == torch.float32 and other.dtype == torch.float32
 
 
-# columns -> (weakref to segment_ptr, (versions, shape), (columns_t, segment_ptr_t, perm)): keyed weakly on the index
-# tensors a layer holds as buffers, so an entry lives as long as the layout and is rebuilt when either index tensor is
-# written in place (its version changes) or replaced.
-_TRANSPOSED = WeakTensorKeyDictionary()
+# Built once per weight layout (columns, segment_ptr); see LayoutCache.
+_TRANSPOSED = LayoutCache(lambda columns, segment_ptr, in_features, out_features:
+                          torch.ops.pysparse.unstructured_transpose.default(columns, segment_ptr, in_features,
+                                                                            out_features))
 
 
 def transposed_index(columns: torch.Tensor, segment_ptr: torch.Tensor, in_features: int, out_features: int
@@ -113,17 +111,7 @@ def transposed_index(columns: torch.Tensor, segment_ptr: torch.Tensor, in_featur
     """``(columns_t, segment_ptr_t, perm)``: ``W^T [in_features, out_features]`` in the unstructured format, its
     values being ``values[perm]``. Built once per weight layout and cached; under ``torch.compile`` the op is traced
     instead (O(nnz), small next to the products)."""
-    op = torch.ops.pysparse.unstructured_transpose.default
-    plain = type(columns) is torch.Tensor and type(segment_ptr) is torch.Tensor
-    if not plain or torch.compiler.is_compiling():
-        return op(columns, segment_ptr, in_features, out_features)
-    key = (columns._version, segment_ptr._version, in_features, out_features)
-    hit = _TRANSPOSED.get(columns)
-    if hit is not None and hit[0]() is segment_ptr and hit[1] == key:
-        return hit[2]
-    index = op(columns, segment_ptr, in_features, out_features)
-    _TRANSPOSED[columns] = (weakref.ref(segment_ptr), key, index)
-    return index
+    return _TRANSPOSED(columns, segment_ptr, in_features, out_features)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,6 +127,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
 
 
+def dense_grad_input(grad, values, columns, segment_ptr, shape: tuple[int, int]) -> torch.Tensor:
+    """``grad @ W`` through the dense ``W [N, K]`` (the backward where the kernels do not apply)."""
+    return grad @ unstructured_to_dense(values, columns, segment_ptr, shape)
+
+
+def dense_grad_values(grad, input, columns, segment_ptr, shape: tuple[int, int]) -> torch.Tensor:
+    """``grad^T @ input`` at the kept entries, gathered from the dense ``[N, K]`` product (the backward where the
+    kernels do not apply)."""
+    n = shape[0]
+    rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
+    return (_rows(grad).t() @ _rows(input))[rows, columns.to(torch.int64)]
+
+
 def _backward(ctx, grad):
     input, values, columns, segment_ptr = ctx.saved_tensors
     n, k = ctx.shape
@@ -149,13 +150,13 @@ def _backward(ctx, grad):
             grad_input = torch.ops.pysparse.unstructured_linear.default(grad, values.index_select(0, perm), columns_t,
                                                                         segment_ptr_t, None, k)
         else:
-            grad_input = grad @ unstructured_to_dense(values, columns, segment_ptr, (n, k))
-    if ctx.needs_input_grad[1] and _grad_kernels_apply(grad, input):
-        grad_values = torch.ops.pysparse.unstructured_linear_grad_values.default(grad, input, columns, segment_ptr)
-    elif ctx.needs_input_grad[1]:
-        grad_weight = _rows(grad).t() @ _rows(input)  # [N, K]
-        rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
-        grad_values = grad_weight[rows, columns.to(torch.int64)]
+            grad_input = dense_grad_input(grad, values, columns, segment_ptr, (n, k))
+    if ctx.needs_input_grad[1]:
+        if _grad_kernels_apply(grad, input):
+            grad_values = torch.ops.pysparse.unstructured_linear_grad_values.default(grad, input, columns,
+                                                                                     segment_ptr)
+        else:
+            grad_values = dense_grad_values(grad, input, columns, segment_ptr, (n, k))
     if ctx.needs_input_grad[4]:
         grad_bias = _rows(grad).sum(0)
     return grad_input, grad_values, None, None, grad_bias, None

@@ -1,5 +1,5 @@
-// Horizontal reductions of an 8-float AVX2 vector, shared by the AVX2 translation units (bsr_linear_avx2.cpp,
-// attention_avx2.cpp). Each function carries its own target attribute, so this header compiles under plain flags and
+// Horizontal reductions of 8-float AVX2 vectors, shared by the AVX2 translation units (bsr_linear_avx2.cpp,
+// attention_avx2.cpp, unstructured_linear_avx2.cpp; unstructured_linear_avx512.cpp after folding to 256 bits). Each function carries its own target attribute, so this header compiles under plain flags and
 // inlines into those files' avx2 regions.
 #pragma once
 #include "isa_kernels.h"
@@ -22,6 +22,13 @@ __attribute__((target("avx2"))) inline float hmax8(__m256 v) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   return _mm_cvtss_f32(m);
+}
+
+// The lane sums of v[0..7] as one vector: a tree of horizontal adds, then the two 128-bit halves added.
+__attribute__((target("avx2"))) inline __m256 hsum8x8(const __m256 v[8]) {
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
 }
 
 }  // namespace avx2

@@ -2,6 +2,8 @@
 // attributes as in bsr_linear_avx2.cpp: the library still loads on CPUs without AVX2.
 #include "unstructured_linear_isa.h"
 
+#include "avx2_reduce.h"
+
 #if PYSPARSE_X86
 #include <immintrin.h>
 #include <omp.h>
@@ -64,17 +66,11 @@ struct Isa {
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
 
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static float hsum(V v) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-  }
+  static float hsum(V v) { return hsum8(v); }
 
-  // out[e] (+)= the sum of acc[e]'s lanes, e < 8: a tree of horizontal adds, then the two 128-bit halves added.
+  // out[e] (+)= the sum of acc[e]'s lanes, e < 8.
   static void add_sums(const V* acc, float* out, bool first) {
-    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    const __m256 sums = hsum8x8(acc);
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 

@@ -2,6 +2,8 @@
 // attributes as in bsr_linear_avx512.cpp: the library still loads on CPUs without AVX-512.
 #include "unstructured_linear_isa.h"
 
+#include "avx2_reduce.h"
+
 #if PYSPARSE_X86
 #include <immintrin.h>
 #include <omp.h>
@@ -72,16 +74,14 @@ struct Isa {
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
 
-  // out[e] (+)= the sum of acc[e]'s lanes, e < 8: each folded to 256 bits, then AVX2's tree of horizontal adds.
+  // out[e] (+)= the sum of acc[e]'s lanes, e < 8: each folded to 256 bits, then AVX2's tree (hsum8x8).
   static void add_sums(const V* acc, float* out, bool first) {
     __m256 h[8];
     for (int e = 0; e < 8; ++e) {
       h[e] = _mm256_add_ps(_mm512_castps512_ps256(acc[e]),
                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[e]), 1)));
     }
-    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    const __m256 sums = avx2::hsum8x8(h);
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
