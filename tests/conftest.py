@@ -7,7 +7,6 @@ printed in pytest's header. ``PYSPARSE_TEST_SEED=<n>`` reproduces a session.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import random
@@ -52,17 +51,6 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not cuda_available():
         pytest.skip("needs a CUDA device and a CUDA build of pysparse (PYSPARSE_CUDA=1)")
     return torch.device(request.param)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch (and the kernels' OpenMP) at ``n`` threads inside the block, the previous count restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def generator_for(name: str) -> torch.Generator:

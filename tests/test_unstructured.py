@@ -13,10 +13,11 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import SEED, torch_threads
+from conftest import SEED
 
 import pysparse
 from pysparse import ops
+from pysparse.demo import threads as torch_threads
 from pysparse.formats import UnstructuredSparseWeight
 from pysparse.formats.unstructured import BLOCK_COLS
 from pysparse.nn import SparseLinear, UnstructuredSparseLinear
