@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch loads libgomp
 
@@ -28,17 +27,10 @@ import torch.nn.functional as F
 
 from pysparse import ops
 from pysparse.analysis.timing import alternating_medians
+from pysparse.bench.environment import cpu_model
 from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
 
 SHAPES = ["1536x384", "384x1536", "3072x768", "768x3072"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def random_mask(n: int, k: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # before torch loads libgomp
 import torch
 
 from pysparse import ops
+from pysparse.bench.environment import cpu_vendor
 from pysparse.analysis.timing import alternating_medians
 from pysparse.bench.sweep import block_mask
 from pysparse.nn import SparseLinear
@@ -67,7 +68,8 @@ def main() -> None:
             row.append((density, round(math.exp(sum(map(math.log, rates)) / len(rates)), 1)))
         table[block] = row
         print(f"{block[0]:>3}x{block[1]:<2} " + " ".join(f"{r:>8.1f}" for _, r in row))
-    print(f'"{path}": {{')
+    # a table of this CPU vendor's own (format_choice.cpu_table_key), where the path's table was measured elsewhere
+    print(f'"{path}/{cpu_vendor()}": {{  # or "{path}" on the CPU that the path\'s own table is measured on')
     for block, row in table.items():
         print(f"    {block}: {tuple(row)},")
     print("},")

@@ -9,7 +9,8 @@ from pysparse import ops, sparsify
 from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.nn import SparseLinear, UnstructuredSparseLinear
-from pysparse.transforms.format_choice import CANDIDATES, DENSITIES, THROUGHPUT, choose_block_size, stored_entries
+from pysparse.transforms.format_choice import (CANDIDATES, DENSITIES, THROUGHPUT, choose_block_size, cpu_table_key,
+                                               stored_entries)
 
 SEED = 23
 
@@ -29,11 +30,18 @@ def test_stored_entries_match_the_packed_formats(shape):
 
 
 def test_every_cpu_path_has_a_complete_table():
-    for path in ("avx512", "avx2", "generic"):
-        table = THROUGHPUT[path]
+    assert {"avx512", "avx2", "generic"} <= set(THROUGHPUT)
+    for path, table in THROUGHPUT.items():
         assert set(table) == set(CANDIDATES), path
         for block, points in table.items():
             assert tuple(d for d, _ in points) == DENSITIES and all(r > 0 for _, r in points), (path, block)
+
+
+def test_a_vendor_table_is_used_only_where_there_is_one():
+    assert cpu_table_key("avx512", "GenuineIntel") == "avx512/GenuineIntel"
+    assert cpu_table_key("avx512", "AuthenticAMD") == "avx512"
+    assert cpu_table_key("avx2", "GenuineIntel") == "avx2"
+    assert cpu_table_key(ops.available_backends()["cpu"]) in THROUGHPUT   # this machine's own
 
 
 def test_the_choice_follows_the_zeros():

@@ -3,11 +3,12 @@
 Every candidate holds the weight exactly: a block format keeps each block with a nonzero in it, zeros inside
 included; single entries (``(1, 1)``, linear layers on the CPU) have the unstructured format. What differs is how
 many entries each stores and how fast its kernel multiplies them, so a candidate's estimated time is its stored
-entries over its throughput. The throughputs are a table per CPU kernel path (``pysparse.ops.available_backends()``),
-GFLOP/s of stored entries at M = 1024 tokens on 2 threads, measured by ``benchmarks/calibrate_formats.py`` and
-interpolated over the stored density: the same weights get the same format on every machine of a path, and two
-processes never disagree. Only ratios between formats matter. ``sparsify(autotune=True)`` then times the chosen
-layer against the dense one on the real input.
+entries over its throughput. The throughputs are a table per CPU kernel path (``pysparse.ops.available_backends()``)
+and, where its cores differ enough to have their own, per CPU vendor (``cpu_table_key``): GFLOP/s of stored entries
+at M = 1024 tokens on 2 threads, measured by ``benchmarks/calibrate_formats.py`` and interpolated over the stored
+density. The same weights get the same format on every machine of a table, and two processes never disagree. Only
+ratios between formats matter. ``sparsify(autotune=True)`` then times the chosen layer against the dense one on the
+real input.
 """
 from __future__ import annotations
 
@@ -15,14 +16,27 @@ import torch
 
 from ..formats.block_sparse import kept_blocks
 
-__all__ = ["CANDIDATES", "DENSITIES", "THROUGHPUT", "choose_block_size", "stored_entries"]
+__all__ = ["CANDIDATES", "DENSITIES", "THROUGHPUT", "choose_block_size", "cpu_table_key", "stored_entries"]
 
 CANDIDATES = ((1, 1), (16, 1), (8, 1), (1, 16), (4, 4), (8, 8), (16, 16), (32, 32))
 DENSITIES = (0.1, 0.3, 0.5, 1.0)
 
 # GFLOP/s of stored entries, (density, rate) pairs, from benchmarks/calibrate_formats.py --rounds 2 (BENCHMARKS.md):
-# avx512 and generic on an AMD EPYC (Zen 4), 2026-12-06, each path forced with PYSPARSE_CPU_ISA; avx2 below.
+# avx512 and generic on an AMD EPYC (Zen 4), 2026-12-06, each path forced with PYSPARSE_CPU_ISA; the others below.
 THROUGHPUT: dict[str, dict[tuple[int, int], tuple[tuple[float, float], ...]]] = {
+    # an Intel Xeon (Sapphire Rapids class, lscpu model 167), 2026-12-06, --rounds 2: two 512-bit FMA ports where
+    # Zen 4 has one, so the formats whose kernels reuse each load of x (blocks) gain most; single entries and narrow
+    # vectors lose ground at low density
+    "avx512/GenuineIntel": {
+        (1, 1): ((0.1, 127.0), (0.3, 172.4), (0.5, 190.9), (1.0, 206.1)),
+        (16, 1): ((0.1, 98.6), (0.3, 163.7), (0.5, 184.3), (1.0, 224.4)),
+        (8, 1): ((0.1, 81.6), (0.3, 157.1), (0.5, 182.1), (1.0, 236.1)),
+        (1, 16): ((0.1, 47.1), (0.3, 90.2), (0.5, 103.4), (1.0, 113.1)),
+        (4, 4): ((0.1, 71.2), (0.3, 144.8), (0.5, 168.5), (1.0, 215.3)),
+        (8, 8): ((0.1, 103.4), (0.3, 180.7), (0.5, 207.2), (1.0, 265.9)),
+        (16, 16): ((0.1, 122.0), (0.3, 197.5), (0.5, 227.5), (1.0, 266.3)),
+        (32, 32): ((0.1, 135.9), (0.3, 213.0), (0.5, 252.3), (1.0, 282.8)),
+    },
     "avx512": {
         (1, 1): ((0.1, 90.0), (0.3, 127.6), (0.5, 142.2), (1.0, 150.0)),
         (16, 1): ((0.1, 58.1), (0.3, 112.4), (0.5, 143.5), (1.0, 169.3)),
@@ -58,6 +72,16 @@ THROUGHPUT: dict[str, dict[tuple[int, int], tuple[tuple[float, float], ...]]] = 
 }
 
 
+def cpu_table_key(path: str, vendor: str | None = None) -> str:
+    """The ``THROUGHPUT`` key for CPU kernel path ``path`` on a CPU of ``vendor`` (default: this machine's
+    ``vendor_id``): ``"path/vendor"`` where that vendor has a table of its own, else ``path``."""
+    if vendor is None:
+        from ..bench.environment import cpu_vendor
+        vendor = cpu_vendor()
+    key = f"{path}/{vendor}"
+    return key if key in THROUGHPUT else path
+
+
 def stored_entries(matrix: torch.Tensor, block: tuple[int, int]) -> int:
     """Entries a ``block`` format stores for ``matrix [N, K]``: whole ``bh x bw`` blocks with a nonzero in them
     (edge blocks count whole: the kernels pad them), or the nonzeros themselves for ``(1, 1)``."""
@@ -78,7 +102,8 @@ def _rate(points: tuple[tuple[float, float], ...], density: float) -> float:
 
 
 def choose_block_size(matrix: torch.Tensor, *, path: str, single_entries: bool) -> tuple[tuple[int, int], str]:
-    """The candidate block size with the least estimated time for ``matrix [N, K]`` on CPU path ``path``, and a
+    """The candidate block size with the least estimated time for ``matrix [N, K]`` with the throughput table
+    ``path`` (a CPU kernel path, or a :func:`cpu_table_key`), and a
     line saying what was estimated. ``single_entries``: whether ``(1, 1)`` (the unstructured format) may be chosen.
     On a path without a table (a device other than the CPU, or an uncalibrated path) the estimate is stored
     entries alone among blocks of at least 16x16, the shapes the GPU kernels run best."""

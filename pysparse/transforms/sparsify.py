@@ -28,7 +28,7 @@ from ..ops import available_backends
 from . import fold_batchnorm as _fold
 from .activation_fusion import activation_sites
 from .attention_switch import use_pysparse_attention
-from .format_choice import choose_block_size
+from .format_choice import choose_block_size, cpu_table_key
 from .forward_fusion import apply_forward_fusions, fusion_blocks, plan_forward_fusions
 from .report import LayerReport, SparsifyReport
 
@@ -231,8 +231,8 @@ def choose_layers(model: nn.Module, places: Places, block_size: tuple[int, int] 
         block, why = block_size, ""
         if block_size == "auto":
             on_cpu = w.device.type == "cpu"
-            block, why = choose_block_size(matrix, path=available_backends()["cpu"] if on_cpu else w.device.type,
-                                           single_entries=on_cpu and isinstance(module, nn.Linear))
+            table = cpu_table_key(available_backends()["cpu"]) if on_cpu else w.device.type
+            block, why = choose_block_size(matrix, path=table, single_entries=on_cpu and isinstance(module, nn.Linear))
             why += "; "
         weight = _pack(module, matrix, block)
         report.block_size = block
