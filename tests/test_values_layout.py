@@ -1,5 +1,5 @@
-"""SparseLinear stores ``values`` block-transposed (each block column-major) where the CPU broadcast kernel reads
-blocks that way at every batch size (float32, bfloat16 or float16; AVX2 path, bh a multiple of 16), row-major
+"""SparseLinear stores ``values`` block-transposed (each block column-major) where the CPU kernels read blocks that way
+at every batch size (AVX2 path, bh a multiple of 16, every dtype; AVX-512, float32, bh a multiple of 32), row-major
 elsewhere. The op reads that memory in place, so no re-layout happens per call and no second copy can go stale.
 These tests change the weight every way a user can (in place, through ``.data``, through numpy, with fused and
 foreach optimizers, by loading, by moving between dtypes) and check each next call, at large and small batch,
@@ -16,7 +16,7 @@ import pysparse
 from pysparse import ops
 from pysparse.nn import SparseConv2d, SparseLinear
 
-TRANSPOSED_HERE = ops.cpu_reads_transposed(32, 16)  # False off the AVX2 path: every layout is row-major there
+TRANSPOSED_HERE = ops.cpu_reads_transposed(32, 16)  # False on the generic path: every layout is row-major there
 
 
 def _linear(n=200, k=150, block=(32, 16), seed=0, trainable=False) -> tuple[SparseLinear, torch.Tensor]:
@@ -53,9 +53,11 @@ def test_layout_follows_the_kernel():
 def test_layout_follows_dtype_and_back(dtype):
     layer, x = _linear(seed=2)
     half = copy.deepcopy(layer).to(dtype)
-    # The 16-bit kernels read the same layout as float32 (the broadcast kernel widens the weights as it loads them).
-    assert ops.cpu_reads_transposed(32, 16, dtype) == TRANSPOSED_HERE
-    assert ops.is_block_transposed(half.values) == TRANSPOSED_HERE
+    # On AVX2 the 16-bit kernels read the same layout as float32 (the broadcast kernel widens the weights as it loads
+    # them); on AVX-512 they read row-major blocks: the layout follows the dtype.
+    transposed_16 = ops.cpu_reads_transposed(32, 16, dtype)
+    assert transposed_16 == (TRANSPOSED_HERE and ops.available_backends()["cpu"] == "avx2")
+    assert ops.is_block_transposed(half.values) == transposed_16
     assert torch.equal(half.values, layer.values.to(dtype))
     with torch.no_grad():
         for rows in (x, x[:1], x[:7]):  # the large-M path and the small-M paths
@@ -156,7 +158,7 @@ def test_implicit_conv_reads_the_layout_and_sees_writes():
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
     sparse = SparseConv2d.from_dense(conv, (16, 16)).eval()
-    assert ops.is_block_transposed(sparse.linear.values) == TRANSPOSED_HERE
+    assert ops.is_block_transposed(sparse.linear.values) == ops.cpu_reads_transposed(16, 16)
     x = torch.randn(2, 16, 9, 7, generator=gen)
     for what in ("as built", "after a write through .data"):
         with torch.no_grad():

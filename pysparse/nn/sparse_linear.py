@@ -122,10 +122,11 @@ class SparseLinear(PackedWeightModule):
 
     def _settle_layout(self) -> None:
         """Holds ``values`` block-transposed (each block column-major: ``values.transpose(1, 2)`` contiguous) where
-        the CPU kernel reads blocks that way at every batch size (the AVX2 path, bh a multiple of 16:
-        ``ops.kernel_layout``), row-major (contiguous) everywhere else. Same shape, numbers and state dict,
-        other strides: the kernel reads the layer's own memory, so nothing is re-laid-out per call and every write to
-        ``values`` (in place, through ``.data``, by a fused optimizer) is what the next call computes with."""
+        the CPU kernels read blocks that way at every batch size (``ops.cpu_reads_transposed``: AVX2 with bh a multiple
+        of 16, AVX-512 float32 with bh a multiple of 32; ``ops.kernel_layout``), row-major (contiguous) everywhere
+        else. Same shape, numbers and state dict, other strides: the kernel reads the layer's own memory, so nothing is
+        re-laid-out per call and every write to ``values`` (in place, through ``.data``, by a fused optimizer) is what
+        the next call computes with."""
         v = self.values
         laid_out = ops.kernel_layout(v.detach())
         if laid_out.data_ptr() == v.data_ptr() and laid_out.stride() == v.stride():

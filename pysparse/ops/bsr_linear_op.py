@@ -159,8 +159,9 @@ _CPU_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.
 
 def cpu_reads_transposed(bh: int, bw: int, dtype: torch.dtype = torch.float32) -> bool:
     """Whether this machine's CPU kernels read ``(bh, bw)`` blocks of ``dtype`` (float32, bfloat16 or float16)
-    transposed at every batch size (the broadcast kernel: on AVX2 for bh a multiple of 16; on AVX-512, bh a multiple
-    of 32, only with ``PYSPARSE_CPU_BCAST=1`` until measured there). ``bsr_linear`` then takes ``values`` laid out
+    transposed at every batch size (the broadcast kernel's layout: on AVX2 for bh a multiple of 16, on AVX-512 for
+    float32 with bh a multiple of 32, where the broadcast kernel runs up to 16 tokens and the outer-product kernel
+    reads the same layout above). ``bsr_linear`` then takes ``values`` laid out
     block-transposed (see :func:`is_block_transposed`) in place; any other layout works everywhere, through a
     row-major copy."""
     if dtype not in _CPU_DTYPE_NAMES:

@@ -175,7 +175,8 @@ void run_case(const Path& path, const Case& c, int threads, bool with_bias, std:
   }
   for (double& v : ref) v = activate_ref(v, act);
   // Each case runs twice: on row-major blocks (float32: the broadcast kernel transposes them itself), then on the
-  // layout SparseLinear stores (BsrProblem::transposed_values; paths without the broadcast kernel ignore it).
+  // layout SparseLinear stores (BsrProblem::transposed_values: the broadcast kernel and, float32, the outer-product
+  // kernel read it; the dot kernel and the generic path take the row-major blocks).
   const std::vector<T> transposed = transposed_blocks(values, p.bh, p.bw);
   for (int pass = 0; pass < (transposed.empty() ? 1 : 2); ++pass) {
     w.p.transposed_values = pass == 1 ? transposed.data() : nullptr;

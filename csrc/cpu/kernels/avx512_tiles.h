@@ -3,6 +3,8 @@
 // (tests/cpp/avx2_as_16_lanes.cpp), so that build checks exactly the tiles the AVX-512 path runs.
 #pragma once
 
+#include <cstdint>
+
 namespace pysparse {
 
 struct Avx512Tiles {
@@ -11,9 +13,14 @@ struct Avx512Tiles {
   static constexpr int kVecs = 3;
   static constexpr int outer_rows(int) { return 8; }
   static constexpr int dot_rows(int) { return 8; }  // 8 x 3 accumulators at most
-  // Broadcast kernel: T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32). Off unless
-  // PYSPARSE_CPU_BCAST=1 until it is measured on an AVX-512 machine (dispatch.cpp).
+  // Broadcast kernel: T tokens x NVO vectors (T*NVO accumulators + NVO weights + 1 broadcast <= 32).
   static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 4 : nvo == 2 ? 12 : 16; }
+  // It runs float32 up to 16 tokens, on the transposed blocks, which the outer-product kernel then reads at larger M
+  // (Sapphire Rapids, 2 threads, 32x32 at 90%, 768->3072 and 576->2304: against the dot / outer-product kernels 1.1-1.2x
+  // at M = 1, 1.6x at 4, 1.5-2.2x at 8, even at 16, 0.9x at 32, 0.7x at 64-128; BENCHMARKS.md). 16-bit weights keep
+  // the other kernels (not measured on AVX-512).
+  static constexpr int64_t kBcastMaxTokens = 16;
+  static constexpr bool kBcast16Bit = false;
   // The broadcast kernel widens bfloat16 weights one vector at a time (the AVX2 path's split loads are not measured
   // on AVX-512).
   static constexpr bool kBf16Split = false;

@@ -36,6 +36,9 @@ struct Isa {
   static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
   // Broadcast kernel: tokens x vectors of outputs per tile (T*NVO accumulators + NVO weights + 1 broadcast <= 16).
   static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 2 : nvo == 2 ? 6 : 12; }
+  // The broadcast kernel runs at every M and for 16-bit weights too (bcast_applies).
+  static constexpr int64_t kBcastMaxTokens = INT64_MAX;
+  static constexpr bool kBcast16Bit = true;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -82,7 +85,7 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 
 template <typename T>
 bool reads_transposed(const BsrProblem& p) {
-  return bcast_applies<T>(p, true, true, false);
+  return reads_transposed_values<T>(p, true, false);
 }
 template bool reads_transposed<float>(const BsrProblem&);
 template bool reads_transposed<bfloat16_t>(const BsrProblem&);

@@ -72,7 +72,7 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 
 template <typename T>
 bool reads_transposed(const BsrProblem& p, bool native_bf16) {
-  return bcast_applies<T>(p, true, true, native_bf16);
+  return reads_transposed_values<T>(p, true, native_bf16);
 }
 template bool reads_transposed<float>(const BsrProblem&, bool);
 template bool reads_transposed<bfloat16_t>(const BsrProblem&, bool);

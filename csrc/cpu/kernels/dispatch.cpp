@@ -97,11 +97,10 @@ const int bcast_at_load = chosen_bcast();
 bool cpu_isa_supported(CpuIsa isa) { return supported(isa); }
 
 // AVX2 measured the broadcast kernel 1.0-2.2x faster than the outer-product and dot kernels at every M (NOTES_cpu.md),
-// column vectors above 32 tokens aside (bcast_applies); on AVX-512 it has not been measured yet, so the
-// outer-product kernel stays the default there.
+// column vectors above 32 tokens aside (bcast_applies); AVX-512 up to 16 tokens, float32 only (Avx512Tiles).
 bool cpu_bcast_enabled(CpuIsa isa) {
   if (isa == CpuIsa::kGeneric) return false;
-  return chosen_bcast() == -1 ? isa == CpuIsa::kAvx2 : chosen_bcast() == 1;
+  return chosen_bcast() == -1 ? true : chosen_bcast() == 1;
 }
 
 CpuIsa active_cpu_isa_id() { return chosen_isa(); }

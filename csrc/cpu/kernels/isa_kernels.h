@@ -26,7 +26,7 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
                 const BsrProblem& p, int num_threads, bool bcast);
 void bsr_conv2d(const float* x, const float* values, const int32_t* crow, const int32_t* col, const float* bias,
                 float* y, const BsrProblem& p, const ConvGeometry& c, int num_threads);
-// Whether bsr_linear<T> with bcast runs p through the broadcast kernel (which reads BsrProblem::transposed_values).
+// Whether bsr_linear<T> with bcast reads BsrProblem::transposed_values for p where given (reads_transposed_values).
 template <typename T>
 bool reads_transposed(const BsrProblem& p);
 }  // namespace avx2
