@@ -242,6 +242,8 @@ int main() {
       {31, 129, 33, 0.05}, {64, 16, 16, 1.0},    {65, 50, 21, 0.7, 5}, {100, 96, 40, 0.1}, {130, 384, 70, 0.1},
       {7, 9, 5, 0.0},      {40, 12, 11, 0.0},    {3, 20, 10, 1.0},    {24, 1, 3, 1.0},     {9, 0, 5, 0.0},
       {0, 8, 8, 0.5},      {8, 8, 0, 0.5},       {200, 23, 2, 0.4, 1}, {300, 70, 33, 0.3},
+      // batch 1-3 over several row groups of the gather path (256 / M rows each), sparse enough for empty segments
+      {3, 200, 300, 0.3},  {1, 1000, 700, 0.02}, {2, 129, 513, 0.6, 7},
   };
   for (const Case& c : cases) run_case(c, rng);
   for (CpuIsa isa : paths()) std::printf("tested path: %s\n", name(isa));
