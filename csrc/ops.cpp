@@ -45,6 +45,10 @@ TORCH_LIBRARY(pysparse, m) {
   // values [nnz] float32 and columns [nnz] int32. CPU only.
   m.def("unstructured_linear(Tensor input, Tensor values, Tensor columns, Tensor segment_ptr, Tensor? bias, "
         "int out_features) -> Tensor");
+  // activation(unstructured_linear + residual) with both fused into the kernel's stores, as bsr_linear_act (no
+  // autograd: layers call it when no gradient is wanted).
+  m.def("unstructured_linear_act(Tensor input, Tensor values, Tensor columns, Tensor segment_ptr, Tensor? bias, "
+        "int out_features, str? activation=None, Tensor? residual=None) -> Tensor");
   // Its backward on the CPU, float32. unstructured_transpose: W^T [in_features, out_features] in the same format,
   // (columns_t, segment_ptr_t, perm) with values_t = values[perm] (grad_input is unstructured_linear on it);
   // grad_values = grad_output^T @ input at the kept entries -> [nnz] in the order of columns.

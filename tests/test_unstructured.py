@@ -193,6 +193,69 @@ def test_other_dtypes_and_devices_take_the_reference():
     assert torch.allclose(y, F.linear(x, w.to_dense().double()))
 
 
+EPILOGUES = {None: lambda v: v, "relu": torch.relu, "relu6": lambda v: v.clamp(0, 6), "gelu": F.gelu}
+
+
+@pytest.mark.parametrize("activation", list(EPILOGUES), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_epilogue_matches_torch(case, activation):
+    """activation(linear + residual) fused into the kernel's stores (no gradient wanted), on the batch-1 gathers and
+    the token tiles alike, against float64."""
+    gen = torch.Generator().manual_seed(SEED + 40)
+    m, k, n, density = case
+    weight, mask = make_weight(n, k, density, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    res = torch.randn(m, n, generator=gen) * 2
+    for r in (res, None):
+        if r is None and activation is None:
+            continue
+        want = EPILOGUES[activation](reference(x, weight, bias) + (0 if r is None else r.double()))
+        torch.full((m, n), float("nan")).zero_()  # likely hands the op this memory back: unwritten outputs stay NaN
+        y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, bias, n, activation=activation, residual=r)
+        assert_close(y, want)
+
+
+def test_fused_epilogue_propagates_nan_and_takes_the_torch_path_where_it_must():
+    gen = torch.Generator().manual_seed(SEED + 41)
+    weight, mask = make_weight(30, 50, 0.4, gen)
+    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    x, bias = torch.randn(7, 50, generator=gen), torch.randn(30, generator=gen)
+    res = torch.randn(7, 30, generator=gen)
+    res[2, 3] = float("nan")
+    for act in ("relu", "relu6", "gelu"):
+        y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, bias, 30, activation=act, residual=res)
+        assert torch.isnan(y[2, 3]) and int(torch.isnan(y).sum()) == 1, act
+    # A residual that broadcasts or promotes, and a call that wants a gradient: torch adds and activates after the op.
+    lin = reference(x, weight, bias)
+    row = torch.randn(30, generator=gen)
+    y = ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, bias, 30, activation="gelu", residual=row)
+    assert_close(y, F.gelu(lin + row.double()))
+    xg = x.clone().requires_grad_()
+    y = ops.unstructured_linear(xg, w.values, w.columns, w.segment_ptr, bias, 30, activation="relu",
+                                residual=res.nan_to_num())
+    y.sum().backward()
+    want = torch.relu(lin + res.nan_to_num().double())
+    assert_close(y.detach(), want)
+    assert torch.allclose(xg.grad.double(), (want > 0).double() @ weight.double(), atol=1e-4)
+
+
+def test_fused_epilogue_rejects_bad_arguments():
+    w = UnstructuredSparseWeight.from_dense(torch.eye(4))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 4, activation="tanh")
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor or None"):
+        ops.unstructured_linear(x, w.values, w.columns, w.segment_ptr, None, 4, residual=[1.0])
+    op = torch.ops.pysparse.unstructured_linear_act.default
+    with pytest.raises(ValueError, match="activation must be 'relu', 'relu6' or 'gelu', got 'tanh'"):
+        op(x, w.values, w.columns, w.segment_ptr, None, 4, "tanh", None)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \[2, 4\]"):
+        op(x, w.values, w.columns, w.segment_ptr, None, 4, None, torch.randn(3, 4))
+    with pytest.raises(TypeError, match="residual must have the input's dtype"):
+        op(x, w.values, w.columns, w.segment_ptr, None, 4, None, torch.randn(2, 4, dtype=torch.float64))
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(SEED + 4)
     for m, k, n, density in [(5, 13, 9, 0.4), (1, 16, 8, 0.5), (70, 8, 3, 1.0)]:
@@ -201,6 +264,9 @@ def test_opcheck():
         args = (torch.randn(m, k, generator=gen, requires_grad=True), w.values.requires_grad_(), w.columns,
                 w.segment_ptr, torch.randn(n, generator=gen, requires_grad=True), n)
         torch.library.opcheck(torch.ops.pysparse.unstructured_linear.default, args)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.pysparse.unstructured_linear_act.default,
+                              (*plain, "gelu", torch.randn(m, n, generator=gen)))
 
 
 def test_backward_matches_dense():
@@ -350,6 +416,9 @@ def test_every_cpu_path(isa):
         "    y = ops.unstructured_linear(x, p.values, p.columns, p.segment_ptr, b, n)\n"
         "    want = torch.nn.functional.linear(x.double(), w.double(), b.double())\n"
         "    assert (y.double() - want).abs().max() < 1e-4, (m, k, n)\n"
+        "    r = torch.randn(m, n, generator=g)\n"
+        "    y = ops.unstructured_linear(x, p.values, p.columns, p.segment_ptr, b, n, activation='gelu', residual=r)\n"
+        "    assert (y.double() - torch.nn.functional.gelu(want + r.double())).abs().max() < 1e-4, (m, k, n)\n"
         "    xg, v = x.clone().requires_grad_(), p.values.clone().requires_grad_()\n"
         "    gy = torch.randn(m, n, generator=g2)\n"
         "    ops.unstructured_linear(xg, v, p.columns, p.segment_ptr, b, n).backward(gy)\n"

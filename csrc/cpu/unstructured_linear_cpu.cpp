@@ -5,6 +5,7 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include "bsr_linear_args.h"  // parse_activation, prepare_residual
 #include "cpu/kernels/unstructured_linear.h"
 #include "cpu/output_pool.h"
 
@@ -52,10 +53,11 @@ at::Tensor rows_of(const at::Tensor& t, int64_t M, int64_t cols, int64_t& ld) {
   return x;
 }
 
-at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& columns,
-                                        const at::Tensor& segment_ptr, const std::optional<at::Tensor>& bias,
-                                        int64_t out_features) {
-  constexpr const char* op = "unstructured_linear";
+// activation(input @ W^T + bias + residual); act none and no residual for the plain op.
+at::Tensor unstructured_linear_forward(const char* op, const at::Tensor& input, const at::Tensor& values,
+                                       const at::Tensor& columns, const at::Tensor& segment_ptr,
+                                       const std::optional<at::Tensor>& bias, int64_t out_features, Activation act,
+                                       const std::optional<at::Tensor>& residual) {
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
   TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat, op, ": values must be float32, got ", values.scalar_type());
   TORCH_CHECK_VALUE(input.dim() >= 1, op, ": input must have at least 1 dimension [..., in_features], got a 0-d "
@@ -80,11 +82,34 @@ at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tenso
   const at::Tensor x = rows_of(input, p.M, p.K, p.ldx);
   std::vector<int64_t> out_shape = input.sizes().vec();
   out_shape.back() = out_features;
+  p.act = act;
+  at::Tensor res;
+  if (residual.has_value()) {
+    res = prepare_residual(op, *residual, input, out_shape);
+    p.residual = res.const_data_ptr<float>();
+  }
   at::Tensor y = empty_output(out_shape, input.options());
   unstructured_linear_cpu(x.const_data_ptr<float>(), vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(),
                           ptr.const_data_ptr<int32_t>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
                           y.mutable_data_ptr<float>(), p, at::get_num_threads());
   return y;
+}
+
+at::Tensor unstructured_linear_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& columns,
+                                        const at::Tensor& segment_ptr, const std::optional<at::Tensor>& bias,
+                                        int64_t out_features) {
+  return unstructured_linear_forward("unstructured_linear", input, values, columns, segment_ptr, bias, out_features,
+                                     Activation::kNone, std::nullopt);
+}
+
+at::Tensor unstructured_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& values,
+                                            const at::Tensor& columns, const at::Tensor& segment_ptr,
+                                            const std::optional<at::Tensor>& bias, int64_t out_features,
+                                            std::optional<c10::string_view> activation,
+                                            const std::optional<at::Tensor>& residual) {
+  constexpr const char* op = "unstructured_linear_act";
+  return unstructured_linear_forward(op, input, values, columns, segment_ptr, bias, out_features,
+                                     parse_activation(op, activation), residual);
 }
 
 // (columns_t, segment_ptr_t, perm) of W^T (unstructured_transpose): the backward's grad_input runs the forward
@@ -141,6 +166,7 @@ at::Tensor unstructured_linear_grad_values_cpu_impl(const at::Tensor& grad_outpu
 
 TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
   m.impl("unstructured_linear", &unstructured_linear_cpu_impl);
+  m.impl("unstructured_linear_act", &unstructured_linear_act_cpu_impl);
   m.impl("unstructured_transpose", &unstructured_transpose_cpu_impl);
   m.impl("unstructured_linear_grad_values", &unstructured_linear_grad_values_cpu_impl);
 }

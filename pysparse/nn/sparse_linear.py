@@ -147,8 +147,8 @@ class UnstructuredSparseLinear(SparseLinear):
     """:class:`SparseLinear` with an unstructured weight (``block_size=(1, 1)``): ``W`` held as an
     :class:`UnstructuredSparseWeight`, multiplied by ``pysparse.ops.unstructured_linear`` (CPU float32; other
     devices and dtypes take its dense reference). Buffers ``values``, ``columns``, ``segment_ptr``; ``.to()``,
-    ``state_dict``, ``load_state_dict`` and ``pysparse.save`` / ``load`` work as for SparseLinear. The activation
-    and residual run in torch after the op (the unstructured kernel has no fused epilogue)."""
+    ``state_dict``, ``load_state_dict`` and ``pysparse.save`` / ``load`` work as for SparseLinear, and so does the
+    fused epilogue (activation and residual applied by the kernel when no gradient is wanted)."""
 
     _weight_class = UnstructuredSparseWeight
 
@@ -185,10 +185,11 @@ class UnstructuredSparseLinear(SparseLinear):
             raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
         values, columns, segment_ptr, bias = self._packed_parts()
         # Indices were validated when the weight was packed or loaded: the op checks only what memory safety needs.
-        y = ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features)
-        if residual_dropout is not None:
-            y = residual_dropout(y)
-        return torch_epilogue(y, self.activation, residual)
+        if residual_dropout is not None and residual_dropout.training and residual_dropout.p > 0:
+            y = ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features)
+            return torch_epilogue(residual_dropout(y), self.activation, residual)
+        return ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features,
+                                              self.activation, residual)
 
     def _settle_layout(self) -> None:
         """``values`` contiguous: the kernel reads it front to back."""

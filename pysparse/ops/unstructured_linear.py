@@ -19,14 +19,17 @@ import numbers
 import torch
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
-from .layer_support import LayoutCache, call
+from .layer_support import (LayoutCache, call, check_activation, check_residual, fits_output, torch_epilogue,
+                            wants_grad)
 
 __all__ = ["unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
 
 
 def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, segment_ptr: torch.Tensor,
-                        bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True) -> torch.Tensor:
-    """``F.linear(input, W, bias)`` where ``W [out_features, in_features]`` is unstructured sparse.
+                        bias: torch.Tensor | None, out_features: int, *, check_indices: bool = True,
+                        activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``activation(F.linear(input, W, bias) + residual)`` where ``W [out_features, in_features]`` is unstructured
+    sparse (``activation`` and ``residual`` optional).
 
     Args:
         input: ``[..., in_features]``, any strides. The kernel runs float32 CPU tensors; anything else takes the
@@ -41,6 +44,10 @@ def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torc
         check_indices: validate the layout here first (every rule of the format; on CUDA this synchronises). Layers
             built from an ``UnstructuredSparseWeight`` pass False: it was validated when packed or loaded. The CPU
             op always checks what memory safety needs (pointers, column ranges) either way.
+        activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``); residual: None or a tensor added before
+            the activation, as torch's ``+`` would. On the CPU in float32, when no gradient is wanted and the
+            residual has exactly the output's shape and dtype, the kernel applies both to each result before storing
+            it; otherwise torch does after the op.
     Returns:
         ``[..., out_features]`` in the input's dtype.
     """
@@ -53,21 +60,31 @@ def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torc
         raise TypeError(f"out_features must be an int, got {type(out_features).__name__}")
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
+    check_activation(activation)
+    check_residual(residual)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension [..., in_features], got a 0-d tensor")
     if check_indices:
         UnstructuredSparseWeight(values, columns, segment_ptr, (int(out_features), int(input.shape[-1])))
-    return unstructured_linear_packed(input, values, columns, segment_ptr, bias, int(out_features))
+    return unstructured_linear_packed(input, values, columns, segment_ptr, bias, int(out_features), activation,
+                                      residual)
 
 
 def unstructured_linear_packed(input: torch.Tensor, values: torch.Tensor, columns: torch.Tensor,
-                               segment_ptr: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+                               segment_ptr: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                               activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`unstructured_linear` for parts an ``UnstructuredSparseWeight`` already validated: no Python-side
-    checks (the op still checks its arguments per call)."""
+    checks (the op still checks its arguments per call; ``activation`` must already be valid)."""
     if input.device.type != "cpu" or input.dtype != torch.float32:
-        return unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features)
-    return call(torch.ops.pysparse.unstructured_linear.default, input, values, columns, segment_ptr, bias,
-                out_features)
+        y = unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features)
+        return torch_epilogue(y, activation, residual)
+    if ((activation is not None or residual is not None) and not wants_grad(input, values, bias, residual)
+            and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
+        # The epilogue fused into the kernel's stores: no second pass over the output.
+        return torch.ops.pysparse.unstructured_linear_act.default(input, values, columns, segment_ptr, bias,
+                                                                  out_features, activation, residual)
+    y = call(torch.ops.pysparse.unstructured_linear.default, input, values, columns, segment_ptr, bias, out_features)
+    return torch_epilogue(y, activation, residual)
 
 
 def unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features):
@@ -82,6 +99,12 @@ def _unstructured_linear_fake(input, values, columns, segment_ptr, bias, out_fea
     torch._check(values.dim() == 1, lambda: f"values must be 1-D, got {values.dim()}-D")
     torch._check(values.dtype == input.dtype, lambda: f"values dtype {values.dtype} != input dtype {input.dtype}")
     return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("pysparse::unstructured_linear_act")
+def _unstructured_linear_act_fake(input, values, columns, segment_ptr, bias, out_features, activation=None,
+                                  residual=None):
+    return _unstructured_linear_fake(input, values, columns, segment_ptr, bias, out_features)
 
 
 @torch.library.register_fake("pysparse::unstructured_transpose")

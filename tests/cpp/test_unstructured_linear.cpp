@@ -119,6 +119,29 @@ void run_case(const Case& c, std::mt19937& rng) {
         }
       }
     }
+    // The fused epilogue: activation(y + bias + residual), in registers on the SIMD paths.
+    std::vector<float> res(size_t(c.M * c.N));
+    for (auto& v : res) v = normal(rng);
+    for (Activation act : {Activation::kRelu, Activation::kGelu, Activation::kNone}) {
+      UnstructuredProblem pe = pk.p;
+      pe.act = act;
+      pe.residual = res.data();
+      std::vector<float> y(size_t(c.M * c.N), std::nanf(""));
+      unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
+                                  bias.data(), y.data(), pe, 2);
+      int bad = 0;
+      for (int64_t i = 0; i < c.M * c.N && bad < 3; ++i) {
+        const double v = ref[size_t(i)] + res[size_t(i)];
+        const double want = act == Activation::kRelu   ? std::max(v, 0.0)
+                            : act == Activation::kGelu ? 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)))
+                                                       : v;
+        if (!(std::fabs(y[size_t(i)] - want) <= 1e-4 * (1.0 + std::sqrt(double(c.K))))) {
+          ++bad;
+          CHECK(false, name(isa) << " epilogue " << int(act) << " M=" << c.M << " K=" << c.K << " N=" << c.N
+                                 << ": y[" << i / c.N << ", " << i % c.N << "]=" << y[size_t(i)] << " want " << want);
+        }
+      }
+    }
   }
   run_backward(c, w, pk, x, rng);
 }

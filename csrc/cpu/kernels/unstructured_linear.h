@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 
+#include "activation.h"  // Activation, activate (the fused epilogue)
 #include "bsr_linear.h"  // CpuIsa, active_cpu_isa_id
 
 namespace pysparse {
@@ -29,6 +30,9 @@ struct UnstructuredProblem {
   int64_t ldx = 0;       // row stride of x, in elements (>= K)
   int64_t n_blocks = 0;  // ceil(K / kUnstructuredBlockCols)
   int64_t nnz = 0;       // values and columns hold nnz entries
+  // The forward's fused epilogue: y = act(x @ W^T + bias + residual), residual [M, N] (row stride N) or null.
+  Activation act = Activation::kNone;
+  const float* residual = nullptr;
 };
 
 // "" when segment_ptr [n_blocks * N + 1] and columns [nnz] are safe to run for p (segment_ptr starts at 0, never

@@ -25,6 +25,8 @@ namespace pysparse {
 namespace avx2 {
 namespace {
 
+#include "simd_activation.inc"  // activate8: the fused epilogue of store_transposed
+
 // In-register transpose of an 8x8 tile: r[i][c] -> r[c][i].
 inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -74,9 +76,11 @@ struct Isa {
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
-  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
+  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy,
+                               const float* res, Activation act) {
     __m256 r[8];
-    if (rows == 8 && tokens == 8) {  // whole tiles (all but a ragged edge): no masks, no branches
+    const bool plain = res == nullptr && act == Activation::kNone;
+    if (rows == 8 && tokens == 8 && plain) {  // whole tiles (all but a ragged edge): no masks, no branches
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(yT + i * ld_t);
       transpose8(r);
       for (int t = 0; t < 8; ++t) _mm256_storeu_ps(y + t * ldy, r[t]);
@@ -85,7 +89,14 @@ struct Isa {
     for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(yT + i * ld_t) : _mm256_setzero_ps();
     transpose8(r);
     const __m256i keep = first_lanes(rows);
-    for (int64_t t = 0; t < tokens; ++t) _mm256_maskstore_ps(y + t * ldy, keep, r[t]);
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m256 v = r[t];
+      if (!plain) {  // the epilogue in registers: activation(sum + residual)
+        if (res != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(res + t * ldy, keep));
+        v = activate8(v, act);
+      }
+      _mm256_maskstore_ps(y + t * ldy, keep, v);
+    }
   }
 
   static void pack_tile(const float* x, int64_t ldx, int64_t tokens, int64_t kn, float* dst, int64_t width) {

@@ -31,6 +31,8 @@ namespace pysparse {
 namespace avx512 {
 namespace {
 
+#include "simd_activation.inc"  // activate8: the fused epilogue of store_transposed
+
 // In-register transpose of a 16x16 tile: r[i][c] -> r[c][i] (4 rounds of 16 shuffles).
 inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -85,9 +87,11 @@ struct Isa {
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
-  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy) {
+  static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy,
+                               const float* res, Activation act) {
     __m512 r[16];
-    if (rows == 16 && tokens == 16) {  // whole tiles (all but a ragged edge): no masks, no branches
+    const bool plain = res == nullptr && act == Activation::kNone;
+    if (rows == 16 && tokens == 16 && plain) {  // whole tiles (all but a ragged edge): no masks, no branches
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(yT + i * ld_t);
       transpose16(r);
       for (int t = 0; t < 16; ++t) _mm512_storeu_ps(y + t * ldy, r[t]);
@@ -96,7 +100,18 @@ struct Isa {
     for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(yT + i * ld_t) : _mm512_setzero_ps();
     transpose16(r);
     const __mmask16 keep = __mmask16((1u << rows) - 1);
-    for (int64_t t = 0; t < tokens; ++t) _mm512_mask_storeu_ps(y + t * ldy, keep, r[t]);
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512 v = r[t];
+      if (!plain) {  // the epilogue in registers: activation(sum + residual)
+        if (res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, res + t * ldy));
+        // Two 256-bit halves through activate8 (64-bit-lane moves: AVX512F, this path's target, lacks DQ's f32x8).
+        const __m256 lo = activate8(_mm512_castps512_ps256(v), act);
+        const __m256 hi = activate8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), act);
+        v = _mm512_castpd_ps(
+            _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+      }
+      _mm512_mask_storeu_ps(y + t * ldy, keep, v);
+    }
   }
 
   static void pack_tile(const float* x, int64_t ldx, int64_t tokens, int64_t kn, float* dst, int64_t width) {

@@ -31,8 +31,9 @@ struct Isa {
   static void add_sums(const V* acc, float* out, bool first) {
     for (int e = 0; e < kSumGroup; ++e) out[e] = first ? acc[e] : out[e] + acc[e];
   }
-  static void store_transposed(const float* yT, int64_t, int64_t rows, int64_t tokens, float* y, int64_t) {
-    if (rows > 0 && tokens > 0) *y = *yT;
+  static void store_transposed(const float* yT, int64_t, int64_t rows, int64_t tokens, float* y, int64_t,
+                               const float* res, Activation act) {
+    if (rows > 0 && tokens > 0) *y = activate(*yT + (res != nullptr ? *res : 0.0f), act);
   }
 
   static void pack_tile(const float* x, int64_t ldx, int64_t tokens, int64_t kn, float* dst, int64_t width) {
