@@ -11,6 +11,11 @@ plus indices; the weights are warm in cache here: a bound, not a DRAM figure).
 
     python benchmarks/bench_unstructured.py                          # the shapes, 50/70/90%, M 1..1024
     python benchmarks/bench_unstructured.py --shapes 384x1536 --sparsity 0.9 --m 128 --no-bsr
+    python benchmarks/bench_unstructured.py --no-bsr --m 1024 --epilogue gelu   # + the fused epilogue against torch's
+
+``--epilogue gelu|residual`` adds, in the same rounds, the layer's fused epilogue (``activation="gelu"``, or a
+residual [M, N] added) against the plain op followed by torch's ``F.gelu`` / ``+``; the "epi x" column is the speedup
+of the fused call.
 
 Shapes are ``in->out`` (K x N). OpenMP threads spin between calls (OMP_WAIT_POLICY=ACTIVE unless set), as in
 bench_cpu_bsr_linear.py: on a shared VM a sleeping thread's wake-up measured the scheduler, not the kernels.
@@ -56,6 +61,14 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
         bw = BlockSparseWeight.from_dense(weight, block_size=(1, 1), mask=mask)
         vals = ops.kernel_layout(bw.values)
         fns["bsr_1x1"] = lambda: ops.bsr_linear_packed(x, vals, bw.crow_indices, bw.col_indices, bias, n)
+    if args.epilogue:
+        act = "gelu" if args.epilogue == "gelu" else None
+        res = torch.randn(m, n, generator=gen) if args.epilogue == "residual" else None
+        fns["fused"] = lambda: ops.unstructured_linear_packed(x, *parts, bias, n, act, res)
+        fns["then_torch"] = lambda: (F.gelu(ops.unstructured_linear_packed(x, *parts, bias, n)) if act
+                                     else ops.unstructured_linear_packed(x, *parts, bias, n) + res)
+        with torch.no_grad():
+            torch.testing.assert_close(fns["fused"](), fns["then_torch"](), rtol=1e-5, atol=1e-4)
     with torch.no_grad():
         t = alternating_medians(fns, rounds=args.rounds, min_run_time=args.min_run_time)
     kept = int(mask.sum())
@@ -73,13 +86,15 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.1)
     parser.add_argument("--no-bsr", action="store_true", help="leave out the BSR 1x1 comparison")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epilogue", choices=["gelu", "residual"],
+                        help="also time the fused epilogue against the op followed by torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"# {cpu_model()}; pysparse CPU path {ops.available_backends()['cpu']}; torch {torch.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"{'in x out':>10} {'sparsity':>8} {'M':>5} {'dense ms':>9} {'unstr ms':>9} {'unstr x':>8} "
-          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'rel err':>8}")
+          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'rel err':>8}" + (f" {'epi x':>6}" if args.epilogue else ""))
     for shape in args.shapes:
         k, n = (int(v) for v in shape.lower().split("x"))
         for sparsity in args.sparsity:
@@ -90,7 +105,8 @@ def main() -> None:
                 gbs = f"{r['gbs']:6.1f}" if m == 1 else f"{'':>6}"
                 print(f"{shape:>10} {sparsity:8.2f} {m:5d} {t['dense'] * 1e3:9.3f} {t['unstructured'] * 1e3:9.3f} "
                       f"{t['dense'] / t['unstructured']:8.2f} {bsr} {r['gflops']:8.1f} {gbs} "
-                      f"{r['err']:8.1e}", flush=True)
+                      f"{r['err']:8.1e}" + (f" {t['then_torch'] / t['fused']:6.2f}" if args.epilogue else ""),
+                      flush=True)
 
 
 if __name__ == "__main__":
