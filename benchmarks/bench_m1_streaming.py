@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pysparse import ops
+from pysparse.analysis.timing import median_seconds
 from pysparse.bench.environment import cpu_model
 from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
@@ -53,17 +54,10 @@ def llc_bytes() -> int:
     return best or 64 * 2**20
 
 
-def copy_bandwidth(rounds: int) -> float:
-    """Bytes read plus written per second by ``copy_`` between two 512 MiB buffers (median of ``rounds``)."""
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by ``copy_`` between two 512 MiB buffers (median over repeated copies)."""
     src = torch.ones(2**27)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.nbytes / statistics.median(times)
+    return 2 * src.nbytes / median_seconds(torch.empty_like(src).copy_, src, min_run_time=1.0)
 
 
 def rotation(make_copy, nbytes: int, total_bytes: int) -> list:
@@ -113,7 +107,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     llc = llc_bytes()
     total = int(args.llc_factor * llc)
-    copy_bw = copy_bandwidth(args.rounds)
+    copy_bw = copy_bandwidth()
     print(f"# {cpu_model()}; pysparse CPU path {ops.available_backends()['cpu']}; torch {torch.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"# last-level cache {llc / 2**20:.0f} MiB; each variant rotates through {total / 2**20:.0f} MiB of copies; "

@@ -34,6 +34,7 @@ from pysparse import ops
 from pysparse.analysis.timing import alternating_medians
 from pysparse.bench.environment import cpu_model
 from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
+from pysparse.ops.layer_support import torch_epilogue
 
 SHAPES = ["1536x384", "384x1536", "3072x768", "768x3072"]
 
@@ -65,8 +66,7 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
         act = "gelu" if args.epilogue == "gelu" else None
         res = torch.randn(m, n, generator=gen) if args.epilogue == "residual" else None
         fns["fused"] = lambda: ops.unstructured_linear_packed(x, *parts, bias, n, act, res)
-        fns["then_torch"] = lambda: (F.gelu(ops.unstructured_linear_packed(x, *parts, bias, n)) if act
-                                     else ops.unstructured_linear_packed(x, *parts, bias, n) + res)
+        fns["then_torch"] = lambda: torch_epilogue(ops.unstructured_linear_packed(x, *parts, bias, n), act, res)
         with torch.no_grad():
             torch.testing.assert_close(fns["fused"](), fns["then_torch"](), rtol=1e-5, atol=1e-4)
     with torch.no_grad():

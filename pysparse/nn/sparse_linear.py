@@ -106,15 +106,18 @@ class SparseLinear(PackedWeightModule):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         check_residual(residual)
-        values, crow_indices, col_indices, bias = self._packed_parts()
         if residual_dropout is not None:
             if residual is None:
                 raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
             if residual_dropout.training and residual_dropout.p > 0:
-                y = ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, None, None)
-                return torch_epilogue(residual_dropout(y), self.activation, residual)
+                return torch_epilogue(residual_dropout(self._product(x, None, None)), self.activation, residual)
+        return self._product(x, self.activation, residual)
+
+    def _product(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """``activation(x @ W^T + bias + residual)`` through this layer's op (the one thing subclasses change)."""
+        values, crow_indices, col_indices, bias = self._packed_parts()
         # Indices were validated when the weight was packed or loaded: skip the per-call check.
-        return ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, self.activation,
+        return ops.bsr_linear_packed(x, values, crow_indices, col_indices, bias, self.out_features, activation,
                                      residual)
 
     def _packed_shape(self) -> tuple[int, int]:
@@ -175,21 +178,11 @@ class UnstructuredSparseLinear(SparseLinear):
         total = self.out_features * self.in_features
         return self.values.shape[0] / total if total else 0.0
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                residual_dropout: nn.Module | None = None) -> torch.Tensor:
-        """``activation(x @ W^T + bias + residual)`` (residual, residual_dropout: as :meth:`SparseLinear.forward`)."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
-        check_residual(residual)
-        if residual_dropout is not None and residual is None:
-            raise ValueError("residual_dropout needs a residual (it is applied before the residual add)")
+    def _product(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
         values, columns, segment_ptr, bias = self._packed_parts()
         # Indices were validated when the weight was packed or loaded: the op checks only what memory safety needs.
-        if residual_dropout is not None and residual_dropout.training and residual_dropout.p > 0:
-            y = ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features)
-            return torch_epilogue(residual_dropout(y), self.activation, residual)
-        return ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features,
-                                              self.activation, residual)
+        return ops.unstructured_linear_packed(x, values, columns, segment_ptr, bias, self.out_features, activation,
+                                              residual)
 
     def _settle_layout(self) -> None:
         """``values`` contiguous: the kernel reads it front to back."""

@@ -96,11 +96,12 @@ const int bcast_at_load = chosen_bcast();
 
 bool cpu_isa_supported(CpuIsa isa) { return supported(isa); }
 
-// AVX2 measured the broadcast kernel 1.0-2.2x faster than the outer-product and dot kernels at every M (NOTES_cpu.md),
-// column vectors above 32 tokens aside (bcast_applies); AVX-512 up to 16 tokens, float32 only (Avx512Tiles).
+// On by default on both SIMD paths; bcast_applies bounds where it runs: AVX2 measured it 1.0-2.2x faster than the
+// outer-product and dot kernels at every M (NOTES_cpu.md), column vectors only up to 4 tokens; AVX-512 up to 16
+// tokens, float32 only (Avx512Tiles).
 bool cpu_bcast_enabled(CpuIsa isa) {
   if (isa == CpuIsa::kGeneric) return false;
-  return chosen_bcast() == -1 ? true : chosen_bcast() == 1;
+  return chosen_bcast() != 0;  // -1: unset (the default, on), 0: off, 1: on
 }
 
 CpuIsa active_cpu_isa_id() { return chosen_isa(); }
