@@ -89,11 +89,43 @@ PyObject* cpu_reads_transposed(PyObject*, PyObject* args) {
   return nullptr;
 }
 
+// force_cpu_path(isa, bcast): pysparse::force_cpu_path (CpuIsa value or -1; broadcast kernel 0 / 1 / -1 default).
+PyObject* force_cpu_path(PyObject*, PyObject* args) {
+  int isa = -1, bcast = -1;
+  if (!PyArg_ParseTuple(args, "ii", &isa, &bcast)) return nullptr;
+  return PyBool_FromLong(pysparse::force_cpu_path(isa, bcast));
+}
+
+// cpu_path(): (CpuIsa value, broadcast kernel on) of the path the next call runs.
+PyObject* cpu_path(PyObject*, PyObject*) {
+  const pysparse::CpuPath path = pysparse::current_cpu_path();
+  return Py_BuildValue("(iO)", static_cast<int>(path.isa), path.bcast ? Py_True : Py_False);
+}
+
+// cpu_path_request(): force_cpu_path's current request, (isa, bcast), -1 where none.
+PyObject* cpu_path_request(PyObject*, PyObject*) {
+  const pysparse::CpuPathRequest request = pysparse::forced_cpu_path();
+  return Py_BuildValue("(ii)", request.isa, request.bcast);
+}
+
+// cpu_isa_supported(isa): whether this CPU runs the CpuIsa value isa.
+PyObject* cpu_isa_supported(PyObject*, PyObject* args) {
+  int isa = 0;
+  if (!PyArg_ParseTuple(args, "i", &isa)) return nullptr;
+  if (isa < 0 || isa > static_cast<int>(pysparse::CpuIsa::kAvx512Bf16)) Py_RETURN_FALSE;
+  return PyBool_FromLong(pysparse::cpu_isa_supported(static_cast<pysparse::CpuIsa>(isa)));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel path chosen at load: avx512, avx2 or generic."},
     {"implicit_conv2d", implicit_conv2d, METH_NOARGS, "Whether torch.ops.pysparse.bsr_conv2d_nhwc runs on this CPU."},
     {"cpu_reads_transposed", cpu_reads_transposed, METH_VARARGS,
      "Whether the CPU kernels read (bh, bw) blocks of dtype transposed at every batch size (SparseLinear's layout)."},
+    {"force_cpu_path", force_cpu_path, METH_VARARGS,
+     "Test hook: run the CPU kernels on (isa, bcast) from the next call on (-1: the choice at load); False if refused."},
+    {"cpu_path", cpu_path, METH_NOARGS, "(isa id, broadcast kernel on) of the CPU path the next call runs."},
+    {"cpu_path_request", cpu_path_request, METH_NOARGS, "force_cpu_path's current request (-1: none)."},
+    {"cpu_isa_supported", cpu_isa_supported, METH_VARARGS, "Whether this CPU runs the CPU path with this isa id."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -153,7 +153,8 @@ def test_grads_match_masked_dense_conv(device):
     assert _rel(sparse.linear.values.grad, grad_w.values) < 1e-5
 
 
-@pytest.mark.skipif(not sparse_conv._IMPLICIT_CONV2D, reason="no implicit-im2col conv kernel on this CPU")
+@pytest.mark.skipif(not sparse_conv.ops.implicit_conv2d_available(),
+                    reason="no implicit-im2col conv kernel on this CPU")
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 def test_frozen_conv_without_no_grad_runs_the_implicit_op(monkeypatch, activation, with_residual):

@@ -13,14 +13,15 @@ template <typename T, typename AtT>
 void run(BsrLinearArgs& a, at::Tensor& y) {
   auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr<AtT>()); };
   const T* values = nullptr;
+  const CpuPath path = current_cpu_path();  // once: the layout decision and the kernel must agree
   // A block-transposed weight is read in place by the broadcast kernel, which then never reads `values`.
-  if (a.values_t.defined() && bsr_linear_reads_transposed<T>(a.problem)) {
+  if (a.values_t.defined() && bsr_linear_reads_transposed<T>(path, a.problem)) {
     a.problem.transposed_values = a.values_t.const_data_ptr();
   }
   if (a.problem.transposed_values == nullptr) values = ptr(row_major_values(a));
-  bsr_linear_cpu<T>(ptr(a.x), values, a.crow.const_data_ptr<int32_t>(), a.col.const_data_ptr<int32_t>(),
-                    a.bias ? ptr(*a.bias) : nullptr, reinterpret_cast<T*>(y.mutable_data_ptr<AtT>()), a.problem,
-                    at::get_num_threads());
+  bsr_linear_cpu_isa<T>(path.isa, path.bcast, ptr(a.x), values, a.crow.const_data_ptr<int32_t>(),
+                        a.col.const_data_ptr<int32_t>(), a.bias ? ptr(*a.bias) : nullptr,
+                        reinterpret_cast<T*>(y.mutable_data_ptr<AtT>()), a.problem, at::get_num_threads());
 }
 
 at::Tensor bsr_linear_act_cpu_impl(const at::Tensor& input, const at::Tensor& values, const at::Tensor& crow_indices,

@@ -20,8 +20,6 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # of tokens, small enough to stay cache-resident and below the allocation size that glibc serves with fresh
 # (page-faulting) mmap memory on every call.
 _IM2COL_CHUNK_BYTES = 4 << 20
-# Read once: a C call inside forward would break torch.compile graphs.
-_IMPLICIT_CONV2D = ops.implicit_conv2d_available()
 
 
 def _padding_spec(padding) -> str | tuple[int, int]:
@@ -242,8 +240,8 @@ class SparseConv2d(nn.Module):
         or the weight (the op has no backward; the im2col path goes through bsr_linear's). A bias that wants one is
         added by torch after the op."""
         bh, bw = self.block_size
-        return (_IMPLICIT_CONV2D and x.is_cpu and x.dtype == torch.float32 and values.dtype == torch.float32
-                and self.in_channels % bw == 0 and bh % 8 == 0
+        return (ops.implicit_conv2d_available() and x.is_cpu and x.dtype == torch.float32
+                and values.dtype == torch.float32 and self.in_channels % bw == 0 and bh % 8 == 0
                 and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)))
 
     def _im2col_gemm(self, patches: torch.Tensor, linear) -> torch.Tensor:

@@ -14,6 +14,7 @@ from .attention import attention_kernel_applies, attention_reference, scaled_dot
 from .bsr_conv2d import bsr_conv2d_nhwc, bsr_conv2d_nhwc_reference, implicit_conv2d_available
 from .bsr_linear_op import (bsr_linear, bsr_linear_packed, bsr_linear_reference, cpu_reads_transposed,
                             is_block_transposed, kernel_layout)
+from .cpu_path import CPU_PATHS, cpu_paths, current_cpu_path, force_cpu_path
 from .channel import (channel_sparse_conv2d, channel_sparse_conv2d_reference, channel_sparse_linear,
                       channel_sparse_linear_reference)
 from .layer_support import ACTIVATIONS
@@ -25,7 +26,8 @@ __all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available
            "channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
            "channel_sparse_conv2d_reference",
            "scaled_dot_product_attention", "attention_reference", "attention_kernel_applies",
-           "unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
+           "unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference",
+           "CPU_PATHS", "cpu_paths", "current_cpu_path", "force_cpu_path"]
 
 
 def available_backends() -> dict:

@@ -16,9 +16,20 @@ from .layer_support import (bsr_int32_indices, check_activation, check_residual,
 __all__ = ["bsr_conv2d_nhwc", "bsr_conv2d_nhwc_reference", "implicit_conv2d_available"]
 
 
+# Read from the library once (and again when force_cpu_path switches the path): a C call inside SparseConv2d's forward
+# would break torch.compile graphs, a module global does not.
+_IMPLICIT_CONV2D = bool(_C.implicit_conv2d())
+
+
 def implicit_conv2d_available() -> bool:
     """Whether :func:`bsr_conv2d_nhwc` runs on this CPU (it needs the AVX2 kernel path)."""
-    return bool(_C.implicit_conv2d())
+    return _IMPLICIT_CONV2D
+
+
+def refresh_implicit_conv2d() -> None:
+    """Read again whether the op runs (after the CPU path was switched)."""
+    global _IMPLICIT_CONV2D
+    _IMPLICIT_CONV2D = bool(_C.implicit_conv2d())
 
 
 def bsr_conv2d_nhwc(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Tensor,

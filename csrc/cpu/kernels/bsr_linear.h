@@ -22,22 +22,43 @@ enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 
 
 // Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic"). Chosen once,
 // at load, from cpuid: the best path the CPU and OS support, unless the environment variable PYSPARSE_CPU_ISA
-// (generic, avx2 or avx512) asks for a lower one. A request the CPU cannot run falls back to the best it can.
+// (generic, avx2 or avx512) asks for a lower one (a request the CPU cannot run falls back to the best it can), or
+// force_cpu_path replaces it at run time.
 const char* active_cpu_isa();
 CpuIsa active_cpu_isa_id();
 // Whether this CPU (and this build: x86-64 only for the SIMD paths) can run `isa`.
 bool cpu_isa_supported(CpuIsa isa);
 
-// Whether the kernels on `isa`'s path may take the broadcast kernel (see simd_kernels.inc). AVX2: yes.
-// AVX-512: only where the environment variable PYSPARSE_CPU_BCAST=1, until it is measured faster there than the
-// outer-product kernel. PYSPARSE_CPU_BCAST=0 turns it off on every path (A/B runs). Read once, at load. Generic: no.
-// bsr_conv2d_nhwc_cpu (the implicit-im2col convolution) is built on it and ignores the switch.
+// Whether the kernels on `isa`'s path may take the broadcast kernel (see simd_kernels.inc; bcast_applies bounds
+// where it runs). On by default on both SIMD paths; PYSPARSE_CPU_BCAST=0|1 (read once, at load) or force_cpu_path
+// turns it off or on (A/B runs). Generic: no. bsr_conv2d_nhwc_cpu (the implicit-im2col convolution) is built on it
+// and ignores the switch.
 bool cpu_bcast_enabled(CpuIsa isa);
 
-// Whether bsr_linear_cpu<T> on this machine's path runs `p` through the broadcast kernel when given the blocks
-// transposed (BsrProblem::transposed_values), which it then reads.
+// The path one call runs on, read once per call so that a switch by force_cpu_path never mixes two paths in it.
+struct CpuPath {
+  CpuIsa isa;
+  bool bcast;
+};
+CpuPath current_cpu_path();
+
+// Test and benchmark hook: from the next call on, run `isa` (a CpuIsa value; -1: the path chosen at load) with the
+// broadcast kernel off (0), on (1) or at the path's default (-1). Process-wide. Returns false, changing nothing,
+// for a value out of range or an isa this CPU cannot run.
+bool force_cpu_path(int isa, int bcast);
+// The request force_cpu_path holds now ({-1, -1}: none), to restore it after a temporary switch.
+struct CpuPathRequest {
+  int isa;
+  int bcast;
+};
+CpuPathRequest forced_cpu_path();
+
+// Whether bsr_linear_cpu<T> on `path` (default: the current one) runs `p` through the broadcast kernel when given the
+// blocks transposed (BsrProblem::transposed_values), which it then reads.
 template <typename T>
 bool bsr_linear_reads_transposed(const BsrProblem& p);
+template <typename T>
+bool bsr_linear_reads_transposed(const CpuPath& path, const BsrProblem& p);
 
 // Convolution for bsr_conv2d_nhwc_cpu: x is [batch, hp, wp, c] (already zero padded), y is [batch, ho, wo, N], and W
 // is [N, kh*kw*c] tap-major: column (tap_h * kw + tap_w) * c + channel. The BsrProblem has M = batch*ho*wo and

@@ -1,6 +1,8 @@
 // Chooses the CPU kernel path once, at load: the best instruction set that cpuid (and the OS's saved register
-// state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests and users can force any path; and whether
-// the broadcast kernel runs there (PYSPARSE_CPU_BCAST=0|1 overrides each path's default).
+// state) allows, lowered by PYSPARSE_CPU_ISA=generic|avx2|avx512 so tests can force any path; and whether the
+// broadcast kernel runs there (PYSPARSE_CPU_BCAST=0|1 overrides each path's default). force_cpu_path replaces both at
+// run time (pysparse.ops.force_cpu_path: tests and benchmarks in one process).
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -80,19 +82,50 @@ int bcast_request() {
   return -1;
 }
 
-// Read once per process; the statics below also run the choices when the library is loaded.
-CpuIsa chosen_isa() {
+// The environment is read once per process; the statics below also run the choices when the library is loaded.
+CpuIsa isa_at_load() {
   static const CpuIsa isa = choose_isa();
   return isa;
 }
-int chosen_bcast() {
+int bcast_at_load() {
   static const int request = bcast_request();
   return request;
 }
-const CpuIsa chosen_at_load = chosen_isa();
-const int bcast_at_load = chosen_bcast();
+const CpuIsa chosen_at_load = isa_at_load();
+const int bcast_chosen_at_load = bcast_at_load();
+
+// force_cpu_path's requests; -1: none (the choice at load). Relaxed atomics: each op reads the path once per call
+// (current_cpu_path), so a switch applies from the next call on and never mixes two paths inside one.
+std::atomic<int> forced_isa{-1};
+std::atomic<int> forced_bcast{-1};
+
+CpuIsa chosen_isa() {
+  const int forced = forced_isa.load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<CpuIsa>(forced) : isa_at_load();
+}
+int chosen_bcast() {
+  const int forced = forced_bcast.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : bcast_at_load();
+}
 
 }  // namespace
+
+bool force_cpu_path(int isa, int bcast) {
+  if (isa < -1 || isa > static_cast<int>(CpuIsa::kAvx512Bf16) || bcast < -1 || bcast > 1) return false;
+  if (isa >= 0 && !supported(static_cast<CpuIsa>(isa))) return false;
+  forced_isa.store(isa, std::memory_order_relaxed);
+  forced_bcast.store(bcast, std::memory_order_relaxed);
+  return true;
+}
+
+CpuPathRequest forced_cpu_path() {
+  return {forced_isa.load(std::memory_order_relaxed), forced_bcast.load(std::memory_order_relaxed)};
+}
+
+CpuPath current_cpu_path() {
+  const CpuIsa isa = chosen_isa();
+  return {isa, cpu_bcast_enabled(isa)};
+}
 
 bool cpu_isa_supported(CpuIsa isa) { return supported(isa); }
 
@@ -133,21 +166,26 @@ void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, con
 template <typename T>
 void bsr_linear_cpu(const T* x, const T* values, const int32_t* crow, const int32_t* col, const T* bias, T* y,
                     const BsrProblem& p, int num_threads) {
-  bsr_linear_cpu_isa(chosen_isa(), cpu_bcast_enabled(chosen_isa()), x, values, crow, col, bias, y, p, num_threads);
+  const CpuPath path = current_cpu_path();
+  bsr_linear_cpu_isa(path.isa, path.bcast, x, values, crow, col, bias, y, p, num_threads);
 }
 
 template <typename T>
-bool bsr_linear_reads_transposed(const BsrProblem& p) {
-  const CpuIsa isa = chosen_isa();
-  if (!cpu_bcast_enabled(isa)) return false;
+bool bsr_linear_reads_transposed(const CpuPath& path, const BsrProblem& p) {
+  if (!path.bcast) return false;
 #if PYSPARSE_X86
-  if (isa == CpuIsa::kAvx2) return avx2::reads_transposed<T>(p);
-  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) {
-    return avx512::reads_transposed<T>(p, isa == CpuIsa::kAvx512Bf16);
+  if (path.isa == CpuIsa::kAvx2) return avx2::reads_transposed<T>(p);
+  if (path.isa == CpuIsa::kAvx512 || path.isa == CpuIsa::kAvx512Bf16) {
+    return avx512::reads_transposed<T>(p, path.isa == CpuIsa::kAvx512Bf16);
   }
 #endif
   (void)p;
   return false;
+}
+
+template <typename T>
+bool bsr_linear_reads_transposed(const BsrProblem& p) {
+  return bsr_linear_reads_transposed<T>(current_cpu_path(), p);
 }
 
 std::string bsr_conv2d_unsupported(const BsrProblem& p, const ConvGeometry& c) {
@@ -181,7 +219,8 @@ void bsr_conv2d_nhwc_cpu(const float* x, const float* values, const int32_t* cro
                                   const BsrProblem&, int);                                                       \
   template void bsr_linear_cpu_isa<T>(CpuIsa, bool, const T*, const T*, const int32_t*, const int32_t*, const T*,  \
                                       T*, const BsrProblem&, int);                                                \
-  template bool bsr_linear_reads_transposed<T>(const BsrProblem&);
+  template bool bsr_linear_reads_transposed<T>(const BsrProblem&);                                            \
+  template bool bsr_linear_reads_transposed<T>(const CpuPath&, const BsrProblem&);
 PYSPARSE_INSTANTIATE(float)
 PYSPARSE_INSTANTIATE(bfloat16_t)
 PYSPARSE_INSTANTIATE(float16_t)
