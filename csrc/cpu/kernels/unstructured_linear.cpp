@@ -100,7 +100,11 @@ void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values
     case CpuIsa::kAvx2: avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
-      avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
+      if (p.M < kUnstructuredGatherTokens) {  // the 8-lane gathers (see kUnstructuredGatherTokens)
+        avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
+      } else {
+        avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
+      }
       return;
 #endif
     default: generic::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;

@@ -127,7 +127,9 @@ struct Isa {
   }
 };
 
+#define PYSPARSE_UNSTRUCTURED_GATHERS 1
 #include "unstructured_linear_kernels.inc"
+#undef PYSPARSE_UNSTRUCTURED_GATHERS
 
 }  // namespace
 

@@ -125,24 +125,11 @@ struct Isa {
       for (int64_t k = 0; k < kn; ++k) _mm512_storeu_ps(dst + k * width + t0, r[k]);
     }
   }
-
-  static void gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
-                         V& acc) {
-    int64_t i = begin;
-    for (; i + 16 <= end; i += 16) {
-      const __m512i idx = _mm512_loadu_si512(columns + i);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(values + i), _mm512_i32gather_ps(idx, xrow, 4), acc);
-    }
-    if (i < end) {
-      const __mmask16 m = __mmask16((1u << (end - i)) - 1);
-      const __m512i idx = _mm512_maskz_loadu_epi32(m, columns + i);
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, xrow, 4);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, values + i), xv, acc);
-    }
-  }
 };
 
+#define PYSPARSE_UNSTRUCTURED_GATHERS 0  // batch 1-3 runs the AVX2 gathers (kUnstructuredGatherTokens)
 #include "unstructured_linear_kernels.inc"
+#undef PYSPARSE_UNSTRUCTURED_GATHERS
 
 }  // namespace
 

@@ -48,7 +48,9 @@ struct Isa {
   }
 };
 
+#define PYSPARSE_UNSTRUCTURED_GATHERS 1
 #include "unstructured_linear_kernels.inc"
+#undef PYSPARSE_UNSTRUCTURED_GATHERS
 
 }  // namespace
 
