@@ -13,6 +13,7 @@ Every call clears the gradients first, alike for all variants. The new gradients
 layer's (masked) before timing.
 
     python benchmarks/bench_backward.py --threads 2
+    python benchmarks/bench_backward.py --threads 2 --dtype bfloat16 --blocks 32x32,16x1 --tokens 1024
 """
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ class _GlueUnstructuredLinear(torch.autograd.Function):
                 None)
 
 
-def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int = 0):
+def _layers(k: int, n: int, block: tuple[int, int], sparsity: float, seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    dense = nn.Linear(k, n)
+    dense = nn.Linear(k, n).to(dtype)
     bh, bw = block
     keep = torch.rand(-(-n // bh), -(-k // bw), generator=gen) >= sparsity
     mask = keep.repeat_interleave(bh, 0)[:n].repeat_interleave(bw, 1)[:, :k]
@@ -96,10 +97,11 @@ def _step(module_call, params, x, grad):
     return run
 
 
-def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict:
-    dense, packed, mask = _layers(k, n, block, sparsity)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
+def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int, dtype=torch.float32) -> dict:
+    dense, packed, mask = _layers(k, n, block, sparsity, dtype=dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(dtype)
+    tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.25}
     if block == (1, 1):
         def old(inp):
             return _GlueUnstructuredLinear.apply(inp, packed.values, packed.columns, packed.segment_ptr, packed.bias, n)
@@ -111,20 +113,24 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int) -> dict
     _step(packed, [x, packed.values, packed.bias], x, grad)()
     got = (x.grad.clone(), packed.values.grad.clone(), packed.bias.grad.clone())
     _step(dense, [x, dense.weight, dense.bias], x, grad)()
-    torch.testing.assert_close(got[0], x.grad, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(got[2], dense.bias.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got[0], x.grad, **tol)
+    torch.testing.assert_close(got[2], dense.bias.grad, **tol)
     if block == (1, 1):  # at the packed entries, in their order (a kept weight that is exactly 0 is not packed)
         rows = entry_segments(packed.segment_ptr, packed.columns.numel()) % n
         want_values = dense.weight.grad[rows, packed.columns.long()]
     else:
         want_values = BlockSparseWeight.from_dense(dense.weight.grad, block_size=block, mask=mask).values
-    torch.testing.assert_close(got[1], want_values, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got[1], want_values, **tol)
 
     fns = {
         "dense": _step(dense, [x, dense.weight, dense.bias], x, grad),
         "new": _step(packed, [x, packed.values, packed.bias], x, grad),
         "old": _step(old, [x, packed.values, packed.bias], x, grad),
     }
+    if dtype != torch.float32:  # the same layer trained in float32, for the 16-bit step's speed over it
+        _, packed32, _ = _layers(k, n, block, sparsity)
+        x32 = x.detach().float().requires_grad_()
+        fns["new_f32"] = _step(packed32, [x32, packed32.values, packed32.bias], x32, grad.float())
     t = alternating_medians(fns, rounds=rounds, min_run_time=0.05)
     return {name: s * 1e3 for name, s in t.items()}
 
@@ -138,7 +144,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values (default: %(default)s)")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
                     help="in x out, comma-separated (default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the layers' dtype; 16-bit also times the float32 layer (1x1 runs float32 only)")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     try:
         blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",")]
         tokens = [int(m) for m in args.tokens.split(",")]
@@ -148,17 +157,22 @@ def main(argv=None) -> None:
                  f"{args.tokens!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if dtype != torch.float32:
+        blocks = [b for b in blocks if b != (1, 1)]  # the unstructured kernels are float32 only
+    wide = dtype != torch.float32
     print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
-          f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
-    print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"load average {os.getloadavg()[0]:.2f}; forward + backward, {args.dtype}, ms (median)")
+    print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |"
+          + (" float32 new ms | new vs float32 |" if wide else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if wide else ""))
     for k, n in shapes:
         for m in tokens:
             for block, sparsity in ((b, s) for b in blocks for s in SPARSITIES):
-                ms = measure(k, n, block, sparsity, m, args.rounds)
+                ms = measure(k, n, block, sparsity, m, args.rounds, dtype)
+                extra = f" {ms['new_f32']:.2f} | {ms['new_f32'] / ms['new']:.2f}x |" if wide else ""
                 print(f"| {k}->{n} | {block[0]}x{block[1]} | {sparsity:.0%} | {m} | {ms['dense']:.2f} "
                       f"| {ms['old']:.2f} | {ms['new']:.2f} | {ms['dense'] / ms['old']:.2f}x "
-                      f"| {ms['dense'] / ms['new']:.2f}x | {ms['old'] / ms['new']:.2f}x |", flush=True)
+                      f"| {ms['dense'] / ms['new']:.2f}x | {ms['old'] / ms['new']:.2f}x |{extra}", flush=True)
 
 
 if __name__ == "__main__":

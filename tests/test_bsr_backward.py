@@ -1,5 +1,6 @@
 """The CPU backward kernels of bsr_linear (``pysparse::bsr_linear_grad_input``, ``bsr_linear_grad_values``,
-``bsr_column_index``; pysparse/ops/bsr_linear_grad.py) and the autograd that calls them for CPU float32.
+``bsr_column_index``; pysparse/ops/bsr_linear_grad.py) and the autograd that calls them on the CPU (float32; 16-bit
+through widened copies).
 
 Gradients of trainable SparseLinear layers (both layouts of ``values``) against autograd through the masked dense
 ``F.linear`` in float64; ``opcheck`` on the ops; bad input; the column-index cache; torch.compile of a step.
@@ -71,9 +72,9 @@ def _kept_blocks(dense_grad: torch.Tensor, weight: BlockSparseWeight) -> torch.T
 
 @pytest.fixture
 def no_torch_glue(monkeypatch):
-    """CPU float32 must run on the kernels: the torch-glue backward raises if it is reached."""
+    """CPU gradients must run on the kernels: the torch-glue backward raises if it is reached."""
     def refuse(*args, **kwargs):
-        raise AssertionError("the torch-glue backward ran for CPU float32")
+        raise AssertionError("the torch-glue backward ran where the CPU kernels apply")
     monkeypatch.setattr(bsr_linear_op, "transpose_bsr", refuse)
     monkeypatch.setattr(bsr_linear_op, "_values_grad", refuse)
 
@@ -100,6 +101,29 @@ def test_grads_match_masked_dense_float64(n, k, block_size, lead, density, trans
     assert layer.values.grad.stride() == layer.values.stride()
     want = _kept_blocks(wd.grad, weight)
     assert _rel(layer.values.grad, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row_major", "block_transposed"])
+@pytest.mark.parametrize("n,k,block_size,lead,density", [CASES[i] for i in (0, 1, 6, 8)])
+def test_16bit_grads_run_the_kernels_widened(n, k, block_size, lead, density, transposed, dtype, no_torch_glue):
+    """bfloat16 / float16 gradients come from the float32 kernels on widened copies, rounded back once: in the
+    parameter's dtype and layout, within 16-bit rounding of float64."""
+    layer = _layer(n, k, block_size, density).to(dtype)
+    _set_layout(layer, transposed)
+    x = torch.randn(*lead, k).to(dtype).requires_grad_()
+    y = layer(x)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    wd = layer.weight.to_dense().detach().double().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    bd = layer.bias.detach().double().requires_grad_()
+    F.linear(xd, wd, bd).backward(grad_out.double())
+    assert x.grad.dtype == dtype and layer.values.grad.dtype == dtype
+    assert layer.values.grad.stride() == layer.values.stride()
+    assert _rel(x.grad, xd.grad) < 1e-2
+    assert _rel(layer.bias.grad, bd.grad) < 1e-2
+    assert _rel(layer.values.grad, _kept_blocks(wd.grad, layer.weight)) < 1e-2
 
 
 def test_padding_gradient_is_zero_and_finite():

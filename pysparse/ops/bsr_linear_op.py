@@ -6,14 +6,15 @@ The compiled library ``pysparse._C`` registers the op schemas and the CPU/CUDA k
 module adds the Python-side pieces. The backward is registered with ``torch.library.register_autograd``. For
 ``y = x @ W^T + b`` with ``W [N, K]`` block-sparse (``values [nnz, bh, bw]``, BSR indices):
 
-* ``grad_x = grad_y @ W``. CPU float32: ``pysparse::bsr_linear_grad_input`` reads the packed weight in place
-  (either layout) through a column index of its blocks cached per layout (:mod:`.bsr_linear_grad`). Elsewhere
-  (CUDA, 16-bit): a ``bsr_linear`` with ``W^T`` in BSR form, rebuilt from the saved parts on every backward with
-  torch ops (a sort of ``nnz`` keys and one copy of the kept values).
+* ``grad_x = grad_y @ W``. CPU: ``pysparse::bsr_linear_grad_input`` reads the packed weight in place (either
+  layout) through a column index of its blocks cached per layout (:mod:`.bsr_linear_grad`); float32, and bfloat16 /
+  float16 through widened copies, rounded back once. Elsewhere (CUDA): a ``bsr_linear`` with ``W^T`` in BSR form,
+  rebuilt from the saved parts on every backward with torch ops (a sort of ``nnz`` keys and one copy of the kept
+  values).
 * ``grad_values[b] = grad_y[:, rows(b)]^T @ x[:, cols(b)]`` for the kept blocks only; no dense ``[N, K]`` gradient
-  is formed. CPU float32: ``pysparse::bsr_linear_grad_values``, written in the values' own layout. Elsewhere:
-  batched GEMMs over gathered block slices, in chunks that bound the temporary memory. Entries of a block that
-  overhang a ragged edge get gradient 0 (the kernels never read them).
+  is formed. CPU (float32, 16-bit widened): ``pysparse::bsr_linear_grad_values``, written in the values' own
+  layout. Elsewhere: batched GEMMs over gathered block slices, in chunks that bound the temporary memory. Entries of
+  a block that overhang a ragged edge get gradient 0 (the kernels never read them).
 * ``grad_bias = grad_y`` summed over the leading dimensions.
 
 Everything here is traceable (static shapes, no ``.item()``), so ``torch.compile`` captures the backward too.
@@ -248,8 +249,8 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
     ``linear(input, values, crow_indices, col_indices, bias, out_features)`` computes the ``grad_y @ W`` product
     (with ``W^T`` passed as BSR) where the backward kernels do not apply: the registered backward uses
     ``torch.ops.pysparse.bsr_linear`` itself; tests pass ``pysparse.ops.bsr_linear_reference`` to check the same
-    formulas in float64, which the kernels lack. ``cpu_kernels``: CPU float32 gradients come from the backward
-    kernels (``bsr_linear_grad_input`` / ``bsr_linear_grad_values``) instead.
+    formulas in float64, which the kernels lack. ``cpu_kernels``: CPU gradients (float32; 16-bit widened) come from
+    the backward kernels (``bsr_linear_grad_input`` / ``bsr_linear_grad_values``) instead.
     """
 
     def setup_context(ctx, inputs, output):
