@@ -14,6 +14,7 @@ layer's (masked) before timing.
 
     python benchmarks/bench_backward.py --threads 2
     python benchmarks/bench_backward.py --threads 2 --dtype bfloat16 --blocks 32x32,16x1 --tokens 1024
+    python benchmarks/bench_backward.py --threads 2 --conv          # 3x3 SparseConv2d(trainable=True)
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ import torch
 from torch import nn
 
 import pysparse
+from pysparse._weight_layout import weight_from_matrix, weight_matrix
 from pysparse.analysis.timing import alternating_medians
+from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.formats.unstructured import entry_segments
 from pysparse.ops.bsr_linear_op import bsr_linear_autograd
@@ -135,6 +138,37 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int, dtype=t
     return {name: s * 1e3 for name, s in t.items()}
 
 
+# (channels, height = width, batch): 3x3 convolutions of ResNet stages, stride 1, padding 1
+CONVS = ((64, 56, 8), (128, 28, 8), (256, 14, 8))
+
+
+def conv_table(rounds: int) -> None:
+    """forward + backward of a 3x3 ``SparseConv2d(trainable=True)`` (im2col, then the BSR kernels) against
+    ``nn.Conv2d``, 32x32 blocks of the tap-major weight."""
+    print("| conv 3x3 | input | sparsity | dense ms | sparse ms | sparse vs dense |")
+    print("|---|---|---|---|---|---|")
+    for c, hw, batch in CONVS:
+        for sparsity in SPARSITIES:
+            gen = torch.Generator().manual_seed(0)
+            conv = nn.Conv2d(c, c, 3, padding=1)
+            with torch.no_grad():
+                matrix = weight_matrix(conv.weight)
+                mask = block_mask(*matrix.shape, (32, 32), sparsity, gen)
+                conv.weight.copy_(weight_from_matrix(matrix * mask, conv.weight.shape))
+            sparse = pysparse.nn.SparseConv2d.from_dense(conv, block_size=(32, 32), trainable=True)
+            x = torch.randn(batch, c, hw, hw, generator=gen).requires_grad_()
+            grad = torch.randn(batch, c, hw, hw, generator=gen)
+            _step(sparse, [x, *sparse.parameters()], x, grad)()
+            got = x.grad.clone()
+            _step(conv, [x, *conv.parameters()], x, grad)()
+            torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-3)
+            t = alternating_medians({"dense": _step(conv, [x, *conv.parameters()], x, grad),
+                                     "sparse": _step(sparse, [x, *sparse.parameters()], x, grad)},
+                                    rounds=rounds, min_run_time=0.2)
+            print(f"| {c}->{c} | {batch}x{c}x{hw}x{hw} | {sparsity:.0%} | {t['dense'] * 1e3:.2f} "
+                  f"| {t['sparse'] * 1e3:.2f} | {t['dense'] / t['sparse']:.2f}x |", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -146,6 +180,7 @@ def main(argv=None) -> None:
                     help="in x out, comma-separated (default: %(default)s)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="the layers' dtype; 16-bit also times the float32 layer (1x1 runs float32 only)")
+    ap.add_argument("--conv", action="store_true", help="time 3x3 SparseConv2d layers instead (float32)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     try:
@@ -157,6 +192,11 @@ def main(argv=None) -> None:
                  f"{args.tokens!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.conv:
+        print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
+              f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
+        conv_table(args.rounds)
+        return
     if dtype != torch.float32:
         blocks = [b for b in blocks if b != (1, 1)]  # the unstructured kernels are float32 only
     wide = dtype != torch.float32

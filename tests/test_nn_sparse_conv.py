@@ -137,13 +137,16 @@ def test_state_dict_round_trip_other_pattern():
     assert torch.equal(a(x), b(x))
 
 
-def test_grads_match_masked_dense_conv(device):
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one_chunk", "image_per_chunk"])
+def test_grads_match_masked_dense_conv(device, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:  # im2col in chunks of one image each: the batch split off x, gradients joined
+        monkeypatch.setattr(sparse_conv, "_IM2COL_CHUNK_BYTES", chunk_bytes)
     cfg = dict(in_channels=24, out_channels=33, kernel_size=3, stride=2, padding=1)
     conv = _block_pruned_conv(cfg).to(device)
     sparse = SparseConv2d.from_dense(conv, block_size=(16, 8), trainable=True)
-    x = torch.randn(2, 24, 9, 9, device=device, requires_grad=True)
+    x = torch.randn(3, 24, 9, 9, device=device, requires_grad=True)
     xd = x.detach().clone().requires_grad_()
-    g = torch.randn(2, 33, 5, 5, device=device)
+    g = torch.randn(3, 33, 5, 5, device=device)
     sparse(x).backward(g)
     conv(xd).backward(g)
     assert _rel(x.grad, xd.grad) < 1e-5

@@ -209,7 +209,7 @@ class SparseConv2d(nn.Module):
         """``[B, Ho, Wo, O]`` = activation(the convolution of the padded NHWC ``x`` + ``residual``), where
         ``residual`` is None or NHWC of the output's shape and dtype."""
         values, crow_indices, col_indices, bias = self.linear._packed_parts()
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
 
         def gemm(rows, act=activation, res=None):  # rows of channels or patches -> rows of outputs
             return ops.bsr_linear_packed(rows, values, crow_indices, col_indices, bias, self.out_channels, act, res)
@@ -225,14 +225,17 @@ class SparseConv2d(nn.Module):
                                        self.kernel_size, self.stride, self.dilation, activation, residual)
         if kh == 1 and kw == 1:
             return gemm(x[:, ::sh, ::sw, :], res=residual)   # a view; the kernel packs it as it reads it
-        # Patches as views [B, Ho, Wo, kh, kw, C] (thinned by the dilation); im2col copies them chunk by chunk.
-        patches = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-        patches = patches.permute(0, 1, 2, 4, 5, 3)
         if residual is None:
-            return self._im2col_gemm(patches, gemm)
+            return self._im2col_gemm(x, gemm)
         # The chunks' products first, then the residual and the activation over the whole output.
-        y = self._im2col_gemm(patches, lambda rows: gemm(rows, act=None))
+        y = self._im2col_gemm(x, lambda rows: gemm(rows, act=None))
         return torch_epilogue(y, activation, residual)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch views ``[B, Ho, Wo, kh, kw, C]`` of the padded NHWC ``x`` (thinned by the dilation)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        patches = x.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        return patches.permute(0, 1, 2, 4, 5, 3)
 
     def _implicit(self, x: torch.Tensor, values: torch.Tensor) -> bool:
         """Whether the implicit-im2col op (no patch copies) runs this call: float32 on a CPU that has it, blocks
@@ -244,14 +247,19 @@ class SparseConv2d(nn.Module):
                 and values.dtype == torch.float32 and self.in_channels % bw == 0 and bh % 8 == 0
                 and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)))
 
-    def _im2col_gemm(self, patches: torch.Tensor, linear) -> torch.Tensor:
-        """``[B, Ho, Wo, O]`` from patch views ``[B, Ho, Wo, kh, kw, C]`` through ``linear`` (rows of patches to
-        rows of outputs): whole images per chunk when they fit the chunk size, else bands of output rows of one
-        image."""
+    def _im2col_gemm(self, x: torch.Tensor, linear) -> torch.Tensor:
+        """``[B, Ho, Wo, O]`` from the padded NHWC ``x`` through ``linear`` (rows of patches to rows of outputs), the
+        patches copied chunk by chunk: whole images per chunk when they fit the chunk size, else bands of output rows
+        of one image. With gradients, whole images always, split off ``x`` with ``torch.split``: its backward
+        joins the chunks' gradients once, where a slice per chunk would add a zero-filled gradient of all of ``x``
+        per chunk (quadratic in the chunks)."""
+        patches = self._patches(x)
         b, ho, wo, kh, kw, c = patches.shape
         k = kh * kw * c
         rows = max(1, _IM2COL_CHUNK_BYTES // (wo * k * patches.element_size()))
-        if rows >= ho:
+        if torch.is_grad_enabled() and x.requires_grad:
+            parts = [linear(self._patches(part).reshape(-1, ho, wo, k)) for part in x.split(max(1, rows // ho))]
+        elif rows >= ho:
             step = rows // ho
             parts = [linear(patches[i:i + step].reshape(-1, ho, wo, k)) for i in range(0, b, step)]
         else:
