@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "isa_kernels.h"
 
@@ -149,6 +150,21 @@ const char* active_cpu_isa() {
   return "generic";
 }
 
+// Up to this many tokens, float32 blocks narrower than a 16-float vector (bh not a multiple of 16: 4x4, 8x8) and
+// column vectors (bw = 1) run the AVX2 path's kernels on AVX-512 CPUs: its 8-lane dot kernel takes bw = 8 blocks
+// (AVX-512's needs bw % 16 = 0 and falls back to a 48-token outer-product tile), its 24-token tile pads less, and its
+// broadcast kernel covers a 16-row column vector with two 8-lane vectors. Sapphire Rapids, 2 threads, 4 shapes x
+// 70 / 90%, AVX2 over AVX-512 (geometric mean) at M = 1 / 2 / 4 / 6 / 8: 8x8 2.73 / 1.93 / 1.52 / 1.27 / 1.29x,
+// 4x4 1.14 / 1.14 / 1.17 / 1.16 / 1.27x, 16x1 1.07 / 1.07 / 1.11 / 1.25 / 1.30x; at 12-16 AVX-512 wins (0.81-0.92x)
+// (benchmarks/bench_path_choice.py). Both paths store these blocks alike (row-major; a column vector is its own
+// transpose), so a weight needs no other layout.
+constexpr int64_t kNarrowBlockAvx2MaxTokens = 8;
+
+template <typename T>
+bool narrow_blocks_run_avx2(const BsrProblem& p) {
+  return std::is_same_v<T, float> && p.M <= kNarrowBlockAvx2MaxTokens && (p.bh % 16 != 0 || p.bw == 1);
+}
+
 template <typename T>
 void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, const int32_t* crow, const int32_t* col,
                         const T* bias, T* y, const BsrProblem& p, int num_threads) {
@@ -156,8 +172,14 @@ void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, con
   switch (isa) {
 #if PYSPARSE_X86
     case CpuIsa::kAvx2: avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast); return;
-    case CpuIsa::kAvx512: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, false, bcast); return;
-    case CpuIsa::kAvx512Bf16: avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, true, bcast); return;
+    case CpuIsa::kAvx512:
+    case CpuIsa::kAvx512Bf16:
+      if (narrow_blocks_run_avx2<T>(p)) {
+        avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast);
+      } else {
+        avx512::bsr_linear(x, values, crow, col, bias, y, p, num_threads, isa == CpuIsa::kAvx512Bf16, bcast);
+      }
+      return;
 #endif
     default: generic::bsr_linear(x, values, crow, col, bias, y, p, num_threads); return;
   }
