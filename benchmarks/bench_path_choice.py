@@ -33,7 +33,7 @@ from pysparse.bench.check import LAYER_TOLERANCE, rel_err  # noqa: E402
 from pysparse.bench.environment import collect, describe  # noqa: E402
 from pysparse.bench.sweep import block_mask  # noqa: E402
 from pysparse.nn import SparseLinear  # noqa: E402
-from pysparse.ops import CPU_PATHS, cpu_paths, force_cpu_path  # noqa: E402
+from pysparse.ops.cpu_path import cpu_paths, force_cpu_path, path_request  # noqa: E402
 
 SHAPES = ("1536x384", "384x1536", "3072x768", "768x3072")
 PATTERNS = ("32x32", "16x16", "16x1", "4x4", "unstructured")
@@ -65,27 +65,28 @@ def run_point(k: int, n: int, pattern: str, sparsity: float, ms, *, rounds: int,
     linear = torch.nn.Linear(k, n, bias=True)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    layers = {"default": (SparseLinear.from_dense(linear, block_size=block), (-1, -1))}
+    layers = {"default": (SparseLinear.from_dense(linear, block_size=block), path_request())}
     for isa, broadcast in variants():
         with force_cpu_path(isa, broadcast=broadcast):
             layers[_label(isa, broadcast)] = (SparseLinear.from_dense(linear, block_size=block),
-                                              (CPU_PATHS[isa], -1 if broadcast is None else int(broadcast)))
+                                              path_request(isa, broadcast))
     rows = []
+    previous = _C.cpu_path_request()
     for m in ms:
         x = torch.randn(m, k)
-        with torch.no_grad():
-            want = F.linear(x, weight, linear.bias)
-            fns = {"dense": lambda x=x: F.linear(x, linear.weight, linear.bias)}
-            for name, (layer, request) in layers.items():
-                _C.force_cpu_path(*request)
-                err = rel_err(layer(x), want)
-                if err > LAYER_TOLERANCE[torch.float32]:
-                    raise AssertionError(f"{k}->{n} {pattern} {sparsity} M={m} {name}: relative error {err:.2e}")
-                fns[name] = lambda layer=layer, request=request, x=x: (_C.force_cpu_path(*request), layer(x))
-            try:
+        try:
+            with torch.no_grad():
+                want = F.linear(x, weight, linear.bias)
+                fns = {"dense": lambda x=x: F.linear(x, linear.weight, linear.bias)}
+                for name, (layer, request) in layers.items():
+                    _C.force_cpu_path(*request)
+                    err = rel_err(layer(x), want)
+                    if err > LAYER_TOLERANCE[torch.float32]:
+                        raise AssertionError(f"{k}->{n} {pattern} {sparsity} M={m} {name}: relative error {err:.2e}")
+                    fns[name] = lambda layer=layer, request=request, x=x: (_C.force_cpu_path(*request), layer(x))
                 seconds = alternating_medians(fns, rounds=rounds, min_run_time=min_time)
-            finally:
-                _C.force_cpu_path(-1, -1)
+        finally:
+            _C.force_cpu_path(*previous)
         forced = {name: s for name, s in seconds.items() if name not in ("dense", "default")}
         best = min(forced, key=forced.get)
         rows.append({"shape": f"{k}x{n}", "pattern": pattern, "sparsity": sparsity, "m": m,

@@ -122,7 +122,8 @@ PyMethodDef methods[] = {
     {"cpu_reads_transposed", cpu_reads_transposed, METH_VARARGS,
      "Whether the CPU kernels read (bh, bw) blocks of dtype transposed at every batch size (SparseLinear's layout)."},
     {"force_cpu_path", force_cpu_path, METH_VARARGS,
-     "Test hook: run the CPU kernels on (isa, bcast) from the next call on (-1: the choice at load); False if refused."},
+     "Test hook: run the CPU kernels on (isa, bcast) from the next call on (-1: the choice at load); "
+     "False if refused."},
     {"cpu_path", cpu_path, METH_NOARGS, "(isa id, broadcast kernel on) of the CPU path the next call runs."},
     {"cpu_path_request", cpu_path_request, METH_NOARGS, "force_cpu_path's current request (-1: none)."},
     {"cpu_isa_supported", cpu_isa_supported, METH_VARARGS, "Whether this CPU runs the CPU path with this isa id."},

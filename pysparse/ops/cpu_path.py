@@ -12,7 +12,7 @@ import contextlib
 from .. import _C
 from .bsr_conv2d import refresh_implicit_conv2d
 
-__all__ = ["CPU_PATHS", "cpu_paths", "current_cpu_path", "force_cpu_path"]
+__all__ = ["CPU_PATHS", "cpu_paths", "current_cpu_path", "force_cpu_path", "path_request"]
 
 # The compiled paths, by name, with the library's id of each. "avx512bf16" is "avx512" with vdpbf16ps for bfloat16
 # weights (chosen by default only on AMD, where it is faster than widening bfloat16 to float32).
@@ -31,6 +31,20 @@ def current_cpu_path() -> tuple[str, bool]:
     return _NAMES[isa], bool(bcast)
 
 
+def path_request(isa: str | None = None, broadcast: bool | None = None) -> tuple[int, int]:
+    """``(isa id, broadcast)`` as the library takes them (-1: the default), after checking both (see
+    :func:`force_cpu_path`). Benchmarks that switch per call pass it to ``_C.force_cpu_path`` directly."""
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"isa must be a path name or None, got {type(isa).__name__}")
+    if isa is not None and isa not in CPU_PATHS:
+        raise ValueError(f"isa must be one of {sorted(CPU_PATHS)} or None, got {isa!r}")
+    if isa is not None and isa not in cpu_paths():
+        raise ValueError(f"isa={isa!r} is not a path this CPU runs; it runs {cpu_paths()}")
+    if broadcast is not None and not isinstance(broadcast, bool):
+        raise TypeError(f"broadcast must be a bool or None, got {type(broadcast).__name__}")
+    return -1 if isa is None else CPU_PATHS[isa], -1 if broadcast is None else int(broadcast)
+
+
 @contextlib.contextmanager
 def force_cpu_path(isa: str | None = None, *, broadcast: bool | None = None):
     """Run the CPU kernels on path ``isa`` (a name of :func:`cpu_paths`; ``None``: the path chosen at load) with the
@@ -42,16 +56,9 @@ def force_cpu_path(isa: str | None = None, *, broadcast: bool | None = None):
     packed under another path still computes the same result, through a per-call copy of its values where the
     layouts differ, so time each path on layers packed under it.
     """
-    if isa is not None and not isinstance(isa, str):
-        raise TypeError(f"isa must be a path name or None, got {type(isa).__name__}")
-    if isa is not None and isa not in CPU_PATHS:
-        raise ValueError(f"isa must be one of {sorted(CPU_PATHS)} or None, got {isa!r}")
-    if isa is not None and isa not in cpu_paths():
-        raise ValueError(f"isa={isa!r} is not a path this CPU runs; it runs {cpu_paths()}")
-    if broadcast is not None and not isinstance(broadcast, bool):
-        raise TypeError(f"broadcast must be a bool or None, got {type(broadcast).__name__}")
+    request = path_request(isa, broadcast)
     previous = _C.cpu_path_request()
-    if not _C.force_cpu_path(-1 if isa is None else CPU_PATHS[isa], -1 if broadcast is None else int(broadcast)):
+    if not _C.force_cpu_path(*request):
         raise ValueError(f"the library refused the CPU path isa={isa!r}, broadcast={broadcast!r}")
     refresh_implicit_conv2d()
     try:
