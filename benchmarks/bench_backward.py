@@ -15,6 +15,7 @@ layer's (masked) before timing.
     python benchmarks/bench_backward.py --threads 2
     python benchmarks/bench_backward.py --threads 2 --dtype bfloat16 --blocks 32x32,16x1 --tokens 1024
     python benchmarks/bench_backward.py --threads 2 --conv          # 3x3 SparseConv2d(trainable=True)
+    python benchmarks/bench_backward.py --threads 2 --epilogue      # relu(layer(x) + residual), fused or not
 """
 from __future__ import annotations
 
@@ -169,6 +170,38 @@ def conv_table(rounds: int) -> None:
                   f"| {t['sparse'] * 1e3:.2f} | {t['dense'] / t['sparse']:.2f}x |", flush=True)
 
 
+def epilogue_table(shapes, tokens, blocks, rounds: int) -> None:
+    """forward + backward of ``relu(layer(x) + residual)`` (float32, 70% sparse, gradients for x, the residual and
+    the layer): the epilogue fused into the kernel and differentiated from the saved output ("fused"), against the
+    packed layer followed by torch's add and ReLU ("torch", what training ran before) and dense ``nn.Linear``."""
+    print("| in->out | block | M | dense ms | torch epilogue ms | fused ms | fused vs torch | fused vs dense |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, n in shapes:
+        for m in tokens:
+            for block in blocks:
+                dense, packed, _ = _layers(k, n, block, 0.7)
+                gen = torch.Generator().manual_seed(1)
+                x = torch.randn(m, k, generator=gen).requires_grad_()
+                r = torch.randn(m, n, generator=gen).requires_grad_()
+                grad = torch.randn(m, n, generator=gen)
+                packed.activation = None
+                unfused = lambda inp: torch.relu(packed(inp) + r)  # noqa: E731
+                fused_layer = type(packed)(packed.weight, packed.bias, activation="relu", trainable=True)
+                fused = lambda inp: fused_layer(inp, r)  # noqa: E731
+                plain = lambda inp: torch.relu(dense(inp) + r)  # noqa: E731
+                fns = {"dense": _step(plain, [x, r, *dense.parameters()], x, grad),
+                       "torch": _step(unfused, [x, r, *packed.parameters()], x, grad),
+                       "fused": _step(fused, [x, r, *fused_layer.parameters()], x, grad)}
+                fns["fused"]()
+                got = x.grad.clone()
+                fns["torch"]()
+                torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-3)
+                t = alternating_medians(fns, rounds=rounds, min_run_time=0.05)
+                print(f"| {k}->{n} | {block[0]}x{block[1]} | {m} | {t['dense'] * 1e3:.2f} | {t['torch'] * 1e3:.2f} "
+                      f"| {t['fused'] * 1e3:.2f} | {t['torch'] / t['fused']:.2f}x | {t['dense'] / t['fused']:.2f}x |",
+                      flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -181,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="the layers' dtype; 16-bit also times the float32 layer (1x1 runs float32 only)")
     ap.add_argument("--conv", action="store_true", help="time 3x3 SparseConv2d layers instead (float32)")
+    ap.add_argument("--epilogue", action="store_true",
+                    help="time relu(layer(x) + residual) with the epilogue fused or in torch instead (float32, 70%%)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     try:
@@ -196,6 +231,11 @@ def main(argv=None) -> None:
         print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
               f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
         conv_table(args.rounds)
+        return
+    if args.epilogue:
+        print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
+              f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
+        epilogue_table(shapes, tokens, blocks, args.rounds)
         return
     if dtype != torch.float32:
         blocks = [b for b in blocks if b != (1, 1)]  # the unstructured kernels are float32 only

@@ -151,7 +151,7 @@ class UnstructuredSparseLinear(SparseLinear):
     :class:`UnstructuredSparseWeight`, multiplied by ``pysparse.ops.unstructured_linear`` (CPU float32; other
     devices and dtypes take its dense reference). Buffers ``values``, ``columns``, ``segment_ptr``; ``.to()``,
     ``state_dict``, ``load_state_dict`` and ``pysparse.save`` / ``load`` work as for SparseLinear, and so does the
-    fused epilogue (activation and residual applied by the kernel when no gradient is wanted)."""
+    fused epilogue (activation and residual applied by the kernel; with gradients GELU runs after it)."""
 
     _weight_class = UnstructuredSparseWeight
 

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from .. import _C  # loading the library registers torch.ops.pysparse.*
 from ..formats.bsr import bsr_to_dense, check_bsr_indices
 from .bsr_linear_grad import bsr_linear_grad_input, bsr_linear_grad_values, grad_kernels_apply
-from .layer_support import (bsr_int32_indices, call, check_activation, check_residual, fake_with_residual,
-                            fits_output, only_bias_wants_grad, torch_epilogue, wants_grad)
+from .layer_support import (bsr_int32_indices, call, check_activation, check_residual, epilogue_autograd,
+                            fake_with_residual, fits_output, only_bias_wants_grad, torch_epilogue, train_epilogue,
+                            wants_grad)
 
 __all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "cpu_reads_transposed", "kernel_layout",
            "is_block_transposed", "bsr_linear_autograd", "transpose_bsr"]
@@ -44,9 +45,10 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     and the residual's).
 
     ``activation`` (a key of ``ACTIVATIONS``, already validated) and ``residual`` (added as torch's ``+`` would) are
-    fused into the CPU kernel when no gradient is wanted and the residual has exactly the output's shape and dtype;
-    otherwise (training, CUDA, a residual that broadcasts or promotes) torch adds the residual and applies the
-    activation after the op.
+    fused into the CPU kernel when the residual has exactly the output's shape and dtype, in training too (the op's
+    backward takes ReLU's and ReLU6's derivative from the saved output), except GELU with gradients, whose
+    derivative needs the pre-activation: torch applies it after the op. Elsewhere (CUDA, a residual that broadcasts
+    or promotes) torch adds the residual and applies the activation after the op.
     """
     if (input.is_cpu and not wants_grad(input, values, bias, residual)
             and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
@@ -59,6 +61,10 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
         y = torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, None, out_features,
                                                       None, None) + bias
         return torch_epilogue(y, activation, residual)
+    if (input.is_cpu and (activation is not None or residual is not None)
+            and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
+        return train_epilogue(torch.ops.pysparse.bsr_linear_act.default, input, values, crow_indices, col_indices,
+                              bias, out_features, activation=activation, residual=residual)
     y = call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
     return torch_epilogue(y, activation, residual)
 
@@ -79,9 +85,10 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         check_indices: validate the indices first (on CUDA this synchronises once). Layers built from
             ``BlockSparseWeight`` pass False: the format validated them when it was packed or loaded.
             The CPU kernel always re-checks them; the CUDA kernels clamp to their buffers either way.
-        activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU, when no
-            gradient is wanted, the kernel applies it to each result before storing it (no second pass over the
-            output); otherwise the torch function runs after the op.
+        activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU the
+            kernel applies it to each result before storing it (no second pass over the output), in training too
+            (the backward takes ReLU's and ReLU6's derivative from the saved output); GELU with gradients (its
+            derivative needs the pre-activation) and CUDA run the torch function after the op.
         residual: None or a tensor added before the activation, as torch's ``+`` would:
             ``activation(F.linear(input, W, bias) + residual)``; fused into the kernel like the activation when it
             has exactly the output's shape and dtype.
@@ -250,10 +257,11 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
     (with ``W^T`` passed as BSR) where the backward kernels do not apply: the registered backward uses
     ``torch.ops.pysparse.bsr_linear`` itself; tests pass ``pysparse.ops.bsr_linear_reference`` to check the same
     formulas in float64, which the kernels lack. ``cpu_kernels``: CPU gradients (float32; 16-bit widened) come from
-    the backward kernels (``bsr_linear_grad_input`` / ``bsr_linear_grad_values``) instead.
+    the backward kernels (``bsr_linear_grad_input`` / ``bsr_linear_grad_values``) instead. ``setup_context`` saves its
+    ``extra`` tensors after its own (see :func:`~.layer_support.epilogue_autograd`).
     """
 
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output, *extra):
         input, values, crow_indices, col_indices, bias, out_features = inputs
         ctx.in_features = input.shape[-1]
         ctx.out_features = out_features
@@ -264,10 +272,10 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
         needs_input, needs_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         keep_values = needs_input or (cpu_kernels and needs_values)
         ctx.save_for_backward(input if needs_values else None, values if keep_values else None,
-                              crow_indices, col_indices)
+                              crow_indices, col_indices, *extra)
 
     def backward(ctx, grad):
-        input, values, crow_indices, col_indices = ctx.saved_tensors
+        input, values, crow_indices, col_indices = ctx.saved_tensors[:4]
         grad_input = grad_values = grad_bias = None
         k, n = ctx.in_features, ctx.out_features
         if cpu_kernels and values is not None and grad_kernels_apply(grad, values):
@@ -291,3 +299,5 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
 
 _setup_context, _backward = bsr_linear_autograd(torch.ops.pysparse.bsr_linear.default, cpu_kernels=True)
 torch.library.register_autograd("pysparse::bsr_linear", _backward, setup_context=_setup_context)
+_act_setup_context, _act_backward = epilogue_autograd(_setup_context, _backward)
+torch.library.register_autograd("pysparse::bsr_linear_act", _act_backward, setup_context=_act_setup_context)

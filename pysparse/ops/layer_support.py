@@ -13,8 +13,8 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["ACTIVATIONS", "LayoutCache", "bsr_int32_indices", "call", "check_activation", "check_count",
-           "check_residual", "conv_output_length", "fake_with_residual", "fits_output", "only_bias_wants_grad",
-           "torch_epilogue", "wants_grad"]
+           "check_residual", "conv_output_length", "epilogue_autograd", "fake_with_residual", "fits_output",
+           "only_bias_wants_grad", "torch_epilogue", "train_epilogue", "wants_grad"]
 
 # Activations the kernels can fuse: name -> the torch function it equals (exact GELU, not the tanh form).
 ACTIVATIONS = {"relu": torch.nn.functional.relu, "relu6": torch.nn.functional.relu6, "gelu": torch.nn.functional.gelu}
@@ -103,6 +103,49 @@ def torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tens
                              f"{tuple(residual.shape)}") from None
         y = y + residual
     return y if activation is None else ACTIVATIONS[activation](y)
+
+
+# The gradient through an activation from its saved output y, by torch's own backward kernels (one vectorised pass):
+# ReLU's reads y as torch's does; ReLU6's passes where 0 < y < 6, which is where 0 < z < 6 (y = min(max(z, 0), 6)
+# lies strictly inside exactly where z does). GELU's derivative needs the pre-activation.
+_OUTPUT_DERIVATIVES = {"relu": lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0),
+                       "relu6": lambda grad, y: torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)}
+
+
+def train_epilogue(op, *args, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """``activation(op(*args, activation, residual))`` for a call that wants gradients: ``op`` (an ``_act`` op whose
+    backward :func:`epilogue_autograd` registered) adds the residual and applies ReLU / ReLU6 in its stores, as it
+    does without gradients; GELU, whose derivative needs the pre-activation, runs in torch after the op (which saves
+    that pre-activation, as it would after any linear)."""
+    fused = activation if activation in _OUTPUT_DERIVATIVES else None
+    y = op(*args, fused, residual)
+    return y if fused == activation else ACTIVATIONS[activation](y)
+
+
+def epilogue_autograd(setup_context, backward):
+    """``(setup_context, backward)`` for the ``_act`` variant of a linear op (its arguments, then ``activation`` and
+    ``residual``) from the linear op's own pair: the gradient of the epilogue, then the linear's backward with it.
+
+    ``setup_context(ctx, inputs, output, *extra)`` of the linear must save its tensors followed by ``extra`` and its
+    ``backward`` read only the ones it saved first. The activation's derivative comes from the saved output (no
+    pre-activation kept); the residual's gradient is the pre-activation's (the op adds it only when it has the
+    output's exact shape and dtype)."""
+
+    def act_setup_context(ctx, inputs, output):
+        *linear_inputs, activation, _residual = inputs
+        if activation is not None and activation not in _OUTPUT_DERIVATIVES:
+            raise NotImplementedError(f"the backward of a fused {activation!r} epilogue needs the pre-activation: "
+                                      "call the op with activation=None and apply the activation after it")
+        ctx.activation = activation
+        setup_context(ctx, tuple(linear_inputs), output, output if activation is not None else None)
+
+    def act_backward(ctx, grad):
+        y = ctx.saved_tensors[-1]
+        if y is not None:
+            grad = _OUTPUT_DERIVATIVES[ctx.activation](grad, y)
+        return (*backward(ctx, grad), None, grad if ctx.needs_input_grad[-1] else None)
+
+    return act_setup_context, act_backward
 
 
 def fits_output(residual: torch.Tensor, shape, like: torch.Tensor) -> bool:

@@ -19,8 +19,8 @@ import numbers
 import torch
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
-from .layer_support import (LayoutCache, call, check_activation, check_residual, fits_output, torch_epilogue,
-                            wants_grad)
+from .layer_support import (LayoutCache, call, check_activation, check_residual, epilogue_autograd, fits_output,
+                            torch_epilogue, train_epilogue, wants_grad)
 
 __all__ = ["unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference"]
 
@@ -45,9 +45,10 @@ def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torc
             built from an ``UnstructuredSparseWeight`` pass False: it was validated when packed or loaded. The CPU
             op always checks what memory safety needs (pointers, column ranges) either way.
         activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``); residual: None or a tensor added before
-            the activation, as torch's ``+`` would. On the CPU in float32, when no gradient is wanted and the
-            residual has exactly the output's shape and dtype, the kernel applies both to each result before storing
-            it; otherwise torch does after the op.
+            the activation, as torch's ``+`` would. On the CPU in float32, when the residual has exactly the
+            output's shape and dtype, the kernel applies both to each result before storing it, in training too
+            (GELU with gradients excepted: its derivative needs the pre-activation); otherwise torch does after the
+            op.
     Returns:
         ``[..., out_features]`` in the input's dtype.
     """
@@ -78,11 +79,14 @@ def unstructured_linear_packed(input: torch.Tensor, values: torch.Tensor, column
     if input.device.type != "cpu" or input.dtype != torch.float32:
         y = unstructured_linear_reference(input, values, columns, segment_ptr, bias, out_features)
         return torch_epilogue(y, activation, residual)
-    if ((activation is not None or residual is not None) and not wants_grad(input, values, bias, residual)
+    if ((activation is not None or residual is not None)
             and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
         # The epilogue fused into the kernel's stores: no second pass over the output.
-        return torch.ops.pysparse.unstructured_linear_act.default(input, values, columns, segment_ptr, bias,
-                                                                  out_features, activation, residual)
+        op = torch.ops.pysparse.unstructured_linear_act.default
+        if wants_grad(input, values, bias, residual):
+            return train_epilogue(op, input, values, columns, segment_ptr, bias, out_features, activation=activation,
+                                  residual=residual)
+        return op(input, values, columns, segment_ptr, bias, out_features, activation, residual)
     y = call(torch.ops.pysparse.unstructured_linear.default, input, values, columns, segment_ptr, bias, out_features)
     return torch_epilogue(y, activation, residual)
 
@@ -137,12 +141,13 @@ def transposed_index(columns: torch.Tensor, segment_ptr: torch.Tensor, in_featur
     return _TRANSPOSED(columns, segment_ptr, in_features, out_features)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, *extra):
     input, values, columns, segment_ptr, _bias, out_features = inputs
     ctx.shape = (out_features, input.shape[-1])
     # Keep only what the requested gradients need: x for grad_values, the values for grad_input.
     needs_input, needs_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    ctx.save_for_backward(input if needs_values else None, values if needs_input else None, columns, segment_ptr)
+    ctx.save_for_backward(input if needs_values else None, values if needs_input else None, columns, segment_ptr,
+                          *extra)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +169,7 @@ def dense_grad_values(grad, input, columns, segment_ptr, shape: tuple[int, int])
 
 
 def _backward(ctx, grad):
-    input, values, columns, segment_ptr = ctx.saved_tensors
+    input, values, columns, segment_ptr = ctx.saved_tensors[:4]
     n, k = ctx.shape
     grad_input = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -186,3 +191,5 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("pysparse::unstructured_linear", _backward, setup_context=_setup_context)
+_act_setup_context, _act_backward = epilogue_autograd(_setup_context, _backward)
+torch.library.register_autograd("pysparse::unstructured_linear_act", _act_backward, setup_context=_act_setup_context)
