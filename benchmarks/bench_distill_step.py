@@ -10,6 +10,7 @@ Timed interleaved (each student once per round, the median of rounds kept). ``--
 frontier's recovery runs it: dropout off, the embeddings frozen (only the encoder trained), the ``"embedding"`` loss.
 
     python benchmarks/bench_distill_step.py [--length 64] [--patterns 16x1:0.7,32x32:0.9] [--rounds 3] [--recovery]
+        [--teacher-dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ def _students(teacher: nn.Module, patterns: list[tuple[tuple[int, int], float]])
     return students
 
 
-def _seconds_per_step(student, teacher, batches, steps: int, recovery: bool) -> float:
+def _seconds_per_step(student, teacher, batches, steps: int, recovery: bool, teacher_dtype=None) -> float:
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
     start = time.perf_counter()
     distill(student, teacher, batches, optimizer, steps=steps, progress=False,
-            loss="embedding" if recovery else "hidden", dropout=not recovery)
+            loss="embedding" if recovery else "hidden", dropout=not recovery, teacher_dtype=teacher_dtype)
     return (time.perf_counter() - start) / steps
 
 
@@ -62,6 +63,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recovery", action="store_true",
                     help="the frontier's recovery step: dropout off, embeddings frozen, the embedding loss")
+    ap.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the teacher's forward in float32 or under bfloat16 autocast (distill's teacher_dtype)")
     args = ap.parse_args(argv)
     try:
         patterns = [(tuple(int(v) for v in p.split(":")[0].split("x")), float(p.split(":")[1]))
@@ -69,6 +72,7 @@ def main(argv=None) -> None:
     except (ValueError, IndexError):
         ap.error(f"--patterns takes BHxBW:SPARSITY,... (e.g. 16x1:0.7), got {args.patterns!r}")
     torch.set_num_threads(args.threads)
+    teacher_dtype = torch.bfloat16 if args.teacher_dtype == "bfloat16" else None
     teacher, tokenizer = load_minilm()
     text = sentences("train")[:16 * args.steps]
     batches = [dict(tokenizer(text[i:i + 16], padding="max_length", truncation=True, max_length=args.length,
@@ -79,15 +83,16 @@ def main(argv=None) -> None:
             for name, param in student.named_parameters():
                 param.requires_grad_(name.startswith("encoder."))
     for student in students.values():  # warm-up: first-call allocations, the column indexes
-        _seconds_per_step(student, teacher, batches[:2], 2, args.recovery)
+        _seconds_per_step(student, teacher, batches[:2], 2, args.recovery, teacher_dtype)
     times = {name: [] for name in students}
     for _ in range(args.rounds):
         for name, student in students.items():
-            times[name].append(_seconds_per_step(student, teacher, batches, args.steps, args.recovery))
+            times[name].append(_seconds_per_step(student, teacher, batches, args.steps, args.recovery, teacher_dtype))
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     step = "recovery" if args.recovery else "distillation"
-    print(f"# MiniLM-L6 {step} step, batch 16 x {args.length} tokens, {torch.get_num_threads()} threads, CPU "
-          f"path {pysparse.ops.available_backends()['cpu']}, load average {os.getloadavg()[0]:.2f}")
+    print(f"# MiniLM-L6 {step} step, batch 16 x {args.length} tokens, teacher {args.teacher_dtype}, "
+          f"{torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| student | ms per step | vs masked (same pattern) | vs dense student |")
     print("|---|---|---|---|")
     for name, value in ms.items():

@@ -275,3 +275,39 @@ def test_dropout_off_trains_as_without_dropout_and_restores_p():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="dropout"):
         distill(without, teacher, data, torch.optim.SGD(without.parameters(), lr=0.1), steps=1, dropout="no")
+
+
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_teacher_in_bfloat16_gives_the_autocast_targets(intermediate):
+    """teacher_dtype runs the teacher under autocast: the first loss is the one against its autocast outputs (its
+    products in bfloat16; cast to float32), the student stays float32 and still learns, and the teacher is left as
+    it was."""
+    teacher = _bert()
+    torch.manual_seed(1)
+    student = type(teacher)(teacher.config, add_pooling_layer=False)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 120, (4, 12), generator=g),
+             "attention_mask": torch.ones(4, 12, dtype=torch.int64)} for _ in range(3)]
+    frozen = torch.optim.SGD(student.parameters(), lr=0.0)
+    kwargs = dict(loss="embedding", intermediate=intermediate, progress=False)
+    first = distill(student, teacher, data[:1], frozen, steps=1, teacher_dtype=torch.bfloat16, **kwargs)[0]["loss"]
+    plain = distill(student, teacher, data[:1], frozen, steps=1, **kwargs)[0]["loss"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t_out = teacher(**data[0], output_hidden_states=intermediate)
+    with torch.no_grad():
+        s_out = student(**data[0], output_hidden_states=intermediate)
+        s, t = s_out.last_hidden_state, t_out.last_hidden_state.float()
+        want = ((1 - F.cosine_similarity(s.flatten(0, 1), t.flatten(0, 1), dim=-1)).mean() + F.mse_loss(s, t)
+                + (1 - F.cosine_similarity(s.mean(1), t.mean(1), dim=-1)).mean())
+        if intermediate:
+            want = want + sum(F.mse_loss(a, b.float()) for a, b in zip(s_out.hidden_states, t_out.hidden_states)) \
+                / len(s_out.hidden_states)
+    assert first == pytest.approx(want.item(), rel=1e-5)
+    assert first != plain and first == pytest.approx(plain, rel=5e-2)
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    history = distill(student, teacher, data, torch.optim.Adam(student.parameters(), lr=3e-3), steps=20,
+                      teacher_dtype=torch.bfloat16, progress=False)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    with pytest.raises(ValueError, match="teacher_dtype must be None, torch.bfloat16 or torch.float16, got "
+                                         "torch.float64"):
+        distill(student, teacher, data, frozen, steps=1, teacher_dtype=torch.float64, progress=False)

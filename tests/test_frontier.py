@@ -131,3 +131,26 @@ def test_packed_recovery_makes_the_same_updates_as_masked_recovery():
     chosen, record = packed_for_training(masked, work, pattern)   # whichever is faster here; it says which
     assert record["layers"] in ("packed", "masked") and record["masked_ms"] > 0 and record["packed_ms"] > 0
     assert (chosen is masked) == (record["layers"] == "masked")
+
+
+def test_teacher_precision_is_measured_and_recovery_takes_it(monkeypatch):
+    """bfloat16 is chosen only where it is faster by the margin and its outputs agree; recovery then distils from
+    the teacher under autocast."""
+    import copy
+
+    import torch
+
+    from pysparse.frontier import recipe
+    from pysparse.prune import prune_
+    work = _tiny_work()
+    choice = recipe.teacher_precision(work)
+    assert choice["dtype"] in ("float32", "bfloat16") and choice["float32_ms"] > 0 and choice["bfloat16_ms"] > 0
+    assert 0.99 < choice["cosine"] <= 1.0
+    monkeypatch.setattr(recipe, "_TEACHER_GAIN", 0.0)       # any speed: agreement decides
+    assert recipe.teacher_precision(work)["dtype"] == "bfloat16"
+    monkeypatch.setattr(recipe, "_TEACHER_AGREEMENT", 1.1)  # no agreement is enough
+    assert recipe.teacher_precision(work)["dtype"] == "float32"
+    student = copy.deepcopy(work.teacher)
+    prune_(student, sparsity=0.5, filter_fn=work.filter_fn)
+    history = recipe.recover(student, work, 4, teacher_dtype=torch.bfloat16)
+    assert len(history) == 4 and all(h["loss"] > 0 for h in history)

@@ -15,7 +15,9 @@ The recipe, and why:
   tried and lost to this end-to-end loss at equal minutes (BENCHMARKS.md). The masks are fixed by then, so the
   student trains through packed trainable layers (``sparsify(trainable=True)``, the backward kernels) where a timed
   forward + backward on a training batch says that is faster than the masked dense layers: the same updates of the
-  kept weights, more steps per minute;
+  kept weights, more steps per minute. Likewise the teacher runs in bfloat16 (autocast) where a timed forward says
+  that is faster and its outputs agree with float32's (on a CPU with bfloat16 matrix units the teacher is a third
+  of each step otherwise);
 - speed: ``sparsify(..., autotune=True)`` with activation fusion and fast attention, so a layer runs sparse only
   where that is faster on the timed input; timed against the stock dense model and against the dense model with
   the same exact options (fast attention), all three alternating in one process.
@@ -39,7 +41,8 @@ from ..transforms.attention_switch import use_pysparse_attention
 from .patterns import Pattern
 from .workloads import Workload
 
-__all__ = ["one_shot", "packed_for_training", "recover", "measure_speed", "run_point", "CRITERIA"]
+__all__ = ["one_shot", "packed_for_training", "teacher_precision", "recover", "measure_speed", "run_point",
+           "CRITERIA"]
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
@@ -132,10 +135,42 @@ def packed_for_training(student: nn.Module, work: Workload, pattern: Pattern) ->
     return (packed if packed_s < masked_s else student), choice
 
 
-def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False, regularizer=None
-            ) -> list[dict]:
+# bfloat16's targets must agree with float32's this closely (mean cosine over the output's rows); MiniLM's token
+# states agree to 0.9999, a model whose activations overflow bfloat16's precision would not.
+_TEACHER_AGREEMENT = 0.999
+# ... and run at least this much faster, or the float32 targets are kept.
+_TEACHER_GAIN = 1.2
+
+
+@torch.no_grad()
+def teacher_precision(work: Workload) -> dict:
+    """How recovery runs the teacher: ``{"dtype": "bfloat16" | "float32", "float32_ms", "bfloat16_ms", "cosine"}``,
+    bfloat16 autocast where one timed forward on a training batch runs at least 1.2x faster than float32 and its
+    outputs agree (mean cosine over the output's rows >= 0.999), else the teacher's float32."""
+    teacher, batch = work.teacher.eval(), work.train[0]
+
+    def forward(dtype):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return call_model(teacher, batch)
+
+    def rows(out):
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        return out.float().flatten(0, -2) if out.dim() > 1 else out.float()[None]
+
+    cosine = torch.nn.functional.cosine_similarity(rows(forward(None)), rows(forward(torch.bfloat16)), dim=-1)
+    seconds = alternating_medians({"float32": lambda: forward(None), "bfloat16": lambda: forward(torch.bfloat16)},
+                                  rounds=3, min_run_time=0.2)
+    agree = bool(cosine.mean() >= _TEACHER_AGREEMENT)
+    faster = seconds["float32"] >= _TEACHER_GAIN * seconds["bfloat16"]
+    return {"dtype": "bfloat16" if agree and faster else "float32", "float32_ms": round(seconds["float32"] * 1e3, 2),
+            "bfloat16_ms": round(seconds["bfloat16"] * 1e3, 2), "cosine": round(float(cosine.mean()), 6)}
+
+
+def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = False, regularizer=None,
+            teacher_dtype: torch.dtype | None = None) -> list[dict]:
     """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps, dropout
-    off (the student chases the teacher's exact outputs), only the ``work.trained`` parameters updated."""
+    off (the student chases the teacher's exact outputs), only the ``work.trained`` parameters updated; the teacher
+    under autocast in ``teacher_dtype`` when one is given (:func:`teacher_precision`)."""
     if steps == 0:
         return []
     _train_only(student, work)
@@ -145,7 +180,8 @@ def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     return distill(student, work.teacher, work.train, optimizer, steps=steps, lr_scheduler=schedule,
-                   progress=progress, regularizer=regularizer, dropout=False, **work.distill_kwargs)
+                   progress=progress, regularizer=regularizer, dropout=False, teacher_dtype=teacher_dtype,
+                   **work.distill_kwargs)
 
 
 @torch.no_grad()
@@ -178,7 +214,9 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
     student, criterion, one_shot_scores = one_shot(work, pattern, sparsity, criteria, start=base)
     one_shot_quality = work.evaluate(student)
     trained, training_layers = packed_for_training(student, work, pattern) if steps else (student, None)
-    history = recover(trained, work, steps, progress=progress)
+    teacher = teacher_precision(work) if steps else None
+    history = recover(trained, work, steps, progress=progress,
+                      teacher_dtype=torch.bfloat16 if teacher and teacher["dtype"] == "bfloat16" else None)
     student = _unpacked(trained)
     minutes = (time.perf_counter() - start) / 60
     remove_masks(student)
@@ -196,6 +234,7 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
         "final_loss": history[-1]["loss"] if history else None,
         "recovery_loss": work.distill_kwargs.get("loss"),
         "recovery_layers": training_layers,
+        "recovery_teacher": teacher,
         "layers_sparse": sum(r.swapped for r in sparse.sparsify_report.layers),
         # a frontier built in parts (--append) mixes runs, even machines: each point keeps what its speed was
         # timed on and under what load
