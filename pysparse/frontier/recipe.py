@@ -76,14 +76,15 @@ def one_shot(work: Workload, pattern: Pattern, sparsity: float, criteria=CRITERI
     return best[0], best[1], scores
 
 
-def penalised(work: Workload, pattern: Pattern, alpha: float, steps: int, *, progress: bool = False) -> nn.Module:
+def penalised(work: Workload, pattern: Pattern, alpha: float, steps: int, *, progress: bool = False,
+              teacher_dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of the dense model distilled from the original for ``steps`` steps with ``alpha`` x the group norms of
-    the pattern's groups (group lasso; single entries: L1) added to the loss."""
+    the pattern's groups (group lasso; single entries: L1) added to the loss (the teacher as in :func:`recover`)."""
     student = copy.deepcopy(work.teacher)
     groups = "block" if pattern.pattern == "block" else "unstructured"
     reg = SparsityRegularizer(student, alpha=alpha, pattern=groups, block_size=pattern.block_size,
                               norm="group" if groups == "block" else "l1", filter_fn=work.filter_fn)
-    recover(student, work, steps, progress=progress, regularizer=reg)
+    recover(student, work, steps, progress=progress, regularizer=reg, teacher_dtype=teacher_dtype)
     return student
 
 
@@ -210,13 +211,14 @@ def run_point(work: Workload, pattern: Pattern, sparsity: float, *, steps: int, 
     """One point of the frontier: returns (its record, the packed model). With ``alpha``, ``penalty_steps`` of
     penalised distillation come before the one-shot step (:func:`penalised`)."""
     start = time.perf_counter()
-    base = penalised(work, pattern, alpha, penalty_steps, progress=progress) if alpha else None
+    teacher = teacher_precision(work) if steps or (alpha and penalty_steps) else None
+    teacher_dtype = torch.bfloat16 if teacher and teacher["dtype"] == "bfloat16" else None
+    base = penalised(work, pattern, alpha, penalty_steps, progress=progress, teacher_dtype=teacher_dtype) \
+        if alpha else None
     student, criterion, one_shot_scores = one_shot(work, pattern, sparsity, criteria, start=base)
     one_shot_quality = work.evaluate(student)
     trained, training_layers = packed_for_training(student, work, pattern) if steps else (student, None)
-    teacher = teacher_precision(work) if steps else None
-    history = recover(trained, work, steps, progress=progress,
-                      teacher_dtype=torch.bfloat16 if teacher and teacher["dtype"] == "bfloat16" else None)
+    history = recover(trained, work, steps, progress=progress, teacher_dtype=teacher_dtype)
     student = _unpacked(trained)
     minutes = (time.perf_counter() - start) / 60
     remove_masks(student)
