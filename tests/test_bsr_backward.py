@@ -30,6 +30,12 @@ CASES = [
     (50, 40, (16, 1), (3, 15), 0.3),      # column vectors (their own kernels), ragged last block row
     (70, 23, (32, 1), (300,), 0.5),       # column vectors of two vectors' rows, more tokens than one chunk
 ]
+# grad_x over 4 MiB: written with streaming stores where the path has them (rows of 1003 floats: aligned and unaligned
+# vectors alike; 1024: all aligned).
+LARGE_CASES = [
+    (70, 1003, (32, 32), (1100,), 0.5),
+    (48, 1024, (16, 16), (1030,), 0.5),
+]
 
 
 def _layer(n, k, block_size, density, seed=0) -> SparseLinear:
@@ -101,6 +107,21 @@ def test_grads_match_masked_dense_float64(n, k, block_size, lead, density, trans
     assert layer.values.grad.stride() == layer.values.stride()
     want = _kept_blocks(wd.grad, weight)
     assert _rel(layer.values.grad, want) < 1e-5
+
+
+@pytest.mark.parametrize("n,k,block_size,lead,density", LARGE_CASES)
+def test_large_grad_input_on_every_path(n, k, block_size, lead, density, no_torch_glue):
+    layer = _layer(n, k, block_size, density)
+    x = torch.randn(*lead, k)
+    grad_out = torch.randn(*lead, n)
+    want = (grad_out.double() @ layer.weight.to_dense().double())
+    for isa in pysparse.ops.cpu_paths():
+        with pysparse.ops.force_cpu_path(isa):
+            for transposed in (False, True):
+                _set_layout(layer, transposed)
+                xg = x.clone().requires_grad_()
+                layer(xg).backward(grad_out)
+                assert _rel(xg.grad, want) < 1e-5, (isa, transposed)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
