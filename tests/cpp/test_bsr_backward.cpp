@@ -205,6 +205,9 @@ int main() {
       {21, 37, 29, 5, 1, 0.6},         // column vectors shorter than a vector, ragged
       {9, 24, 48, 16, 1, 1.0},         // dense column vectors: more blocks per row than one tile
       {9, 24, 48, 16, 1, 0.0},         // no column vector kept
+      {7, 40, 0, 16, 16, 0.5},         // no outputs: grad_x all zero
+      {1100, 40, 30, 16, 16, 0.5},     // narrow grad_y: token chunks of 512, three of them
+      {1100, 1003, 40, 32, 32, 0.5},   // grad_x over 4 MiB (streaming stores), rows not vector-aligned
   };
   for (const Case& c : cases) run_case(c, rng);
   return check::report("test_bsr_backward");

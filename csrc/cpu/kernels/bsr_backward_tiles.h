@@ -12,8 +12,8 @@
 // grad_input (grad_x = grad_y @ W): register tile = T tokens x NV vectors of grad_x columns of one block column. Per
 // row i of each block in that column it loads NV vectors of the block's row i (contiguous in row-major blocks) and
 // broadcasts grad_y[t][row] for the T tokens: T*NV FMAs per NV + T loads, and grad_y / grad_x are read and written
-// in their natural row-major layout (nothing packed, nothing transposed). Block-transposed weights are transposed
-// into a per-item row-major scratch, once per work item. Work items are (token chunk, block column) pairs, chunk
+// in their natural row-major layout (nothing packed, nothing transposed). Block-transposed weights are made
+// row-major once per call, into a scratch all work items read. Work items are (token chunk, block column) pairs, chunk
 // major, handed out dynamically: the grad_y rows of a chunk stay in cache while its block columns are worked.
 //
 // Column vectors (bw == 1, e.g. 16x1) would use one lane of L in those tiles, so both products have their own:
@@ -40,10 +40,9 @@
 using V = typename Isa::V;
 constexpr int L = Isa::L;
 
-// Tokens per grad_input work item: the chunk's grad_y rows stay in L2 while its block columns run. Block-transposed
-// weights take longer chunks, which amortise the per-item transpose of the column's blocks.
-constexpr int64_t kGiChunk = 64;
-constexpr int64_t kGiChunkTransposed = 256;
+// grad_y bytes per grad_input work item: the chunk's grad_y rows stay in L2 while its block columns run; in 64..512
+// tokens (fewer tokens make more items, each setting up its column's blocks).
+constexpr int64_t kGiChunkBytes = int64_t(1) << 20;
 // grad_x above this size is written with streaming stores (see grad_input).
 constexpr int64_t kStreamGradBytes = int64_t(4) << 20;
 // Tokens per grad_values chunk: x's rows of a chunk (kGvChunk * K floats) stay in L2 across a thread's blocks.
@@ -216,18 +215,32 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
   if (p.M == 0 || p.K == 0) return;
   if (p.bw == 1) return grad_input_columns(gy, values, col_ptr, entries, gx, p, num_threads);  // never transposed
   const int64_t bh = p.bh, bw = p.bw, block = bh * bw;
-  const int64_t chunk = transposed ? kGiChunkTransposed : kGiChunk;
+  const int64_t chunk =
+      std::clamp<int64_t>(kGiChunkBytes / (std::max<int64_t>(p.N, 1) * int64_t(sizeof(float))) / 16 * 16, 64, 512);
   const int64_t n_chunks = (p.M + chunk - 1) / chunk;
   const int64_t n_items = n_chunks * p.n_block_cols;
   // A grad_x larger than the caches is written past them: the items write it in strips of a block column's width,
   // rows a row stride apart, and a normal store first reads each line in (3072->768, M = 1024, in a training step:
   // 4.8-5.5 ms with normal stores, 2.7-2.9 ms streaming).
   const bool stream = p.M * p.K * int64_t(sizeof(float)) > kStreamGradBytes;
+  // Block-transposed weights are made row-major once per call, shared by the items (a transpose per item repeated
+  // it for every token chunk: 384->1536 and 768->3072 at 90%, M = 1024, ran 17-21% slower than row-major weights).
+  std::vector<float> row_major(transposed ? size_t(p.nnz * block) : 0);
+  const float* blocks = transposed ? row_major.data() : values;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<const float*> w;  // per block of the column: its row-major data
     std::vector<int32_t> rows;
-    std::vector<float> scratch;   // the column's blocks made row-major (block-transposed weights only)
+    if (transposed) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < p.nnz; ++b) {
+        const float* src = values + b * block;
+        float* dst = row_major.data() + b * block;
+        for (int64_t i = 0; i < bh; ++i) {
+          for (int64_t j = 0; j < bw; ++j) dst[i * bw + j] = src[j * bh + i];
+        }
+      }  // implicit barrier: every block is row-major before any item reads one
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       const int64_t c = item % p.n_block_cols;
@@ -240,21 +253,9 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
       }
       w.resize(n);
       rows.resize(n);
-      if (transposed) scratch.resize(n * block);
       for (int64_t e = 0; e < n; ++e) {
-        const int32_t r = entries[2 * (e0 + e)], b = entries[2 * (e0 + e) + 1];
-        rows[e] = r;
-        const float* src = values + int64_t(b) * block;
-        if (!transposed) {
-          w[e] = src;
-          continue;
-        }
-        float* dst = scratch.data() + e * block;
-        const int64_t ih = std::min(bh, p.N - int64_t(r) * bh);  // rows past N are never read
-        for (int64_t i = 0; i < ih; ++i) {
-          for (int64_t j = 0; j < bw; ++j) dst[i * bw + j] = src[j * bh + i];
-        }
-        w[e] = dst;
+        rows[e] = entries[2 * (e0 + e)];
+        w[e] = blocks + int64_t(entries[2 * (e0 + e) + 1]) * block;
       }
       constexpr int64_t G = Isa::kGiVecs * L;
       for (int64_t j0 = 0; j0 < cw; j0 += G) {
