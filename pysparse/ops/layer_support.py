@@ -133,13 +133,16 @@ def epilogue_autograd(setup_context, backward):
 
     def act_setup_context(ctx, inputs, output):
         *linear_inputs, activation, _residual = inputs
-        if activation is not None and activation not in _OUTPUT_DERIVATIVES:
-            raise NotImplementedError(f"the backward of a fused {activation!r} epilogue needs the pre-activation: "
-                                      "call the op with activation=None and apply the activation after it")
         ctx.activation = activation
-        setup_context(ctx, tuple(linear_inputs), output, output if activation is not None else None)
+        keep = output if activation in _OUTPUT_DERIVATIVES else None
+        setup_context(ctx, tuple(linear_inputs), output, keep)
 
     def act_backward(ctx, grad):
+        # Refused here, not in setup_context: tracing (torch.export, AOTInductor) sets up contexts it never runs.
+        if ctx.activation is not None and ctx.activation not in _OUTPUT_DERIVATIVES:
+            raise NotImplementedError(f"the backward of a fused {ctx.activation!r} epilogue needs the "
+                                      "pre-activation: call the op with activation=None and apply the activation "
+                                      "after it")
         y = ctx.saved_tensors[-1]
         if y is not None:
             grad = _OUTPUT_DERIVATIVES[ctx.activation](grad, y)
