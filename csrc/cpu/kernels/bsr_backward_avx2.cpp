@@ -44,13 +44,7 @@ struct Isa {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_n(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void store_out(float* p, V v, bool stream) {
-    if (stream && reinterpret_cast<uintptr_t>(p) % 32 == 0) {
-      _mm256_stream_ps(p, v);
-    } else {
-      _mm256_storeu_ps(p, v);
-    }
-  }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   static void fence() { _mm_sfence(); }
   static void store_n(float* p, V v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }

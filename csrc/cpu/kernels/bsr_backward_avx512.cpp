@@ -46,13 +46,7 @@ struct Isa {
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void store_out(float* p, V v, bool stream) {
-    if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
-      _mm512_stream_ps(p, v);
-    } else {
-      _mm512_storeu_ps(p, v);
-    }
-  }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   static void fence() { _mm_sfence(); }
   static void store_n(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }

@@ -31,7 +31,7 @@ struct Isa {
     return r;
   }
   static void store(float* p, V a) { store_n(p, a, L); }
-  static void store_out(float* p, V a, bool) { store_n(p, a, L); }
+  static void stream(float* p, V a) { store_n(p, a, L); }
   static void fence() {}
   static void store_n(float* p, V a, int n) {
     for (int i = 0; i < std::min(n, L); ++i) p[i] = a.v[i];

@@ -4,8 +4,8 @@
 // attributes. Not a standalone header.
 //
 // `Isa` provides V (a vector of L floats), zero/load/store/bcast/fma/add, load_n / store_n (the first n lanes, n may
-// be <= 0 or >= L; masked lanes are neither read nor written), store_out(p, v, stream) and fence() (a streaming
-// store where the path has one and p is vector-aligned, and the fence that orders them), and the register-tile
+// be <= 0 or >= L; masked lanes are neither read nor written), stream(p, v) and fence() (a store past the caches to a
+// vector-aligned p, a plain store where the path has none, and the fence that orders them), and the register-tile
 // shapes: kGiVecs and
 // gi_tokens(nv) for grad_input, kGvVecs and gv_rows(nv) for grad_values.
 //
@@ -51,6 +51,15 @@ constexpr int64_t kStreamGradBytes = int64_t(4) << 20;
 constexpr int64_t kGvChunk = 64;
 constexpr int64_t kGvChunkColumns = 256;
 
+// A full vector of results to p: past the caches when `stream` and p is vector-aligned (Isa::stream needs it).
+inline void store_out(float* p, V v, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(p) % (L * sizeof(float)) == 0) {
+    Isa::stream(p, v);
+  } else {
+    Isa::store(p, v);
+  }
+}
+
 // Lanes of vector v valid among the first n: 0..L.
 inline int lanes(int n, int v) { return std::max(0, std::min(L, n - v * L)); }
 
@@ -86,7 +95,7 @@ PYSPARSE_BWD_NOINLINE void gi_tile(const float* gy, const float* const* w, const
     PYSPARSE_BWD_UNROLL for (int v = 0; v < NV; ++v) {
       const int k = lanes(out_n, v);
       if (k == L) {
-        Isa::store_out(gx + t * p.K + v * L, acc[t][v], stream);
+        store_out(gx + t * p.K + v * L, acc[t][v], stream);
       } else if (k > 0) {
         Isa::store_n(gx + t * p.K + v * L, acc[t][v], k);
       }
