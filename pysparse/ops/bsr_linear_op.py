@@ -50,8 +50,9 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     derivative needs the pre-activation: torch applies it after the op. Elsewhere (CUDA, a residual that broadcasts
     or promotes) torch adds the residual and applies the activation after the op.
     """
-    if (input.is_cpu and not wants_grad(input, values, bias, residual)
-            and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
+    # The CPU kernels add a residual themselves only when it has exactly the output's shape and dtype.
+    fusable = input.is_cpu and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))
+    if fusable and not wants_grad(input, values, bias, residual):
         # The same kernel as bsr_linear, without a Python autograd kernel to step around: at batch 1 every
         # microsecond of Python is a few percent of the call.
         return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
@@ -61,8 +62,7 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
         y = torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, None, out_features,
                                                       None, None) + bias
         return torch_epilogue(y, activation, residual)
-    if (input.is_cpu and (activation is not None or residual is not None)
-            and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))):
+    if fusable and (activation is not None or residual is not None):
         return train_epilogue(torch.ops.pysparse.bsr_linear_act.default, input, values, crow_indices, col_indices,
                               bias, out_features, activation=activation, residual=residual)
     y = call(torch.ops.pysparse.bsr_linear.default, input, values, crow_indices, col_indices, bias, out_features)
