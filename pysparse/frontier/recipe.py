@@ -34,7 +34,7 @@ from ..analysis.timing import alternating_medians
 from ..bench.environment import collect
 from ..prune import SparsityRegularizer, distill, prune_, remove_masks, wanda_scores
 from ..prune.batches import call_model
-from ..prune.recovery import dropout_off
+from ..prune.recovery import _first_tensor, dropout_off
 from ..prune.sparsegpt import sparsegpt_
 from ..transforms.sparsify import sparsify
 from ..transforms.attention_switch import use_pysparse_attention
@@ -101,9 +101,7 @@ def _train_seconds(model: nn.Module, batch) -> float:
     cleared after)."""
     def step():
         with torch.enable_grad():  # the timer runs under no_grad
-            out = call_model(model, batch)
-            out = out if isinstance(out, torch.Tensor) else out[0]
-            out.float().square().mean().backward()
+            _first_tensor(call_model(model, batch)).float().square().mean().backward()
     with dropout_off(model):
         seconds = alternating_medians({"step": step}, rounds=3, min_run_time=0.3)["step"]
     model.zero_grad(set_to_none=True)
@@ -155,8 +153,8 @@ def teacher_precision(work: Workload) -> dict:
             return call_model(teacher, batch)
 
     def rows(out):
-        out = out if isinstance(out, torch.Tensor) else out[0]
-        return out.float().flatten(0, -2) if out.dim() > 1 else out.float()[None]
+        out = _first_tensor(out).float()
+        return out.flatten(0, -2) if out.dim() > 1 else out[None]
 
     cosine = torch.nn.functional.cosine_similarity(rows(forward(None)), rows(forward(torch.bfloat16)), dim=-1)
     seconds = alternating_medians({"float32": lambda: forward(None), "bfloat16": lambda: forward(torch.bfloat16)},
