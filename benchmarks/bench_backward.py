@@ -227,21 +227,18 @@ def main(argv=None) -> None:
                  f"{args.tokens!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
+          f"load average {os.getloadavg()[0]:.2f}; forward + backward, "
+          f"{'float32' if args.conv or args.epilogue else args.dtype}, ms (median)")
     if args.conv:
-        print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
-              f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
         conv_table(args.rounds)
         return
     if args.epilogue:
-        print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
-              f"load average {os.getloadavg()[0]:.2f}; forward + backward, float32, ms (median)")
         epilogue_table(shapes, tokens, blocks, args.rounds)
         return
     if dtype != torch.float32:
         blocks = [b for b in blocks if b != (1, 1)]  # the unstructured kernels are float32 only
     wide = dtype != torch.float32
-    print(f"# {torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
-          f"load average {os.getloadavg()[0]:.2f}; forward + backward, {args.dtype}, ms (median)")
     print("| in->out | block | sparsity | M | dense ms | old ms | new ms | old vs dense | new vs dense | new vs old |"
           + (" float32 new ms | new vs float32 |" if wide else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if wide else ""))
