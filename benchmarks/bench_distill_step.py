@@ -8,9 +8,13 @@ Students, all from the pretrained encoder with its 36 encoder Linear layers prun
   * packed PATTERN: the same weights through ``sparsify(trainable=True)`` (the forward and backward kernels).
 Timed interleaved (each student once per round, the median of rounds kept). ``--recovery`` times the step as the
 frontier's recovery runs it: dropout off, the embeddings frozen (only the encoder trained), the ``"embedding"`` loss.
+``--student-dtypes float32,bfloat16`` adds each student converted to bfloat16 (parameters, AdamW state and every
+product in bfloat16: on AMX CPUs the packed layers run on tiles), with its speed over the same student in float32.
+bfloat16 students run HF's eager attention: torch's CPU flash-attention backward is slow in bfloat16 (16 x 12 heads x
+128 tokens, forward + backward, 2 threads on Sapphire Rapids: 42.6 ms, against 11.7 ms eager and 14.2 ms float32).
 
     python benchmarks/bench_distill_step.py [--length 64] [--patterns 16x1:0.7,32x32:0.9] [--rounds 3] [--recovery]
-        [--teacher-dtype bfloat16]
+        [--teacher-dtype bfloat16] [--student-dtypes float32,bfloat16]
 """
 from __future__ import annotations
 
@@ -64,8 +68,13 @@ def main(argv=None) -> None:
     ap.add_argument("--recovery", action="store_true",
                     help="the frontier's recovery step: dropout off, embeddings frozen, the embedding loss")
     ap.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="the teacher's forward in float32 or under bfloat16 autocast (distill's teacher_dtype)")
+                    help="the teacher in float32 or as a bfloat16 copy (distill's teacher_dtype)")
+    ap.add_argument("--student-dtypes", default="float32",
+                    help="comma-separated float32 / bfloat16: each student in each dtype (default: %(default)s)")
     args = ap.parse_args(argv)
+    dtypes = args.student_dtypes.split(",")
+    if not dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
+        ap.error(f"--student-dtypes takes float32 and/or bfloat16, got {args.student_dtypes!r}")
     try:
         patterns = [(tuple(int(v) for v in p.split(":")[0].split("x")), float(p.split(":")[1]))
                     for p in args.patterns.split(",")]
@@ -77,7 +86,11 @@ def main(argv=None) -> None:
     text = sentences("train")[:16 * args.steps]
     batches = [dict(tokenizer(text[i:i + 16], padding="max_length", truncation=True, max_length=args.length,
                               return_tensors="pt")) for i in range(0, len(text), 16)]
-    students = _students(teacher, patterns)
+    students = {f"{name} {d}": copy.deepcopy(s).to(getattr(torch, d))
+                for name, s in _students(teacher, patterns).items() for d in dtypes}
+    for name, student in students.items():
+        if name.endswith("bfloat16"):  # torch's CPU flash-attention backward runs bfloat16 3.6x slower than matmuls
+            student.config._attn_implementation = "eager"
     if args.recovery:
         for student in students.values():
             for name, param in student.named_parameters():
@@ -93,12 +106,16 @@ def main(argv=None) -> None:
     print(f"# MiniLM-L6 {step} step, batch 16 x {args.length} tokens, teacher {args.teacher_dtype}, "
           f"{torch.get_num_threads()} threads, CPU path {pysparse.ops.available_backends()['cpu']}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("| student | ms per step | vs masked (same pattern) | vs dense student |")
-    print("|---|---|---|---|")
+    print("| student | ms per step | vs masked (same pattern, dtype) | vs dense student (same dtype) "
+          "| vs the same student in float32 |")
+    print("|---|---|---|---|---|")
     for name, value in ms.items():
+        dtype = name.rsplit(" ", 1)[1]
         masked = ms.get(name.replace("packed", "masked")) if name.startswith("packed") else None
         versus = f"{masked / value:.2f}x" if masked else "-"
-        print(f"| {name} | {value:.0f} | {versus} | {ms['dense'] / value:.2f}x |")
+        f32 = ms.get(name.replace(dtype, "float32")) if dtype != "float32" else None
+        over_f32 = f"{f32 / value:.2f}x" if f32 else "-"
+        print(f"| {name} | {value:.0f} | {versus} | {ms[f'dense {dtype}'] / value:.2f}x | {over_f32} |")
 
 
 if __name__ == "__main__":

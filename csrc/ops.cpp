@@ -14,11 +14,12 @@ TORCH_LIBRARY(pysparse, m) {
   // autograd: pysparse.nn layers use it when no gradient is wanted).
   m.def("bsr_linear_act(Tensor input, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor? bias, "
         "int out_features, str? activation, Tensor? residual=None) -> Tensor");
-  // Backward of bsr_linear on the CPU, float32 (csrc/cpu/bsr_backward_cpu.cpp). bsr_column_index lists the blocks by
-  // block column, once per weight layout: col_ptr [n_block_cols + 1] and entries [nnz_blocks, 2] (block row, block
-  // id), int32. bsr_linear_grad_input: grad_output [..., N] @ W -> [..., in_features], reading the packed values
-  // (row-major or block-transposed) through that index. bsr_linear_grad_values: grad_output^T @ input on the kept
-  // blocks only -> [nnz_blocks, bh, bw] in values' layout (values is read for its shape and layout only).
+  // Backward of bsr_linear on the CPU, float32 / bfloat16 / float16, all of one dtype (csrc/cpu/bsr_backward_cpu.cpp).
+  // bsr_column_index lists the blocks by block column, once per weight layout: col_ptr [n_block_cols + 1] and entries
+  // [nnz_blocks, 2] (block row, block id), int32. bsr_linear_grad_input: grad_output [..., N] @ W -> [...,
+  // in_features], reading the packed values (row-major or block-transposed) through that index.
+  // bsr_linear_grad_values: grad_output^T @ input on the kept blocks only -> [nnz_blocks, bh, bw] in values' layout
+  // and dtype (values is read for its shape and layout only).
   m.def("bsr_column_index(Tensor crow_indices, Tensor col_indices, int n_block_cols) -> (Tensor, Tensor)");
   m.def("bsr_linear_grad_input(Tensor grad_output, Tensor values, Tensor col_ptr, Tensor col_entries, "
         "int in_features) -> Tensor");
@@ -112,7 +113,7 @@ PyObject* cpu_path_request(PyObject*, PyObject*) {
 PyObject* cpu_isa_supported(PyObject*, PyObject* args) {
   int isa = 0;
   if (!PyArg_ParseTuple(args, "i", &isa)) return nullptr;
-  if (isa < 0 || isa > static_cast<int>(pysparse::CpuIsa::kAvx512Bf16)) Py_RETURN_FALSE;
+  if (isa < 0 || isa > pysparse::kLastCpuIsa) Py_RETURN_FALSE;
   return PyBool_FromLong(pysparse::cpu_isa_supported(static_cast<pysparse::CpuIsa>(isa)));
 }
 

@@ -227,8 +227,10 @@ def test_bad_input_raises_clear_errors():
         torch.ops.pysparse.bsr_linear_grad_values(torch.randn(3, 70), x, values, crow, col)
     with pytest.raises(ValueError, match="share their leading"):
         torch.ops.pysparse.bsr_linear_grad_values(grad, torch.randn(4, 37), values, crow, col)
-    with pytest.raises(TypeError, match="input must be float32"):
+    with pytest.raises(TypeError, match="input must have grad_output's dtype Float, got Half"):
         torch.ops.pysparse.bsr_linear_grad_values(grad, x.half(), values, crow, col)
+    with pytest.raises(TypeError, match="values must have grad_output's dtype BFloat16, got Float"):
+        torch.ops.pysparse.bsr_linear_grad_input(grad.bfloat16(), values, col_ptr, entries, 37)
     with pytest.raises(TypeError, match="int32"):
         torch.ops.pysparse.bsr_column_index(crow.long(), col, 5)
     with pytest.raises(ValueError, match="out of range"):

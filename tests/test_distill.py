@@ -278,10 +278,9 @@ def test_dropout_off_trains_as_without_dropout_and_restores_p():
 
 
 @pytest.mark.parametrize("intermediate", [False, True])
-def test_teacher_in_bfloat16_gives_the_autocast_targets(intermediate):
-    """teacher_dtype runs the teacher under autocast: the first loss is the one against its autocast outputs (its
-    products in bfloat16; cast to float32), the student stays float32 and still learns, and the teacher is left as
-    it was."""
+def test_teacher_in_bfloat16_gives_the_targets_of_a_bfloat16_copy(intermediate):
+    """teacher_dtype runs a bfloat16 copy of the teacher: the first loss is the one against that copy's outputs (cast
+    to float32), the student stays float32 and still learns, and the teacher is left as it was."""
     teacher = _bert()
     torch.manual_seed(1)
     student = type(teacher)(teacher.config, add_pooling_layer=False)
@@ -292,8 +291,8 @@ def test_teacher_in_bfloat16_gives_the_autocast_targets(intermediate):
     kwargs = dict(loss="embedding", intermediate=intermediate, progress=False)
     first = distill(student, teacher, data[:1], frozen, steps=1, teacher_dtype=torch.bfloat16, **kwargs)[0]["loss"]
     plain = distill(student, teacher, data[:1], frozen, steps=1, **kwargs)[0]["loss"]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        t_out = teacher(**data[0], output_hidden_states=intermediate)
+    with torch.no_grad():
+        t_out = copy.deepcopy(teacher).to(torch.bfloat16)(**data[0], output_hidden_states=intermediate)
     with torch.no_grad():
         s_out = student(**data[0], output_hidden_states=intermediate)
         s, t = s_out.last_hidden_state, t_out.last_hidden_state.float()
@@ -311,3 +310,21 @@ def test_teacher_in_bfloat16_gives_the_autocast_targets(intermediate):
     with pytest.raises(ValueError, match="teacher_dtype must be None, torch.bfloat16 or torch.float16, got "
                                          "torch.float64"):
         distill(student, teacher, data, frozen, steps=1, teacher_dtype=torch.float64, progress=False)
+
+
+def test_teacher_dtype_takes_float_inputs_and_layer_pairs():
+    """A teacher fed floating-point inputs gets them in its dtype, and ``layers`` pairs read the converted copy."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = [torch.randn(5, 6) for _ in range(2)]
+    frozen = torch.optim.SGD(student.parameters(), lr=0.0)
+    first = distill(student, teacher, data[:1], frozen, steps=1, teacher_dtype=torch.bfloat16, loss="hidden",
+                    layers=[("0", "0")], progress=False)[0]["loss"]
+    bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    with torch.no_grad():
+        s, t = student(data[0]), bf16(data[0].bfloat16()).float()
+        s0, t0 = student[0](data[0]), bf16[0](data[0].bfloat16()).float()
+        want = (1 - F.cosine_similarity(s, t, dim=-1)).mean() + F.mse_loss(s, t) + F.mse_loss(s0, t0)
+    assert first == pytest.approx(want.item(), rel=1e-5)
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())

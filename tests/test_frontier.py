@@ -135,7 +135,7 @@ def test_packed_recovery_makes_the_same_updates_as_masked_recovery():
 
 def test_teacher_precision_is_measured_and_recovery_takes_it(monkeypatch):
     """bfloat16 is chosen only where it is faster by the margin and its outputs agree; recovery then distils from
-    the teacher under autocast."""
+    a bfloat16 copy of the teacher."""
     import copy
 
     import torch

@@ -1,5 +1,7 @@
 // CPU implementations of the bsr_linear backward ops (schemas in csrc/ops.cpp): argument checks, then the torch-free
-// kernels of csrc/cpu/kernels/bsr_backward.h. float32; the autograd of bsr_linear calls them for CPU float32.
+// kernels of csrc/cpu/kernels/bsr_backward.h. float32, bfloat16 and float16 (all tensors of one dtype): bfloat16 runs
+// natively where bsr_backward_bf16_native (AMX tiles); 16-bit types otherwise run the float32 kernels on widened
+// copies (O(M (N + K)) conversions against the products' density x M N K multiply-adds), rounded back once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
@@ -19,13 +21,19 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, i
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
 }
 
-void check_float32(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+// float32, bfloat16 or float16, on the CPU, of the dtype `want` (the first tensor's: at::kFloat's sentinel
+// ScalarType::Undefined takes any of the three).
+void check_floating(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
+                   " must be float32, bfloat16 or float16, got ", s);
+  TORCH_CHECK_TYPE(want == at::ScalarType::Undefined || s == want, op, ": ", name, " must have grad_output's dtype ",
+                   want, ", got ", s);
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
 }
 
-void check_values(const char* op, const at::Tensor& values) {
-  check_float32(op, "values", values);
+void check_values(const char* op, const at::Tensor& values, at::ScalarType want) {
+  check_floating(op, "values", values, want);
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1, op,
                     ": values must be [nnz_blocks, bh, bw] with bh, bw >= 1, got shape ", values.sizes());
   TORCH_CHECK_VALUE(values.size(0) <= INT32_MAX, op, ": at most 2^31-1 blocks are supported, got ", values.size(0));
@@ -44,6 +52,14 @@ at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
   const int64_t m = c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
   return t.reshape({m, cols}).contiguous();
 }
+
+// t as float32 with its strides kept (a block-transposed values stays block-transposed).
+at::Tensor widened(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+const bfloat16_t* bf16(const at::Tensor& t) {
+  return reinterpret_cast<const bfloat16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+bfloat16_t* bf16_out(at::Tensor& t) { return reinterpret_cast<bfloat16_t*>(t.mutable_data_ptr<at::BFloat16>()); }
 
 BsrProblem problem_for(const at::Tensor& values, int64_t M, int64_t K, int64_t N) {
   BsrProblem p;
@@ -93,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor> bsr_column_index_cpu(const at::Tensor& crow_i
 at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& values,
                                      const at::Tensor& col_ptr, const at::Tensor& col_entries, int64_t in_features) {
   const char* op = "bsr_linear_grad_input";
-  check_float32(op, "grad_output", grad_output);
-  check_values(op, values);
+  check_floating(op, "grad_output", grad_output, at::ScalarType::Undefined);
+  const at::ScalarType dtype = grad_output.scalar_type();
+  check_values(op, values, dtype);
   check_index_tensor(op, "col_ptr", col_ptr, 1);
   check_index_tensor(op, "col_entries", col_entries, 2);
   TORCH_CHECK_VALUE(grad_output.dim() >= 1, op, ": grad_output must be [..., out_features], got a 0-d tensor");
@@ -113,19 +130,28 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor v = transposed ? values : values.contiguous();
   std::vector<int64_t> out_shape = grad_output.sizes().vec();
   out_shape.back() = in_features;
-  at::Tensor gx = empty_output(out_shape, grad_output.options());
-  bsr_grad_input_cpu(gy.const_data_ptr<float>(), v.const_data_ptr<float>(), transposed, cp.const_data_ptr<int32_t>(),
-                     ce.const_data_ptr<int32_t>(), gx.mutable_data_ptr<float>(), p, at::get_num_threads());
-  return gx;
+  if (dtype == at::kBFloat16 && bsr_backward_bf16_native(p)) {
+    at::Tensor gx = empty_output(out_shape, grad_output.options());
+    bsr_grad_input_cpu(bf16(gy), bf16(v), transposed, cp.const_data_ptr<int32_t>(), ce.const_data_ptr<int32_t>(),
+                       bf16_out(gx), p, at::get_num_threads());
+    return gx;
+  }
+  const at::Tensor gy32 = widened(gy), v32 = widened(v);
+  at::Tensor gx = empty_output(out_shape, grad_output.options().dtype(at::kFloat));
+  bsr_grad_input_cpu(gy32.const_data_ptr<float>(), v32.const_data_ptr<float>(), transposed,
+                     cp.const_data_ptr<int32_t>(), ce.const_data_ptr<int32_t>(), gx.mutable_data_ptr<float>(), p,
+                     at::get_num_threads());
+  return dtype == at::kFloat ? gx : gx.to(dtype);
 }
 
-// grad_values [nnz, bh, bw], in values' layout: the gradient of the kept blocks only.
+// grad_values [nnz, bh, bw], in values' layout and dtype: the gradient of the kept blocks only.
 at::Tensor bsr_linear_grad_values_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& values,
                                       const at::Tensor& crow_indices, const at::Tensor& col_indices) {
   const char* op = "bsr_linear_grad_values";
-  check_float32(op, "grad_output", grad_output);
-  check_float32(op, "input", input);
-  check_values(op, values);
+  check_floating(op, "grad_output", grad_output, at::ScalarType::Undefined);
+  const at::ScalarType dtype = grad_output.scalar_type();
+  check_floating(op, "input", input, dtype);
+  check_values(op, values, dtype);
   TORCH_CHECK_VALUE(grad_output.dim() >= 1 && input.dim() == grad_output.dim() &&
                         input.sizes().slice(0, input.dim() - 1) == grad_output.sizes().slice(0, input.dim() - 1),
                     op, ": grad_output [..., out_features] and input [..., in_features] must share their leading "
@@ -137,9 +163,17 @@ at::Tensor bsr_linear_grad_values_cpu(const at::Tensor& grad_output, const at::T
   check_bsr(op, crow, col, p);
   const bool transposed = is_block_transposed(values);
   at::Tensor gv = transposed ? at::empty_like(values) : at::empty(values.sizes(), values.options());
-  bsr_grad_values_cpu(gy.const_data_ptr<float>(), x.const_data_ptr<float>(), crow.const_data_ptr<int32_t>(),
-                      col.const_data_ptr<int32_t>(), transposed, gv.mutable_data_ptr<float>(), p,
+  if (dtype == at::kBFloat16 && bsr_backward_bf16_native(p)) {
+    bsr_grad_values_cpu(bf16(gy), bf16(x), crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), transposed,
+                        bf16_out(gv), p, at::get_num_threads());
+    return gv;
+  }
+  const at::Tensor gy32 = widened(gy), x32 = widened(x);
+  at::Tensor gv32 = dtype == at::kFloat ? gv : at::empty_like(gv, gv.options().dtype(at::kFloat));
+  bsr_grad_values_cpu(gy32.const_data_ptr<float>(), x32.const_data_ptr<float>(), crow.const_data_ptr<int32_t>(),
+                      col.const_data_ptr<int32_t>(), transposed, gv32.mutable_data_ptr<float>(), p,
                       at::get_num_threads());
+  if (dtype != at::kFloat) gv.copy_(gv32);
   return gv;
 }
 

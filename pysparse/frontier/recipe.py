@@ -15,7 +15,7 @@ The recipe, and why:
   tried and lost to this end-to-end loss at equal minutes (BENCHMARKS.md). The masks are fixed by then, so the
   student trains through packed trainable layers (``sparsify(trainable=True)``, the backward kernels) where a timed
   forward + backward on a training batch says that is faster than the masked dense layers: the same updates of the
-  kept weights, more steps per minute. Likewise the teacher runs in bfloat16 (autocast) where a timed forward says
+  kept weights, more steps per minute. Likewise the teacher runs as a bfloat16 copy where a timed forward says
   that is faster and its outputs agree with float32's (on a CPU with bfloat16 matrix units the teacher is a third
   of each step otherwise);
 - speed: ``sparsify(..., autotune=True)`` with activation fusion and fast attention, so a layer runs sparse only
@@ -33,7 +33,7 @@ from torch import nn
 from ..analysis.timing import alternating_medians
 from ..bench.environment import collect
 from ..prune import SparsityRegularizer, distill, prune_, remove_masks, wanda_scores
-from ..prune.batches import call_model
+from ..prune.batches import call_model, floats_as
 from ..prune.recovery import _first_tensor, dropout_off
 from ..prune.sparsegpt import sparsegpt_
 from ..transforms.sparsify import sparsify
@@ -144,13 +144,14 @@ _TEACHER_GAIN = 1.2
 @torch.no_grad()
 def teacher_precision(work: Workload) -> dict:
     """How recovery runs the teacher: ``{"dtype": "bfloat16" | "float32", "float32_ms", "bfloat16_ms", "cosine"}``,
-    bfloat16 autocast where one timed forward on a training batch runs at least 1.2x faster than float32 and its
-    outputs agree (mean cosine over the output's rows >= 0.999), else the teacher's float32."""
-    teacher, batch = work.teacher.eval(), work.train[0]
+    as a bfloat16 copy (what ``distill(teacher_dtype=torch.bfloat16)`` runs) where one timed forward on a training
+    batch runs at least 1.2x faster than float32 and its outputs agree (mean cosine over the output's rows >= 0.999),
+    else the teacher's float32."""
+    teachers = {None: work.teacher.eval(), torch.bfloat16: copy.deepcopy(work.teacher).to(torch.bfloat16).eval()}
+    batch = work.train[0]
 
     def forward(dtype):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            return call_model(teacher, batch)
+        return call_model(teachers[dtype], floats_as(batch, dtype) if dtype else batch)
 
     def rows(out):
         out = _first_tensor(out).float()
@@ -169,7 +170,7 @@ def recover(student: nn.Module, work: Workload, steps: int, *, progress: bool = 
             teacher_dtype: torch.dtype | None = None) -> list[dict]:
     """Distil ``student`` (masks held, or packed trainable layers) from the dense teacher for ``steps`` steps, dropout
     off (the student chases the teacher's exact outputs), only the ``work.trained`` parameters updated; the teacher
-    under autocast in ``teacher_dtype`` when one is given (:func:`teacher_precision`)."""
+    as a copy in ``teacher_dtype`` when one is given (:func:`teacher_precision`)."""
     if steps == 0:
         return []
     _train_only(student, work)

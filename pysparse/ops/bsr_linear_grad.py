@@ -1,4 +1,5 @@
-"""The CPU backward ops of ``bsr_linear`` (float32; 16-bit gradients through widened copies):
+"""The CPU backward ops of ``bsr_linear`` (float32; bfloat16 natively on AMX where the CPU has it; other 16-bit
+gradients through widened copies inside the ops):
 ``pysparse::bsr_linear_grad_input`` (``grad_y @ W`` over the packed weight), ``pysparse::bsr_linear_grad_values``
 (``grad_y^T @ x`` on the kept blocks only) and ``pysparse::bsr_column_index`` (the blocks listed by block column,
 which grad_input walks), called through the per-layout cache of the column index. The autograd of ``bsr_linear`` and
@@ -18,7 +19,8 @@ _COLUMN_INDEX = LayoutCache(lambda crow_indices, col_indices, n_block_cols:
                             torch.ops.pysparse.bsr_column_index.default(crow_indices, col_indices, n_block_cols))
 
 
-# bfloat16 / float16 gradients run the float32 kernels on widened copies (O(M (N + K)) conversions against the
+# The ops take all three: bfloat16 runs on AMX tiles where the CPU path has them (blocks of 16-multiples dividing the
+# layer); otherwise 16-bit gradients run the float32 kernels on widened copies (O(M (N + K)) conversions against the
 # products' density x M N K multiply-adds; float32 accumulation, as the dense 16-bit GEMMs do), rounded back once.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -26,11 +28,6 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grad_kernels_apply(grad: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether the backward of ``bsr_linear`` runs on these kernels: CPU, float32 (16-bit floats through float32)."""
     return grad.device.type == "cpu" and values.dtype in _KERNEL_DTYPES and grad.dtype == values.dtype
-
-
-def _widened(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as float32, its strides kept (a block-transposed ``values`` stays block-transposed)."""
-    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
 def column_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int
@@ -48,14 +45,10 @@ def bsr_linear_grad_input(grad: torch.Tensor, values: torch.Tensor, crow_indices
     """``grad [..., N] @ W`` -> ``[..., in_features]``, W the BSR weight (``values`` row-major or block-transposed)."""
     n_block_cols = -(-in_features // values.shape[2])
     col_ptr, entries = column_index(crow_indices, col_indices, n_block_cols)
-    out = torch.ops.pysparse.bsr_linear_grad_input.default(_widened(grad), _widened(values), col_ptr, entries,
-                                                           in_features)
-    return out.to(grad.dtype)
+    return torch.ops.pysparse.bsr_linear_grad_input.default(grad, values, col_ptr, entries, in_features)
 
 
 def bsr_linear_grad_values(grad: torch.Tensor, input: torch.Tensor, values: torch.Tensor,
                            crow_indices: torch.Tensor, col_indices: torch.Tensor) -> torch.Tensor:
     """``grad^T @ input`` on the kept blocks: ``[nnz, bh, bw]`` in ``values``' layout (entries over padding 0)."""
-    out = torch.ops.pysparse.bsr_linear_grad_values.default(_widened(grad), _widened(input), _widened(values),
-                                                            crow_indices, col_indices)
-    return out.to(values.dtype)
+    return torch.ops.pysparse.bsr_linear_grad_values.default(grad, input, values, crow_indices, col_indices)

@@ -15,8 +15,9 @@ from .bsr_conv2d import refresh_implicit_conv2d
 __all__ = ["CPU_PATHS", "cpu_paths", "current_cpu_path", "force_cpu_path", "path_request"]
 
 # The compiled paths, by name, with the library's id of each. "avx512bf16" is "avx512" with vdpbf16ps for bfloat16
-# weights (chosen by default only on AMD, where it is faster than widening bfloat16 to float32).
-CPU_PATHS = {"generic": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+# weights (chosen by default only on AMD, where it is faster than widening bfloat16 to float32); "avx512amx" is
+# "avx512" with AMX tiles for bfloat16 blocks (the default where the CPU has them: Intel Sapphire Rapids and later).
+CPU_PATHS = {"generic": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3, "avx512amx": 4}
 _NAMES = {v: k for k, v in CPU_PATHS.items()}
 
 

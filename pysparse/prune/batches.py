@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["batch_size", "calibration_input", "call_model", "input_rows", "mean_over_positions",
+__all__ = ["batch_size", "calibration_input", "call_model", "floats_as", "input_rows", "mean_over_positions",
            "real_positions", "to_device"]
 
 
@@ -83,4 +83,15 @@ def to_device(batch, device):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def floats_as(batch, dtype: torch.dtype):
+    """``batch`` with its floating-point tensors converted to ``dtype`` (integer ones, such as token ids, kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: floats_as(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(floats_as(v, dtype) for v in batch)
     return batch

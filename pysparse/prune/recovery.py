@@ -12,6 +12,7 @@ without DDP's ``module.`` prefix, so it resumes on any number of processes, one 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Mapping
 from numbers import Integral
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .batches import call_model, mean_over_positions, real_positions, to_device
+from .batches import call_model, floats_as, mean_over_positions, real_positions, to_device
 from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
 from .regularize import SparsityRegularizer
 from .schedules import GradualSchedule
@@ -123,10 +124,12 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
             on a CPU it also saves the random masks (about 15% of a MiniLM step) and lets transformers' attention
             take the fused path, which has no dropout.
         teacher_dtype: None (the teacher runs in its own dtype) or ``torch.bfloat16`` / ``torch.float16``: the
-            teacher's forward runs under ``torch.autocast`` in that dtype on its device, and its outputs are cast to
-            the student's dtype. The targets move by that dtype's rounding (MiniLM's embeddings in bfloat16:
-            cosine 0.99999 to float32), and a teacher that is a third of each step on a CPU with bfloat16 matrix
-            units (AMX: 3x faster here) costs a third as much.
+            teacher runs as a copy converted to that dtype (made once per call; ``teacher`` itself is untouched,
+            and the copy's memory is held for the run), and its outputs are cast to the student's dtype. The
+            targets move by that dtype's rounding (MiniLM's embeddings in bfloat16: cosine 0.99994 to float32),
+            and a teacher that is a third of each step on a CPU with bfloat16 matrix units (AMX) costs a quarter
+            as much: MiniLM, 16 x 128 tokens, 2 threads on Sapphire Rapids: 234 ms float32, 91 ms under
+            ``torch.autocast`` (which re-casts every weight and activation per op), 62 ms as a bfloat16 copy.
     Returns:
         :func:`fine_tune`'s history, ``loss`` being the distillation loss.
     """
@@ -143,6 +146,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
         raise TypeError(f"dropout must be a bool, got {type(dropout).__name__}")
     if teacher_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"teacher_dtype must be None, torch.bfloat16 or torch.float16, got {teacher_dtype!r}")
+    if teacher_dtype is not None:
+        teacher = copy.deepcopy(teacher).to(teacher_dtype)
     captured, hooks = {}, []
     for pair in layers or ():
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -156,12 +161,10 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
                 lambda _m, _i, out, key=(who, name): captured.__setitem__(key, _first_tensor(out))))
     extra = {"output_hidden_states": True} if intermediate else {}
     teacher.eval()
-    teacher_device = next((p.device.type for p in teacher.parameters()), "cpu")
 
     def step_loss(batch):
-        with torch.no_grad(), (torch.autocast(teacher_device, dtype=teacher_dtype) if teacher_dtype
-                               else contextlib.nullcontext()):
-            t_out = call_model(teacher, batch, **extra)
+        with torch.no_grad():
+            t_out = call_model(teacher, floats_as(batch, teacher_dtype) if teacher_dtype else batch, **extra)
         s_out = call_model(student, batch, **extra)
         s, t = _output(s_out, loss), _output(t_out, loss)
         t = t.to(s.dtype)

@@ -2,8 +2,10 @@
 // machine runs, both weight layouts (row-major and block-transposed blocks), against a double-precision reference:
 // ragged shapes, block sizes that do not divide the matrix, empty block rows and columns, fully empty and fully
 // dense weights, strided x, token counts across the chunk sizes, non-finite values in the weight's padding,
-// NaN-poisoned outputs, 1..3 threads. Also the column index (build and check).
+// NaN-poisoned outputs, 1..3 threads. Also the column index (build and check), and the bfloat16 kernels (AMX tiles)
+// where the CPU has them.
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <random>
 #include <string>
@@ -82,6 +84,57 @@ std::string describe(const Case& c, const char* isa, bool transposed, int thread
          (transposed ? " transposed" : " row-major") + " threads " + std::to_string(threads);
 }
 
+// Dense double references of grad_x and grad_values, with the scale (sum of absolute terms) of each for tolerances.
+struct Reference {
+  std::vector<double> gx, gx_scale, gv, gv_scale;
+};
+
+Reference reference(const Bsr& w, const std::vector<float>& gy, const std::vector<float>& x) {
+  const BsrProblem& p = w.p;
+  Reference ref{std::vector<double>(size_t(p.M * p.K), 0.0), std::vector<double>(size_t(p.M * p.K), 0.0),
+                std::vector<double>(w.values.size(), 0.0), std::vector<double>(w.values.size(), 0.0)};
+  for (int64_t b = 0; b < p.nnz; ++b) {
+    const int64_t r = row_of(w, b), c0 = int64_t(w.col[b]) * p.bw;
+    for (int64_t i = 0; i < p.bh && r * p.bh + i < p.N; ++i) {
+      for (int64_t j = 0; j < p.bw && c0 + j < p.K; ++j) {
+        const double wij = w.values[size_t((b * p.bh + i) * p.bw + j)];
+        for (int64_t t = 0; t < p.M; ++t) {
+          const double g = gy[size_t(t * p.N + r * p.bh + i)], xv = x[size_t(t * p.ldx + c0 + j)];
+          ref.gx[size_t(t * p.K + c0 + j)] += g * wij;
+          ref.gx_scale[size_t(t * p.K + c0 + j)] += std::abs(g * wij);
+          ref.gv[size_t((b * p.bh + i) * p.bw + j)] += g * xv;
+          ref.gv_scale[size_t((b * p.bh + i) * p.bw + j)] += std::abs(g * xv);
+        }
+      }
+    }
+  }
+  return ref;
+}
+
+// Every grad_x and grad_values element (float or bfloat16, grad_values in its layout) against the reference:
+// near(got as float, want, scale).
+template <typename G, typename Near>
+void compare(const Bsr& w, const Reference& ref, const std::vector<G>& gx, const std::vector<G>& gv, bool transposed,
+             const std::string& what, Near near) {
+  const BsrProblem& p = w.p;
+  for (size_t i = 0; i < gx.size(); ++i) {
+    CHECK(near(to_float(gx[i]), ref.gx[i], ref.gx_scale[i]),
+          what << ": grad_x[" << i / size_t(p.K) << "][" << i % size_t(p.K) << "] = " << to_float(gx[i]) << ", want "
+               << ref.gx[i]);
+  }
+  for (int64_t b = 0; b < p.nnz; ++b) {
+    for (int64_t i = 0; i < p.bh; ++i) {
+      for (int64_t j = 0; j < p.bw; ++j) {
+        const size_t at = size_t((b * p.bh + i) * p.bw + j);
+        const size_t got = transposed ? size_t((b * p.bw + j) * p.bh + i) : at;
+        CHECK(near(to_float(gv[got]), ref.gv[at], ref.gv_scale[at]),
+              what << ": grad_values[" << b << "][" << i << "][" << j << "] = " << to_float(gv[got]) << ", want "
+                   << ref.gv[at]);
+      }
+    }
+  }
+}
+
 void run_case(const Case& c, std::mt19937& rng) {
   const Bsr w = make_bsr(c, rng);
   const BsrProblem& p = w.p;
@@ -93,24 +146,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     for (int64_t k = p.K; k < p.ldx; ++k) x[size_t(t * p.ldx + k)] = std::nanf("");
   }
 
-  // Dense double references, with the scale of each sum for the tolerance.
-  std::vector<double> gx_ref(size_t(p.M * p.K), 0.0), gx_scale(gx_ref.size(), 0.0);
-  std::vector<double> gv_ref(w.values.size(), 0.0), gv_scale(w.values.size(), 0.0);
-  for (int64_t b = 0; b < p.nnz; ++b) {
-    const int64_t r = row_of(w, b), c0 = int64_t(w.col[b]) * p.bw;
-    for (int64_t i = 0; i < p.bh && r * p.bh + i < p.N; ++i) {
-      for (int64_t j = 0; j < p.bw && c0 + j < p.K; ++j) {
-        const double wij = w.values[size_t((b * p.bh + i) * p.bw + j)];
-        for (int64_t t = 0; t < p.M; ++t) {
-          const double g = gy[size_t(t * p.N + r * p.bh + i)], xv = x[size_t(t * p.ldx + c0 + j)];
-          gx_ref[size_t(t * p.K + c0 + j)] += g * wij;
-          gx_scale[size_t(t * p.K + c0 + j)] += std::abs(g * wij);
-          gv_ref[size_t((b * p.bh + i) * p.bw + j)] += g * xv;
-          gv_scale[size_t((b * p.bh + i) * p.bw + j)] += std::abs(g * xv);
-        }
-      }
-    }
-  }
+  const Reference ref = reference(w, gy, x);
 
   // Column index, checked against the BSR structure.
   std::vector<int32_t> col_ptr(size_t(p.n_block_cols + 1)), entries(size_t(2 * p.nnz));
@@ -143,22 +179,46 @@ void run_case(const Case& c, std::mt19937& rng) {
                                gx.data(), p, threads);
         bsr_grad_values_cpu_isa(path.isa, gy.data(), x.data(), w.crow.data(), w.col.data(), transposed, gv.data(), p,
                                 threads);
-        for (size_t i = 0; i < gx.size(); ++i) {
-          CHECK(close(gx[i], gx_ref[i], gx_scale[i]), what << ": grad_x[" << i / size_t(p.K) << "][" << i % size_t(p.K)
-                                                          << "] = " << gx[i] << ", want " << gx_ref[i]);
-        }
-        for (int64_t b = 0; b < p.nnz; ++b) {
-          for (int64_t i = 0; i < p.bh; ++i) {
-            for (int64_t j = 0; j < p.bw; ++j) {
-              const size_t ref = size_t((b * p.bh + i) * p.bw + j);
-              const size_t got = transposed ? size_t((b * p.bw + j) * p.bh + i) : ref;
-              CHECK(close(gv[got], gv_ref[ref], gv_scale[ref]),
-                    what << ": grad_values[" << b << "][" << i << "][" << j << "] = " << gv[got] << ", want "
-                         << gv_ref[ref]);
-            }
-          }
-        }
+        compare(w, ref, gx, gv, transposed, what, close);
       }
+    }
+  }
+}
+
+std::vector<bfloat16_t> to_bf16(const std::vector<float>& v) {
+  std::vector<bfloat16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_float<bfloat16_t>(v[i]);
+  return out;
+}
+
+// The bfloat16 kernels on the AMX path, against a double reference of the bfloat16-rounded operands: float32
+// accumulation, one rounding of each output (relative 2^-8 of its sum's absolute terms, with margin).
+void run_case_bf16(const Case& c, std::mt19937& rng) {
+  Bsr w = make_bsr(c, rng);
+  const BsrProblem& p = w.p;
+  CHECK(bsr_backward_bf16_native(CpuIsa::kAvx512Amx, p), "the AMX backward refuses a case it should take");
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> gy(size_t(p.M * p.N)), x(size_t(p.M * p.ldx));
+  for (float& v : gy) v = to_float(from_float<bfloat16_t>(normal(rng)));
+  for (float& v : x) v = to_float(from_float<bfloat16_t>(normal(rng)));
+  for (float& v : w.values) v = to_float(from_float<bfloat16_t>(v));
+  const Reference ref = reference(w, gy, x);
+  std::vector<int32_t> col_ptr(size_t(p.n_block_cols + 1)), entries(size_t(2 * p.nnz));
+  build_bsr_column_index(w.crow.data(), w.col.data(), p, col_ptr.data(), entries.data());
+  const std::vector<bfloat16_t> gy16 = to_bf16(gy), x16 = to_bf16(x), v16 = to_bf16(w.values);
+  const std::vector<bfloat16_t> vt16 = to_bf16(transposed_blocks(w.values, p.bh, p.bw));
+  auto near = [](float got, double want, double scale) {
+    return std::isfinite(got) && std::abs(double(got) - want) <= 5e-3 * scale + 1e-6;
+  };
+  const bfloat16_t nan{0x7fc0};
+  for (const bool transposed : {false, true}) {
+    for (int threads = 1; threads <= 3; ++threads) {
+      const std::string what = describe(c, "avx512_amx bfloat16", transposed, threads);
+      std::vector<bfloat16_t> gx(size_t(p.M * p.K), nan), gv(w.values.size(), nan);
+      bsr_grad_input_cpu(gy16.data(), transposed ? vt16.data() : v16.data(), transposed, col_ptr.data(),
+                         entries.data(), gx.data(), p, threads);
+      bsr_grad_values_cpu(gy16.data(), x16.data(), w.crow.data(), w.col.data(), transposed, gv.data(), p, threads);
+      compare(w, ref, gx, gv, transposed, what, near);
     }
   }
 }
@@ -210,5 +270,15 @@ int main() {
       {1100, 1003, 40, 32, 32, 0.5},   // grad_x over 4 MiB (streaming stores), rows not vector-aligned
   };
   for (const Case& c : cases) run_case(c, rng);
+  if (cpu_isa_supported(CpuIsa::kAvx512Amx)) {
+    // Shapes the AMX backward takes (bh, bw multiples of 16 dividing N, K): token tails of its 32-token groups,
+    // 16- and 32-row k chunks, passes of 16, 32 and 48 columns, strided x, empty and dense weights, no tokens.
+    const Case bf16_cases[] = {{64, 96, 64, 32, 32, 0.5},      {33, 128, 96, 16, 16, 0.6, 3}, {100, 192, 96, 48, 64, 0.5},
+                               {257, 384, 512, 32, 32, 0.3},   {0, 64, 64, 16, 16, 0.5},      {31, 64, 64, 32, 16, 1.0},
+                               {45, 96, 48, 16, 32, 0.0, 1},   {1, 32, 32, 32, 32, 1.0}};
+    for (const Case& c : bf16_cases) run_case_bf16(c, rng);
+  } else {
+    std::printf("skip the bfloat16 (AMX) backward: not supported by this CPU\n");
+  }
   return check::report("test_bsr_backward");
 }

@@ -104,6 +104,7 @@ const char* isa_name(CpuIsa isa) {
     case CpuIsa::kAvx2: return "avx2";
     case CpuIsa::kAvx512: return "avx512";
     case CpuIsa::kAvx512Bf16: return "avx512_bf16";
+    case CpuIsa::kAvx512Amx: return "avx512_amx";
   }
   return "?";
 }
@@ -261,7 +262,7 @@ void concurrent(const Path& path) {
 
 int main() {
   std::vector<Path> paths;
-  for (CpuIsa isa : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
+  for (CpuIsa isa : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16, CpuIsa::kAvx512Amx}) {
     if (!cpu_isa_supported(isa)) {
       std::printf("skip %s: not supported by this CPU\n", isa_name(isa));
       continue;
@@ -291,6 +292,14 @@ int main() {
     run_case<bfloat16_t>(path, {203, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "bfloat16", 1e-2, Activation::kRelu, true);
     run_case<bfloat16_t>(path, {700, 1600, 70, 32, 32, 0.8}, 2, true, rng, "bfloat16", 1e-2);
     run_case<float16_t>(path, {40, 2200, 1530, 32, 32, 1.0}, 3, true, rng, "float16", 1e-2);
+    // Shapes the AMX tiles take (bh, bw multiples of 16, bw dividing K, from 32 tokens): full and ragged 32-token
+    // groups, N past the last block row, 16- and 32-wide k chunks, passes of 16, 32 and 48 outputs.
+    const Case amx_cases[] = {{32, 96, 70, 16, 16, 0.5},   {33, 128, 96, 32, 32, 0.3, 5}, {95, 192, 150, 48, 64, 0.5},
+                              {257, 384, 130, 32, 32, 0.1, 3}, {64, 64, 40, 16, 32, 1.0}, {100, 96, 64, 64, 32, 0.0}};
+    for (int i = 0; i < 6; ++i) {
+      run_case<bfloat16_t>(path, amx_cases[i], 1 + i % 3, i % 2 == 0, rng, "bfloat16", 1e-2, Activation(i % 4),
+                           i % 3 == 1);
+    }
     concurrent(path);
     std::printf("%s: checked\n", path.name().c_str());
   }

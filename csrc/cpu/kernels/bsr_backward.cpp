@@ -57,6 +57,7 @@ void bsr_grad_input_cpu_isa(CpuIsa isa, const float* grad_y, const float* values
       return avx2::bsr_grad_input(grad_y, values, transposed, col_ptr, entries, grad_x, p, num_threads);
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx:
       return avx512::bsr_grad_input(grad_y, values, transposed, col_ptr, entries, grad_x, p, num_threads);
 #endif
     default: return generic::bsr_grad_input(grad_y, values, transposed, col_ptr, entries, grad_x, p, num_threads);
@@ -71,10 +72,40 @@ void bsr_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, const float* x, co
     case CpuIsa::kAvx2: return avx2::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx:
       return avx512::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
 #endif
     default: return generic::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
   }
+}
+
+bool bsr_backward_bf16_native(CpuIsa isa, const BsrProblem& p) {
+#if PYSPARSE_X86
+  return isa == CpuIsa::kAvx512Amx && amx::backward_applies(p);
+#else
+  (void)isa, (void)p;
+  return false;
+#endif
+}
+
+bool bsr_backward_bf16_native(const BsrProblem& p) { return bsr_backward_bf16_native(active_cpu_isa_id(), p); }
+
+void bsr_grad_input_cpu(const bfloat16_t* grad_y, const bfloat16_t* values, bool transposed, const int32_t* col_ptr,
+                        const int32_t* entries, bfloat16_t* grad_x, const BsrProblem& p, int num_threads) {
+#if PYSPARSE_X86
+  amx::bsr_grad_input(grad_y, values, transposed, col_ptr, entries, grad_x, p, std::max(num_threads, 1));
+#else
+  (void)grad_y, (void)values, (void)transposed, (void)col_ptr, (void)entries, (void)grad_x, (void)p, (void)num_threads;
+#endif
+}
+
+void bsr_grad_values_cpu(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_t* crow, const int32_t* col,
+                         bool transposed, bfloat16_t* grad_values, const BsrProblem& p, int num_threads) {
+#if PYSPARSE_X86
+  amx::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, std::max(num_threads, 1));
+#else
+  (void)grad_y, (void)x, (void)crow, (void)col, (void)transposed, (void)grad_values, (void)p, (void)num_threads;
+#endif
 }
 
 void bsr_grad_input_cpu(const float* grad_y, const float* values, bool transposed, const int32_t* col_ptr,

@@ -38,6 +38,15 @@ void bsr_grad_input_cpu(const float* grad_y, const float* values, bool transpose
 void bsr_grad_values_cpu(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,
                          bool transposed, float* grad_values, const BsrProblem& p, int num_threads);
 
+// bfloat16 gradients natively (AMX tiles, float32 accumulation, one rounding): where bsr_backward_bf16_native holds
+// for the path (default: the current one) and p. Elsewhere the caller widens to float32 and runs the kernels above.
+bool bsr_backward_bf16_native(const BsrProblem& p);
+bool bsr_backward_bf16_native(CpuIsa isa, const BsrProblem& p);
+void bsr_grad_input_cpu(const bfloat16_t* grad_y, const bfloat16_t* values, bool transposed, const int32_t* col_ptr,
+                        const int32_t* entries, bfloat16_t* grad_x, const BsrProblem& p, int num_threads);
+void bsr_grad_values_cpu(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_t* crow, const int32_t* col,
+                         bool transposed, bfloat16_t* grad_values, const BsrProblem& p, int num_threads);
+
 // The same on a given path (tests force every path the machine runs); `isa` must be supported.
 void bsr_grad_input_cpu_isa(CpuIsa isa, const float* grad_y, const float* values, bool transposed,
                             const int32_t* col_ptr, const int32_t* entries, float* grad_x, const BsrProblem& p,

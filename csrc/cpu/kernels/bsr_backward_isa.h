@@ -23,6 +23,15 @@ PYSPARSE_BSR_BACKWARD_DECLARE
 namespace avx512 {
 PYSPARSE_BSR_BACKWARD_DECLARE
 }  // namespace avx512
+// bfloat16 on AMX tiles (bsr_backward_amx.cpp).
+namespace amx {
+// The backward kernels (bsr_backward_amx.cpp) take p where bh and bw are multiples of 16 and divide N and K.
+bool backward_applies(const BsrProblem& p);
+void bsr_grad_input(const bfloat16_t* grad_y, const bfloat16_t* values, bool transposed, const int32_t* col_ptr,
+                    const int32_t* entries, bfloat16_t* grad_x, const BsrProblem& p, int num_threads);
+void bsr_grad_values(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_t* crow, const int32_t* col,
+                     bool transposed, bfloat16_t* grad_values, const BsrProblem& p, int num_threads);
+}  // namespace amx
 #endif
 
 #undef PYSPARSE_BSR_BACKWARD_DECLARE

@@ -17,8 +17,10 @@ namespace pysparse {
 std::string check_bsr_indices(const int32_t* crow, const int32_t* col, const BsrProblem& p);
 
 // Instruction-set paths of the CPU kernels. kAvx512Bf16 is kAvx512 plus vdpbf16ps for bfloat16 (AVX512-BF16);
-// it is chosen where it is faster than widening bfloat16 to float32 (see dispatch.cpp).
-enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// it is chosen where it is faster than widening bfloat16 to float32 (see dispatch.cpp). kAvx512Amx is kAvx512 plus
+// AMX tiles for bfloat16 block products (bsr_linear_amx.cpp); every other kernel runs as on kAvx512.
+enum class CpuIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Amx = 4 };
+constexpr int kLastCpuIsa = static_cast<int>(CpuIsa::kAvx512Amx);
 
 // Name of the instruction-set path the CPU kernels use on this machine ("avx512", "avx2" or "generic"). Chosen once,
 // at load, from cpuid: the best path the CPU and OS support, unless the environment variable PYSPARSE_CPU_ISA

@@ -25,6 +25,10 @@ bool supported(CpuIsa isa) {
       return supported(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case CpuIsa::kAvx512Bf16: return supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+    case CpuIsa::kAvx512Amx: {
+      static const bool amx = supported(CpuIsa::kAvx512Bf16) && amx::usable();  // one permission request
+      return amx;
+    }
 #else
     default: return false;
 #endif
@@ -43,9 +47,16 @@ bool prefer_native_bf16() {
 #endif
 }
 
-CpuIsa best_supported() {
+// The best AVX-512 variant: AMX tiles where they exist (Intel; a tdpbf16ps does 16x the products of an FMA), else
+// vdpbf16ps where it beats widening.
+CpuIsa best_avx512() {
+  if (supported(CpuIsa::kAvx512Amx)) return CpuIsa::kAvx512Amx;
   if (supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16()) return CpuIsa::kAvx512Bf16;
-  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2}) {
+  return CpuIsa::kAvx512;
+}
+
+CpuIsa best_supported() {
+  for (CpuIsa isa : {best_avx512(), CpuIsa::kAvx2}) {
     if (supported(isa)) return isa;
   }
   return CpuIsa::kGeneric;
@@ -61,7 +72,7 @@ CpuIsa choose_isa() {
   } else if (std::strcmp(env, "avx2") == 0) {
     want = CpuIsa::kAvx2;
   } else if (std::strcmp(env, "avx512") == 0) {
-    want = supported(CpuIsa::kAvx512Bf16) && prefer_native_bf16() ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+    want = best_avx512();
   } else {
     std::fprintf(stderr, "pysparse: PYSPARSE_CPU_ISA must be generic, avx2 or avx512, got '%s'; using %s\n", env,
                  best == CpuIsa::kGeneric ? "generic" : best == CpuIsa::kAvx2 ? "avx2" : "avx512");
@@ -112,7 +123,7 @@ int chosen_bcast() {
 }  // namespace
 
 bool force_cpu_path(int isa, int bcast) {
-  if (isa < -1 || isa > static_cast<int>(CpuIsa::kAvx512Bf16) || bcast < -1 || bcast > 1) return false;
+  if (isa < -1 || isa > kLastCpuIsa || bcast < -1 || bcast > 1) return false;
   if (isa >= 0 && !supported(static_cast<CpuIsa>(isa))) return false;
   forced_isa.store(isa, std::memory_order_relaxed);
   forced_bcast.store(bcast, std::memory_order_relaxed);
@@ -145,7 +156,8 @@ const char* active_cpu_isa() {
     case CpuIsa::kGeneric: return "generic";
     case CpuIsa::kAvx2: return "avx2";
     case CpuIsa::kAvx512:
-    case CpuIsa::kAvx512Bf16: return "avx512";
+    case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx: return "avx512";
   }
   return "generic";
 }
@@ -165,6 +177,17 @@ bool narrow_blocks_run_avx2(const BsrProblem& p) {
   return std::is_same_v<T, float> && p.M <= kNarrowBlockAvx2MaxTokens && (p.bh % 16 != 0 || p.bw == 1);
 }
 
+// From this many tokens, bfloat16 blocks run on AMX tiles where the path has them: below it the per-call repack of
+// the weights (as many bytes as they hold) and the 32-token groups' padding cost more than the tiles save.
+#if PYSPARSE_X86
+constexpr int64_t kAmxMinTokens = 32;
+
+template <typename T>
+bool runs_amx(CpuIsa isa, const BsrProblem& p) {
+  return std::is_same_v<T, bfloat16_t> && isa == CpuIsa::kAvx512Amx && p.M >= kAmxMinTokens && amx::applies(p);
+}
+#endif
+
 template <typename T>
 void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, const int32_t* crow, const int32_t* col,
                         const T* bias, T* y, const BsrProblem& p, int num_threads) {
@@ -174,6 +197,10 @@ void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, con
     case CpuIsa::kAvx2: avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast); return;
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx:
+      if constexpr (std::is_same_v<T, bfloat16_t>) {
+        if (runs_amx<T>(isa, p)) return amx::bsr_linear(x, values, crow, col, bias, y, p, num_threads);
+      }
       if (narrow_blocks_run_avx2<T>(p)) {
         avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast);
       } else {
@@ -197,7 +224,7 @@ bool bsr_linear_reads_transposed(const CpuPath& path, const BsrProblem& p) {
   if (!path.bcast) return false;
 #if PYSPARSE_X86
   if (path.isa == CpuIsa::kAvx2) return avx2::reads_transposed<T>(p);
-  if (path.isa == CpuIsa::kAvx512 || path.isa == CpuIsa::kAvx512Bf16) {
+  if (path.isa == CpuIsa::kAvx512 || path.isa == CpuIsa::kAvx512Bf16 || path.isa == CpuIsa::kAvx512Amx) {
     return avx512::reads_transposed<T>(p, path.isa == CpuIsa::kAvx512Bf16);
   }
 #endif

@@ -40,6 +40,16 @@ void bsr_linear(const T* x, const T* values, const int32_t* crow, const int32_t*
 template <typename T>
 bool reads_transposed(const BsrProblem& p, bool native_bf16);
 }  // namespace avx512
+
+namespace amx {
+// Whether the CPU has AMX-TILE and AMX-BF16 and the OS granted this process the tile state (requested here).
+bool usable();
+// Whether bsr_linear takes p: bh and bw multiples of 16, bw dividing K (x is read in place, never past K).
+bool applies(const BsrProblem& p);
+// bfloat16 only; W's blocks row-major (values), accumulated in float32.
+void bsr_linear(const bfloat16_t* x, const bfloat16_t* values, const int32_t* crow, const int32_t* col,
+                const bfloat16_t* bias, bfloat16_t* y, const BsrProblem& p, int num_threads);
+}  // namespace amx
 #endif
 
 }  // namespace pysparse

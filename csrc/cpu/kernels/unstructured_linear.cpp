@@ -100,6 +100,7 @@ void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values
     case CpuIsa::kAvx2: avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx:
       if (p.M < kUnstructuredGatherTokens) {  // the 8-lane gathers (see kUnstructuredGatherTokens)
         avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
       } else {
@@ -122,6 +123,7 @@ void unstructured_linear_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, co
       return;
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512Amx:
       avx512::unstructured_linear_grad_values(grad_y, x, columns, segment_ptr, grad_values, p, num_threads);
       return;
 #endif
