@@ -50,7 +50,7 @@ BLOCKS = [(16, 16), (32, 32), (16, 32), (32, 16), (48, 64), (64, 32), (16, 48)]
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
-@pytest.mark.parametrize("m", [32, 33, 47, 64, 100, 257])
+@pytest.mark.parametrize("m", [8, 17, 32, 33, 47, 64, 100, 257])
 def test_matches_reference(block, m):
     bh, bw = block
     gen = torch.Generator().manual_seed(m * 100 + bh + bw)
@@ -87,7 +87,7 @@ def test_agrees_with_the_avx512_path_and_falls_back_where_it_does_not_apply():
     case agrees with the AVX-512 path within bfloat16 rounding of float32 sums."""
     gen = torch.Generator().manual_seed(3)
     for (m, k, n, bh, bw) in [(64, 100, 96, 32, 32), (64, 96, 64, 8, 8), (64, 96, 64, 16, 1), (5, 96, 64, 32, 32),
-                              (31, 96, 64, 32, 32), (512, 384, 1536, 32, 32)]:
+                              (7, 96, 64, 32, 32), (31, 96, 64, 32, 32), (512, 384, 1536, 32, 32)]:
         values, crow, col = _bsr(n, k, bh, bw, 0.4, gen)
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
         ref = bsr_linear_reference(x.double(), values.double(), crow, col, None, n)

@@ -54,44 +54,19 @@ void pack_grad_input(const uint16_t* v, bool transposed, int64_t e, int64_t b, i
     for (int64_t h = 0; h < nh; ++h) {
       uint16_t* dst = packed + ((e * nkc + kci) * nh + h) * kc * 16;
       for (int i = 0; i < kc / 2; ++i) {
+        if (!transposed) {  // rows 2i and 2i + 1 of the block, 16 columns each, interleaved
+          const uint16_t* row = v + b * bh * bw + (kci * kc + 2 * i) * bw + h * 16;
+          const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+          const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + bw));
+          _mm512_storeu_si512(dst + i * 32, interleave16(r0, r1));
+          continue;
+        }
         for (int j = 0; j < 16; ++j) {
           dst[(i * 16 + j) * 2] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i, h * 16 + j);
           dst[(i * 16 + j) * 2 + 1] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i + 1, h * 16 + j);
         }
       }
     }
-  }
-}
-
-// Interleaves the 16-bit lanes of a (lanes 0-15) and b: a0 b0 a1 b1 ... a15 b15.
-__m512i interleave16(__m256i a, __m256i b) {
-  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
-                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
-}
-
-// 16 x 16 transpose of 32-bit lanes in registers.
-void transpose16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int k = 0; k < 4; ++k) {
-      t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
-      t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
-    }
-  }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
-    r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
   }
 }
 

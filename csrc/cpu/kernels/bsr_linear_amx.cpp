@@ -44,17 +44,19 @@ namespace {
 #include "amx_tiles.inc"
 
 // Position b's sub-tile (k chunk kci, 16-output half h) in VNNI order: 16-bit pairs of input columns per output. A
-// row-major block row already holds each output's pairs contiguously, so this is a 16 x 16 transpose of 32-bit words.
+// row-major block row already holds each output's pairs contiguously, so this is a 16 x 16 transpose of 32-bit words
+// (kc = 16: 16 x 8, the upper lanes zero).
 void pack_forward(const bfloat16_t* values, int64_t b, int64_t bh, int64_t bw, int kc, uint16_t* packed) {
   const int64_t nkc = bw / kc, nh = bh / 16;
   const auto* block = reinterpret_cast<const uint16_t*>(values) + b * bh * bw;
+  const __mmask16 words = __mmask16((1u << (kc / 2)) - 1);
   for (int64_t kci = 0; kci < nkc; ++kci) {
     for (int64_t h = 0; h < nh; ++h) {
       uint16_t* dst = packed + ((b * nkc + kci) * nh + h) * kc * 16;
-      for (int n = 0; n < 16; ++n) {
-        const uint16_t* src = block + (h * 16 + n) * bw + kci * kc;
-        for (int i = 0; i < kc / 2; ++i) std::memcpy(dst + (i * 16 + n) * 2, src + 2 * i, 4);
-      }
+      __m512i r[16];
+      for (int n = 0; n < 16; ++n) r[n] = _mm512_maskz_loadu_epi32(words, block + (h * 16 + n) * bw + kci * kc);
+      transpose16x16(r);
+      for (int i = 0; i < kc / 2; ++i) _mm512_storeu_si512(dst + i * 32, r[i]);
     }
   }
 }

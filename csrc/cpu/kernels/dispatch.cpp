@@ -178,9 +178,11 @@ bool narrow_blocks_run_avx2(const BsrProblem& p) {
 }
 
 // From this many tokens, bfloat16 blocks run on AMX tiles where the path has them: below it the per-call repack of
-// the weights (as many bytes as they hold) and the 32-token groups' padding cost more than the tiles save.
+// the weights (as many bytes as they hold) and the 32-token groups' padding cost more than the tiles save. Sapphire
+// Rapids, 2 threads, 4 FFN shapes x 32x32 / 16x16 x 50 / 70 / 90%, AMX over the AVX-512 kernels: M = 4 0.39-0.82x,
+// M = 8 1.08-2.05x, M = 16 0.95-1.73x, M = 32 1.5-3.7x (benchmarks/bench_cpu_dtypes.py; BENCHMARKS.md).
 #if PYSPARSE_X86
-constexpr int64_t kAmxMinTokens = 32;
+constexpr int64_t kAmxMinTokens = 8;
 
 template <typename T>
 bool runs_amx(CpuIsa isa, const BsrProblem& p) {
