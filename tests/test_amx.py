@@ -190,6 +190,23 @@ def test_backward_matches_reference(block, m, layout):
         assert x.grad.shape == (0, k) and not vals.grad.any(), what
 
 
+def test_grad_values_over_several_token_chunks():
+    """Many tokens on a wide layer: grad_values lays the tokens out in chunks (about 2 MiB of layouts each) and
+    carries each block's float32 sums from chunk to chunk."""
+    gen = torch.Generator().manual_seed(13)
+    m, k, n = 700, 1024, 1536  # x transposed, grad_y paired: chunks of 384 tokens, 384 + 316
+    values, crow, col = _bsr(n, k, 32, 32, 0.05, gen, empty_rows=False)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    grad_y = torch.randn(m, n, generator=gen).to(torch.bfloat16)
+    vals = values.clone().requires_grad_()
+    with ops.force_cpu_path("avx512amx"):
+        bsr_linear(x, vals, crow, col, None, n).backward(grad_y)
+    dense_gw = grad_y.double().t() @ x.double()
+    rows = torch.repeat_interleave(torch.arange(len(crow) - 1), (crow[1:] - crow[:-1]).long())
+    ref = torch.stack([dense_gw[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] for r, c in zip(rows.tolist(), col.tolist())])
+    _check(vals.grad, ref, "grad_values over token chunks")
+
+
 def test_backward_outside_the_tiles_widens_and_stays_right():
     """Blocks that overhang N (or narrow ones) take the float32 kernels on widened copies, on the AMX path too."""
     gen = torch.Generator().manual_seed(11)

@@ -40,6 +40,9 @@ namespace {
 
 #include "amx_tiles.inc"
 
+// Bytes of grad_values' two token layouts per chunk of tokens (see bsr_grad_values).
+constexpr int64_t kRelayoutBytes = int64_t(2) << 20;
+
 // W's element (i, j) of block b, in either layout.
 uint16_t weight_at(const uint16_t* v, bool transposed, int64_t b, int64_t bh, int64_t bw, int64_t i, int64_t j) {
   return v[b * bh * bw + (transposed ? j * bh + i : i * bw + j)];
@@ -77,8 +80,9 @@ __m256i row16(const uint16_t* a, int64_t ld, int64_t M, int64_t t, int64_t n0) {
 
 // at[n][t] = a[t][n] for t < Mp (zero past M); N a multiple of 16, Mp of 32. Each step interleaves token pairs
 // (a 32-bit lane holds tokens 2t', 2t'+1 of one column) and transposes 16 x 16 lanes: 32 tokens x 16 columns.
-void transpose_tokens(const uint16_t* a, int64_t ld, int64_t M, int64_t N, int64_t Mp, uint16_t* at, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+// Called inside a parallel region: the team shares the steps.
+void transpose_tokens(const uint16_t* a, int64_t ld, int64_t M, int64_t N, int64_t Mp, uint16_t* at) {
+#pragma omp for schedule(static) collapse(2)
   for (int64_t t0 = 0; t0 < Mp; t0 += 32) {
     for (int64_t n0 = 0; n0 < N; n0 += 16) {
       __m512i r[16];
@@ -92,9 +96,9 @@ void transpose_tokens(const uint16_t* a, int64_t ld, int64_t M, int64_t N, int64
 }
 
 // xp[t'][k][s] = x[2t' + s][k] (zero past M): the B operand of grad_values, 16 token pairs x 16 columns per tile row
-// group. K a multiple of 16.
-void pair_tokens(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Mp, uint16_t* xp, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+// group. K a multiple of 16. Called inside a parallel region, as transpose_tokens.
+void pair_tokens(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t Mp, uint16_t* xp) {
+#pragma omp for schedule(static)
   for (int64_t tp = 0; tp < Mp / 2; ++tp) {
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const __m512i v = interleave16(row16(x, ldx, M, 2 * tp, k0), row16(x, ldx, M, 2 * tp + 1, k0));
@@ -151,67 +155,98 @@ void bsr_grad_input(const bfloat16_t* grad_y, const bfloat16_t* values, bool tra
 void bsr_grad_values(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_t* crow, const int32_t* col,
                      bool transposed, bfloat16_t* grad_values, const BsrProblem& p, int num_threads) {
   if (p.nnz == 0) return;
-  // The tiles compute C[u][v] = sum_t A[u][t] B[t][v]: the operand on the u side is transposed ([features][Mp]), the
-  // other gets its token pairs interleaved. Transposing is the costlier layout, so it goes to the narrower of grad_y
-  // (u = the block's rows i) and x (u = its columns j).
+  if (p.M == 0) {
+    std::memset(static_cast<void*>(grad_values), 0, sizeof(bfloat16_t) * size_t(p.nnz * p.bh * p.bw));
+    return;
+  }
+  // The tiles compute C[u][v] = sum_t A[u][t] B[t][v]: the operand on the u side is transposed ([features][tokens]),
+  // the other gets its token pairs interleaved. Transposing is the costlier layout, so it goes to the narrower of
+  // grad_y (u = the block's rows i) and x (u = its columns j).
   const bool a_is_grad = p.N <= p.K;
-  const int64_t Mp = (p.M + kGroupTokens - 1) / kGroupTokens * kGroupTokens;
-  const int64_t a_cols = a_is_grad ? p.N : p.K, b_cols = a_is_grad ? p.K : p.N;
-  const int64_t u_size = a_is_grad ? p.bh : p.bw, v_size = a_is_grad ? p.bw : p.bh;
-  static thread_local std::vector<uint16_t> at_buf, bp_buf;
-  uint16_t* at = scratch(at_buf, size_t(a_cols * Mp));
-  uint16_t* bp = scratch(bp_buf, size_t(Mp * b_cols));
   const auto* gy16 = reinterpret_cast<const uint16_t*>(grad_y);
   const auto* x16 = reinterpret_cast<const uint16_t*>(x);
-  transpose_tokens(a_is_grad ? gy16 : x16, a_is_grad ? p.N : p.ldx, p.M, a_cols, Mp, at, num_threads);
-  pair_tokens(a_is_grad ? x16 : gy16, a_is_grad ? p.ldx : p.N, p.M, b_cols, Mp, bp, num_threads);
+  const uint16_t* a_src = a_is_grad ? gy16 : x16;
+  const uint16_t* b_src = a_is_grad ? x16 : gy16;
+  const int64_t a_ld = a_is_grad ? p.N : p.ldx, b_ld = a_is_grad ? p.ldx : p.N;
+  const int64_t a_cols = a_is_grad ? p.N : p.K, b_cols = a_is_grad ? p.K : p.N;
+  const int64_t u_size = a_is_grad ? p.bh : p.bw, v_size = a_is_grad ? p.bw : p.bh;
+  const int64_t nu = (u_size + 31) / 32, nv = (v_size + 31) / 32;
+  // Tokens go in chunks whose two layouts together stay near kRelayoutBytes, so they are read back from cache, not
+  // memory (768->3072 at M = 4096: 30 MB in one piece); between chunks each block's float32 sums wait in `partial`.
+  const int64_t Mp = (p.M + kGroupTokens - 1) / kGroupTokens * kGroupTokens;
+  const int64_t Mc = std::min(Mp, std::max<int64_t>(kGroupTokens, kRelayoutBytes / (2 * (a_cols + b_cols)) /
+                                                                      kGroupTokens * kGroupTokens));
+  const int64_t chunks = (Mp + Mc - 1) / Mc;
+  static thread_local std::vector<uint16_t> at_buf, bp_buf;
+  static thread_local std::vector<float> partial_buf;
+  uint16_t* at = scratch(at_buf, size_t(a_cols * Mc));
+  uint16_t* bp = scratch(bp_buf, size_t(Mc * b_cols));
+  float* partial = chunks > 1 ? scratch(partial_buf, size_t(p.nnz * nu * nv * kGroupTokens * kPassOutputs)) : nullptr;
   // The block's storage: rows of `row_len` contiguous elements along j (row-major) or i (block-transposed). Where that
   // is the v side, acc's rows are stored as they are; otherwise acc is transposed first.
   const int64_t row_len = transposed ? p.bh : p.bw;
   const bool v_contiguous = a_is_grad != transposed;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, p.n_block_rows)));
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(std::max(num_threads, 1))
   {
     configure_tiles(32);
     alignas(64) float acc[kGroupTokens * kPassOutputs], acc_t[kGroupTokens * kPassOutputs];
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t t0 = c * Mc, mc = std::min(Mc, Mp - t0), rows = std::min(mc, p.M - t0);
+      transpose_tokens(a_src + t0 * a_ld, a_ld, rows, a_cols, mc, at);  // each ends with the team's barrier
+      pair_tokens(b_src + t0 * b_ld, b_ld, rows, b_cols, mc, bp);
+      const bool first = c == 0, last = c + 1 == chunks;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < p.n_block_rows; ++r) {
-      for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
-        auto* gv = grad_values + b * p.bh * p.bw;
-        const int64_t a_base = a_is_grad ? r * p.bh : int64_t(col[b]) * p.bw;
-        const int64_t b_base = a_is_grad ? int64_t(col[b]) * p.bw : r * p.bh;
-        for (int64_t u0 = 0; u0 < u_size; u0 += 32) {
-          for (int64_t v0 = 0; v0 < v_size; v0 += 32) {
-            const bool two_u = u_size - u0 > 16, two_v = v_size - v0 > 16;
-            const uint16_t* a = at + (a_base + u0) * Mp;
-            const uint16_t* bq = bp + (b_base + v0) * 2;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t t0 = 0; t0 < Mp; t0 += kGroupTokens) {
-              const uint16_t* bt = bq + t0 / 2 * b_cols * 2;
-              _tile_loadd(4, a + t0, Mp * 2);
-              _tile_loadd(6, bt, b_cols * 4);
-              _tile_dpbf16ps(0, 4, 6);
-              if (two_v) {
-                _tile_loadd(7, bt + 32, b_cols * 4);
-                _tile_dpbf16ps(1, 4, 7);
+      for (int64_t r = 0; r < p.n_block_rows; ++r) {
+        for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+          const int64_t a_base = a_is_grad ? r * p.bh : int64_t(col[b]) * p.bw;
+          const int64_t b_base = a_is_grad ? int64_t(col[b]) * p.bw : r * p.bh;
+          for (int64_t u0 = 0; u0 < u_size; u0 += 32) {
+            for (int64_t v0 = 0; v0 < v_size; v0 += 32) {
+              const bool two_u = u_size - u0 > 16, two_v = v_size - v0 > 16;
+              float* part = partial ? partial + ((b * nu + u0 / 32) * nv + v0 / 32) * kGroupTokens * kPassOutputs
+                                    : nullptr;
+              if (first) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+              } else {
+                _tile_loadd(0, part, kPassOutputs * 4);
+                _tile_loadd(1, part + 16, kPassOutputs * 4);
+                _tile_loadd(2, part + 16 * kPassOutputs, kPassOutputs * 4);
+                _tile_loadd(3, part + 16 * kPassOutputs + 16, kPassOutputs * 4);
               }
-              if (two_u) {
-                _tile_loadd(5, a + 16 * Mp + t0, Mp * 2);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two_v) _tile_dpbf16ps(3, 5, 7);
+              const uint16_t* a = at + (a_base + u0) * mc;
+              const uint16_t* bq = bp + (b_base + v0) * 2;
+              for (int64_t t = 0; t < mc; t += kGroupTokens) {
+                const uint16_t* bt = bq + t / 2 * b_cols * 2;
+                _tile_loadd(4, a + t, mc * 2);
+                _tile_loadd(6, bt, b_cols * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_v) {
+                  _tile_loadd(7, bt + 32, b_cols * 4);
+                  _tile_dpbf16ps(1, 4, 7);
+                }
+                if (two_u) {
+                  _tile_loadd(5, a + 16 * mc + t, mc * 2);
+                  _tile_dpbf16ps(2, 5, 6);
+                  if (two_v) _tile_dpbf16ps(3, 5, 7);
+                }
               }
-            }
-            store_accumulators(acc);
-            const int64_t us = std::min<int64_t>(32, u_size - u0), vs = std::min<int64_t>(32, v_size - v0);
-            if (v_contiguous) {
-              store_rows(acc, us, vs, gv + u0 * row_len + v0, row_len);
-            } else {
-              transpose32(acc, acc_t);
-              store_rows(acc_t, vs, us, gv + v0 * row_len + u0, row_len);
+              if (!last) {
+                store_accumulators(part);
+                continue;
+              }
+              store_accumulators(acc);
+              const int64_t us = std::min<int64_t>(32, u_size - u0), vs = std::min<int64_t>(32, v_size - v0);
+              bfloat16_t* gv = grad_values + b * p.bh * p.bw;
+              if (v_contiguous) {
+                store_rows(acc, us, vs, gv + u0 * row_len + v0, row_len);
+              } else {
+                transpose32(acc, acc_t);
+                store_rows(acc_t, vs, us, gv + v0 * row_len + u0, row_len);
+              }
             }
           }
         }
