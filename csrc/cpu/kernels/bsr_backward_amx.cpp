@@ -57,16 +57,16 @@ void pack_grad_input(const uint16_t* v, bool transposed, int64_t e, int64_t b, i
     for (int64_t h = 0; h < nh; ++h) {
       uint16_t* dst = packed + ((e * nkc + kci) * nh + h) * kc * 16;
       for (int i = 0; i < kc / 2; ++i) {
-        if (!transposed) {  // rows 2i and 2i + 1 of the block, 16 columns each, interleaved
+        if (transposed) {  // rare in bfloat16: SparseLinear keeps row-major blocks on this path
+          for (int j = 0; j < 16; ++j) {
+            dst[(i * 16 + j) * 2] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i, h * 16 + j);
+            dst[(i * 16 + j) * 2 + 1] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i + 1, h * 16 + j);
+          }
+        } else {  // rows 2i and 2i + 1 of the block, 16 columns each, interleaved
           const uint16_t* row = v + b * bh * bw + (kci * kc + 2 * i) * bw + h * 16;
           const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
           const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + bw));
           _mm512_storeu_si512(dst + i * 32, interleave16(r0, r1));
-          continue;
-        }
-        for (int j = 0; j < 16; ++j) {
-          dst[(i * 16 + j) * 2] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i, h * 16 + j);
-          dst[(i * 16 + j) * 2 + 1] = weight_at(v, transposed, b, bh, bw, kci * kc + 2 * i + 1, h * 16 + j);
         }
       }
     }
