@@ -10,6 +10,7 @@ import torch
 
 from .. import _C
 from .._build_info import WITH_CUDA
+from . import autocast  # noqa: F401  (registers the ops' torch.autocast behaviour)
 from .attention import attention_kernel_applies, attention_reference, scaled_dot_product_attention
 from .bsr_conv2d import bsr_conv2d_nhwc, bsr_conv2d_nhwc_reference, implicit_conv2d_available
 from .bsr_linear_op import (bsr_linear, bsr_linear_packed, bsr_linear_reference, cpu_reads_transposed,
