@@ -165,6 +165,39 @@ def test_a_model_whose_output_ignores_its_input_is_not_passed(tmp_path, capsys, 
     assert row["pysparse_ms"] is None and finite(row["dense_ms"])
 
 
+def _scaled_sparsify(monkeypatch, factor):
+    """sparsify whose model's output is off by ``factor`` (a wrong sparse model the check must see)."""
+    from pysparse.bench import models
+    real = models.sparsify
+
+    def scaled(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_hook(lambda _m, _i, out: out * factor)
+        return model
+
+    monkeypatch.setattr(models, "sparsify", scaled)
+
+
+def test_a_16bit_model_is_judged_against_float32_when_dense_16bit_is_off_too(tmp_path, capsys, monkeypatch):
+    """A 16-bit sparse model further than the tolerance from dense 16-bit PyTorch is accepted only if it is as close
+    to the float32 model as dense 16-bit is (deep models round that far: ResNet-50 in bfloat16); a wrong one is not."""
+    from pysparse.bench import check, models
+    assert check.as_precise_as_dense(0.30, 0.32, 0.05) and not check.as_precise_as_dense(0.5, 0.3, 0.05)
+    argv = ["bench", "--model", "mlp", "--dtype", "bfloat16", "--sparsities", "0.9", "--batch-sizes", "2",
+            "--min-time", "0.005", "--no-progress", "--no-plot", "--out", str(tmp_path)]
+    _scaled_sparsify(monkeypatch, 1.5)
+    code, out, _ = run_cli(argv, capsys)
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert code == 1 and "WRONG" in out and not row["correct"] and row["pysparse_ms"] is None
+    assert row["rel_err_float32"] > row["dense_rel_err_float32"] + row["tolerance"]
+    assert "against the float32 model pysparse is" in out and "accepted" not in out
+    # The same output judged against a float32 reference that dense bfloat16 misses by as much: accepted and timed.
+    monkeypatch.setattr(models, "_against_float32", lambda *a: {"rel_err_float32": 0.4, "dense_rel_err_float32": 0.38})
+    code, out, _ = run_cli(argv, capsys)
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert code == 0 and row["correct"] and finite(row["pysparse_ms"]) and "(as precise: accepted)" in out
+
+
 def test_pruned_resnet50_reference_depends_on_its_input():
     """Random-init ResNet-50 pruned to 90% (small images): with the init's BatchNorm statistics its logits hardly
     move with the input (signal ratio ~0.04 at 32 px, ~0 at 224); recalibrated, they do."""

@@ -68,6 +68,12 @@ def format_table(rows: list[dict], env: dict) -> str:
     if model:
         lines.append("rel err: max |sparse - dense| / max |dense(x) - dense(x')|, x' other inputs: the error "
                      "against the part of the output the input decides.")
+    for r in rows:
+        if "rel_err_float32" in r:
+            lines.append(f"{r['block']} {r['sparsity']:.2f}: rel err above {r['tolerance']:g} against dense "
+                         f"{r['dtype']}; against the float32 model pysparse is {r['rel_err_float32']:.1e} off and "
+                         f"dense {r['dtype']} {r['dense_rel_err_float32']:.1e}"
+                         + (" (as precise: accepted)" if r["correct"] else ""))
     for name, key in (("torch", "torch_sparse_note"), ("DeepSparse", "deepsparse_note")):
         lines += [f"{name} '-': {note}" for note in sorted({r[key] for r in rows if r.get(key)})]
     wrong = sum(not r["correct"] and not r.get("check_note") for r in rows)
