@@ -21,8 +21,8 @@ void check_index_tensor(const char* op, const char* name, const at::Tensor& t, i
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
 }
 
-// float32, bfloat16 or float16, on the CPU, of the dtype `want` (the first tensor's: at::kFloat's sentinel
-// ScalarType::Undefined takes any of the three).
+// float32, bfloat16 or float16, on the CPU, and of dtype `want` (grad_output's; ScalarType::Undefined when checking
+// grad_output itself).
 void check_floating(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
   const at::ScalarType s = t.scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,

@@ -273,9 +273,9 @@ int main() {
   if (cpu_isa_supported(CpuIsa::kAvx512Amx)) {
     // Shapes the AMX backward takes (bh, bw multiples of 16 dividing N, K): token tails of its 32-token groups,
     // 16- and 32-row k chunks, passes of 16, 32 and 48 columns, strided x, empty and dense weights, no tokens.
-    const Case bf16_cases[] = {{64, 96, 64, 32, 32, 0.5},      {33, 128, 96, 16, 16, 0.6, 3}, {100, 192, 96, 48, 64, 0.5},
-                               {257, 384, 512, 32, 32, 0.3},   {0, 64, 64, 16, 16, 0.5},      {31, 64, 64, 32, 16, 1.0},
-                               {45, 96, 48, 16, 32, 0.0, 1},   {1, 32, 32, 32, 32, 1.0},
+    const Case bf16_cases[] = {{64, 96, 64, 32, 32, 0.5},    {33, 128, 96, 16, 16, 0.6, 3}, {100, 192, 96, 48, 64, 0.5},
+                               {257, 384, 512, 32, 32, 0.3}, {0, 64, 64, 16, 16, 0.5},      {31, 64, 64, 32, 16, 1.0},
+                               {45, 96, 48, 16, 32, 0.0, 1}, {1, 32, 32, 32, 32, 1.0},
                                {650, 1024, 1024, 32, 32, 0.05},  // grad_values in two token chunks
                                {7, 32, 0, 16, 16, 0.5},         {5, 0, 32, 16, 16, 0.5}};  // no outputs, no inputs
     for (const Case& c : bf16_cases) run_case_bf16(c, rng);

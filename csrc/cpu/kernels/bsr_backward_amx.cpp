@@ -43,6 +43,13 @@ namespace {
 // Bytes of grad_values' two token layouts per chunk of tokens (see bsr_grad_values).
 constexpr int64_t kRelayoutBytes = int64_t(2) << 20;
 
+// Interleaves the 16-bit lanes of a (lanes 0-15) and b: a0 b0 a1 b1 ... a15 b15.
+__m512i interleave16(__m256i a, __m256i b) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                       5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+}
+
 // W's element (i, j) of block b, in either layout.
 uint16_t weight_at(const uint16_t* v, bool transposed, int64_t b, int64_t bh, int64_t bw, int64_t i, int64_t j) {
   return v[b * bh * bw + (transposed ? j * bh + i : i * bw + j)];

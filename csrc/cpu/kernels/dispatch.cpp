@@ -180,13 +180,13 @@ bool narrow_blocks_run_avx2(const BsrProblem& p) {
 // From this many tokens, bfloat16 blocks run on AMX tiles where the path has them: below it the per-call repack of
 // the weights (as many bytes as they hold) and the 32-token groups' padding cost more than the tiles save. Sapphire
 // Rapids, 2 threads, 4 FFN shapes x 32x32 / 16x16 x 50 / 70 / 90%, AMX over the AVX-512 kernels: M = 4 0.39-0.82x,
-// M = 8 1.08-2.05x, M = 16 0.95-1.73x, M = 32 1.5-3.7x (benchmarks/bench_cpu_dtypes.py; BENCHMARKS.md).
+// M = 8 1.08-2.05x, M = 16 0.95-1.73x, M = 32 1.5-3.7x (benchmarks/bench_amx.py, this bound set to 1; BENCHMARKS.md).
 #if PYSPARSE_X86
 constexpr int64_t kAmxMinTokens = 8;
 
-template <typename T>
+// Whether a bfloat16 call on `isa` runs on AMX tiles.
 bool runs_amx(CpuIsa isa, const BsrProblem& p) {
-  return std::is_same_v<T, bfloat16_t> && isa == CpuIsa::kAvx512Amx && p.M >= kAmxMinTokens && amx::applies(p);
+  return isa == CpuIsa::kAvx512Amx && p.M >= kAmxMinTokens && amx::applies(p);
 }
 #endif
 
@@ -201,7 +201,7 @@ void bsr_linear_cpu_isa(CpuIsa isa, bool bcast, const T* x, const T* values, con
     case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512Amx:
       if constexpr (std::is_same_v<T, bfloat16_t>) {
-        if (runs_amx<T>(isa, p)) return amx::bsr_linear(x, values, crow, col, bias, y, p, num_threads);
+        if (runs_amx(isa, p)) return amx::bsr_linear(x, values, crow, col, bias, y, p, num_threads);
       }
       if (narrow_blocks_run_avx2<T>(p)) {
         avx2::bsr_linear(x, values, crow, col, bias, y, p, num_threads, bcast);
