@@ -32,6 +32,7 @@ from .._weight_layout import weight_matrix
 from ..demo import state_bytes
 from ..nn import SparseConv2d, SparseLinear, conv_weight_from_matrix
 from ..prune import magnitude_mask
+from ..prune.batches import floats_as
 from ..transforms.fold_batchnorm import fold_batchnorm
 from ..transforms.sparsify import sparsify
 from .check import MODEL_TOLERANCE, as_precise_as_dense, degenerate, input_signal, rel_err
@@ -219,13 +220,8 @@ def _against_float32(pruned: nn.Module, got: torch.Tensor, want: torch.Tensor, i
     """The sparse 16-bit output ``got`` and the dense one ``want`` against the float32 result of the same pruned
     model, relative to its input-dependent signal (see :func:`~.check.as_precise_as_dense`)."""
     exact = copy.deepcopy(pruned).float()
-
-    def widened(batch):
-        args, kwargs = batch
-        return tuple(a.float() if a.is_floating_point() else a for a in args), kwargs
-
-    reference = call(exact, widened(inputs))
-    signal = input_signal(reference, call(exact, widened(other_inputs)))
+    reference = call(exact, floats_as(inputs, torch.float32))
+    signal = input_signal(reference, call(exact, floats_as(other_inputs, torch.float32)))
     return {"rel_err_float32": rel_err(got, reference, signal),
             "dense_rel_err_float32": rel_err(want, reference, signal)}
 

@@ -75,23 +75,22 @@ def batch_size(batch) -> int:
     return 0
 
 
+def _map_tensors(batch, fn):
+    """``batch`` (a tensor, or mappings / tuples / lists of them) with ``fn`` applied to every tensor in it."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch, device):
     """``batch`` with every tensor in it moved to ``device`` (same structure)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return _map_tensors(batch, lambda t: t.to(device))
 
 
 def floats_as(batch, dtype: torch.dtype):
     """``batch`` with its floating-point tensors converted to ``dtype`` (integer ones, such as token ids, kept)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Mapping):
-        return {k: floats_as(v, dtype) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(floats_as(v, dtype) for v in batch)
-    return batch
+    return _map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)

@@ -114,6 +114,14 @@ void pair_tokens(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t M
   }
 }
 
+// The accumulator tiles back from memory (store_accumulators' layout): grad_values' sums carried between chunks.
+void load_accumulators(const float* acc) {
+  _tile_loadd(0, acc, kPassOutputs * 4);
+  _tile_loadd(1, acc + 16, kPassOutputs * 4);
+  _tile_loadd(2, acc + 16 * kPassOutputs, kPassOutputs * 4);
+  _tile_loadd(3, acc + 16 * kPassOutputs + 16, kPassOutputs * 4);
+}
+
 // dst[v][u] = src[u][v] for a 32 x 32 float tile (rows of kPassOutputs), by 16 x 16 quarters.
 void transpose32(const float* src, float* dst) {
   for (int uq = 0; uq < 2; ++uq) {
@@ -123,15 +131,6 @@ void transpose32(const float* src, float* dst) {
       transpose16x16(r);
       for (int k = 0; k < 16; ++k) _mm512_store_si512(dst + (vq * 16 + k) * kPassOutputs + uq * 16, r[k]);
     }
-  }
-}
-
-// `rows` rows of `cols` (<= 32) floats from a tile (rows of kPassOutputs) to bfloat16 rows `ld` apart.
-void store_rows(const float* acc, int64_t rows, int64_t cols, bfloat16_t* dst, int64_t ld) {
-  const Lanes32 m(cols);
-  for (int64_t i = 0; i < rows; ++i) {
-    store_bf16x32(dst + i * ld, _mm512_load_ps(acc + i * kPassOutputs), _mm512_load_ps(acc + i * kPassOutputs + 16),
-                  m.all);
   }
 }
 
@@ -214,15 +213,9 @@ void bsr_grad_values(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_
               float* part = partial ? partial + ((b * nu + u0 / 32) * nv + v0 / 32) * kGroupTokens * kPassOutputs
                                     : nullptr;
               if (first) {
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
+                zero_accumulators();
               } else {
-                _tile_loadd(0, part, kPassOutputs * 4);
-                _tile_loadd(1, part + 16, kPassOutputs * 4);
-                _tile_loadd(2, part + 16 * kPassOutputs, kPassOutputs * 4);
-                _tile_loadd(3, part + 16 * kPassOutputs + 16, kPassOutputs * 4);
+                load_accumulators(part);
               }
               const uint16_t* a = at + (a_base + u0) * mc;
               const uint16_t* bq = bp + (b_base + v0) * 2;
@@ -249,10 +242,10 @@ void bsr_grad_values(const bfloat16_t* grad_y, const bfloat16_t* x, const int32_
               const int64_t us = std::min<int64_t>(32, u_size - u0), vs = std::min<int64_t>(32, v_size - v0);
               bfloat16_t* gv = grad_values + b * p.bh * p.bw;
               if (v_contiguous) {
-                store_rows(acc, us, vs, gv + u0 * row_len + v0, row_len);
+                store_outputs(acc, us, vs, Epilogue{gv + u0 * row_len + v0, row_len});
               } else {
                 transpose32(acc, acc_t);
-                store_rows(acc_t, vs, us, gv + v0 * row_len + u0, row_len);
+                store_outputs(acc_t, vs, us, Epilogue{gv + v0 * row_len + u0, row_len});
               }
             }
           }
