@@ -8,9 +8,9 @@ from torch import nn
 from conftest import CaseSpec
 from pysparse.bench.sweep import block_mask
 
-# M = 1..4 (dot product), 5..63 (outer product), >= 64 (broadcast), with ragged N and K and block sizes that do
-# not divide them.
-ROWS = [1, 3, 4, 37, 64, 203]
+# M = 1..4 (dot product), 5..63 (outer product), >= 64 (broadcast), 500 (the outer product's tile-major order on
+# AVX-512), with ragged N and K and block sizes that do not divide them.
+ROWS = [1, 3, 4, 37, 64, 203, 500]
 SPECS = [CaseSpec(block, density, dtype, dims, bias, layout, use_mask)
          for block, density, dtype, dims, bias, layout, use_mask in [
              ((32, 32), 0.3, torch.float32, 2, True, "contiguous", False),

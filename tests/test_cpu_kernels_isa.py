@@ -92,6 +92,11 @@ def _cases():
     out.append(dict(m=130, k=200, n=300, bh=32, bw=32, density=0.3, bias=True, strided=False))
     # ~5.5 MB of float32 weights: past the broadcast kernel's cache-resident size (its large-weight blocking).
     out.append(dict(m=75, k=1500, n=1530, bh=32, bw=32, density=0.9, bias=True, strided=True))
+    # Past 8 token tiles with small weights (the outer product's tile-major order), and outputs past 4 MiB (staged
+    # block rows written with streaming stores): blocks and column vectors.
+    out.append(dict(m=500, k=200, n=300, bh=32, bw=32, density=0.5, bias=True, strided=True))
+    out.append(dict(m=1100, k=96, n=1024, bh=16, bw=16, density=0.45, bias=True, strided=False))
+    out.append(dict(m=1100, k=100, n=1024, bh=16, bw=1, density=0.3, bias=False, strided=True))
     return out
 
 
@@ -101,7 +106,7 @@ def _worker(which_only: bool) -> None:
     import torch
 
     import pysparse
-    from pysparse.ops import bsr_linear, bsr_linear_reference, kernel_layout
+    from pysparse.ops import ACTIVATIONS, bsr_linear, bsr_linear_reference, kernel_layout
 
     isa = pysparse.ops.available_backends()["cpu"]
     transposed_32 = pysparse.ops.cpu_reads_transposed(32, 32)
@@ -156,6 +161,18 @@ def _worker(which_only: bool) -> None:
     checked += 1
     if y.shape != (2, 3, 70) or (y.double() - ref).abs().max() / ref.abs().max() > 1e-5:
         failures.append(f"{isa} batched input: shape {tuple(y.shape)}")
+
+    # The fused epilogue (residual, GELU) on streamed outputs.
+    values, crow, col = _random_bsr(torch, 1024, 96, 32, 32, 0.4, torch.float32, gen)
+    x, bias = torch.randn(1100, 96, generator=gen), torch.randn(1024, generator=gen)
+    residual = torch.randn(1100, 1024, generator=gen)
+    ref = ACTIVATIONS["gelu"](bsr_linear_reference(x.double(), values.double(), crow, col, bias.double(), 1024)
+                              + residual.double())
+    for vals in (values, kernel_layout(values)):
+        y = bsr_linear(x, vals, crow, col, bias, 1024, activation="gelu", residual=residual)
+        checked += 1
+        if not (y.double() - ref).abs().max() / ref.abs().max() < 1e-5:
+            failures.append(f"{isa} streamed outputs with residual and GELU disagree with the reference")
 
     # Concurrent callers: per-call buffers must not be shared between threads.
     values, crow, col = _random_bsr(torch, 256, 192, 32, 32, 0.5, torch.float32, gen)

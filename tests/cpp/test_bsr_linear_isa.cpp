@@ -281,6 +281,12 @@ int main() {
     // large-weight blocking (4 MiB panels, chunks of rows sized for L2), with ragged M, K and N.
     std::mt19937 rng(99);
     run_case<float>(path, {75, 1500, 1530, 32, 32, 0.9}, 2, true, rng, "float32", 1e-5, Activation::kRelu, true);
+    // Past 8 token tiles with small weights (the outer product's tile-major order, ragged N: the last block row is
+    // not staged), and outputs past 4 MiB (staged block rows written with streaming stores), blocks and vectors.
+    run_case<float>(path, {500, 200, 300, 32, 32, 0.5, 3}, 2, true, rng, "float32", 1e-5, Activation::kRelu, true);
+    run_case<float>(path, {1100, 96, 1024, 16, 16, 0.45}, 2, true, rng, "float32", 1e-5, Activation::kGelu, true);
+    run_case<float>(path, {1100, 100, 1024, 16, 1, 0.3, 1}, 3, false, rng, "float32", 1e-5);
+    run_case<bfloat16_t>(path, {500, 200, 300, 32, 32, 0.5}, 2, true, rng, "bfloat16", 1e-2, Activation::kRelu, true);
     run_all<bfloat16_t>(path, "bfloat16", 1e-2);
     run_all<float16_t>(path, "float16", 1e-2);
     // 16-bit weights past 1 MB at M <= 4: the dot kernel's weight prefetch (the first pass of M = 4 only) on

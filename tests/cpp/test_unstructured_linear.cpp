@@ -267,6 +267,9 @@ int main() {
       {0, 8, 8, 0.5},      {8, 8, 0, 0.5},       {200, 23, 2, 0.4, 1}, {300, 70, 33, 0.3},
       // batch 1-3 over several row groups of the gather path (256 / M rows each), sparse enough for empty segments
       {3, 200, 300, 0.3},  {1, 1000, 700, 0.02}, {2, 129, 513, 0.6, 7},
+      // outputs past 4 MiB (streaming stores where a run of 16 outputs starts on a cache line; N = 1030: rows
+      // shifted off the lines, plain stores)
+      {1100, 40, 1040, 0.2}, {1100, 37, 1030, 0.3, 1},
   };
   for (const Case& c : cases) run_case(c, rng);
   for (CpuIsa isa : paths()) std::printf("tested path: %s\n", name(isa));

@@ -76,8 +76,9 @@ struct Isa {
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
+  static void fence() {}  // no streaming stores on this path (store_transposed ignores `stream`)
   static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy,
-                               const float* res, Activation act) {
+                               const float* res, Activation act, bool) {
     __m256 r[8];
     const bool plain = res == nullptr && act == Activation::kNone;
     if (rows == 8 && tokens == 8 && plain) {  // whole tiles (all but a ragged edge): no masks, no branches

@@ -87,14 +87,24 @@ struct Isa {
     _mm256_storeu_ps(out, first ? sums : _mm256_add_ps(_mm256_loadu_ps(out), sums));
   }
 
+  // A token's 16 outputs: with `stream` and p 64-byte aligned, one whole line past the caches.
+  static void store_row(float* p, __m512 v, bool stream) {
+    if (stream && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_storeu_ps(p, v);
+    }
+  }
+  static void fence() { _mm_sfence(); }
+
   static void store_transposed(const float* yT, int64_t ld_t, int64_t rows, int64_t tokens, float* y, int64_t ldy,
-                               const float* res, Activation act) {
+                               const float* res, Activation act, bool stream) {
     __m512 r[16];
     const bool plain = res == nullptr && act == Activation::kNone;
     if (rows == 16 && tokens == 16 && plain) {  // whole tiles (all but a ragged edge): no masks, no branches
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(yT + i * ld_t);
       transpose16(r);
-      for (int t = 0; t < 16; ++t) _mm512_storeu_ps(y + t * ldy, r[t]);
+      for (int t = 0; t < 16; ++t) store_row(y + t * ldy, r[t], stream);
       return;
     }
     for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_loadu_ps(yT + i * ld_t) : _mm512_setzero_ps();
@@ -110,7 +120,11 @@ struct Isa {
         v = _mm512_castpd_ps(
             _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
       }
-      _mm512_mask_storeu_ps(y + t * ldy, keep, v);
+      if (rows == 16) {
+        store_row(y + t * ldy, v, stream);
+      } else {
+        _mm512_mask_storeu_ps(y + t * ldy, keep, v);
+      }
     }
   }
 

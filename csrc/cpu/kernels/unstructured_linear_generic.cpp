@@ -31,8 +31,9 @@ struct Isa {
   static void add_sums(const V* acc, float* out, bool first) {
     for (int e = 0; e < kSumGroup; ++e) out[e] = first ? acc[e] : out[e] + acc[e];
   }
+  static void fence() {}  // no streaming stores on this path (store_transposed ignores `stream`)
   static void store_transposed(const float* yT, int64_t, int64_t rows, int64_t tokens, float* y, int64_t,
-                               const float* res, Activation act) {
+                               const float* res, Activation act, bool) {
     if (rows > 0 && tokens > 0) *y = activate(*yT + (res != nullptr ? *res : 0.0f), act);
   }
 

@@ -29,7 +29,8 @@ PYSPARSE_UNSTRUCTURED_ENTRY
 #endif
 #undef PYSPARSE_UNSTRUCTURED_ENTRY
 
-// Contiguous runs of rows with about equal work (nonzeros + 8 per row: a row's fixed cost), at most n_chunks of them:
+// Contiguous runs of rows with about equal work (nonzeros + 8 per row: a row's fixed cost), at most n_chunks of them,
+// cut at multiples of 16 rows where N >= 16 n_chunks:
 // chunk c is rows [bounds[c], bounds[c + 1]). Threads take chunks dynamically.
 std::vector<int64_t> unstructured_row_chunks(const int32_t* segment_ptr, const UnstructuredProblem& p,
                                              int64_t n_chunks);
