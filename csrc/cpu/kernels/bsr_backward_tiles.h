@@ -38,6 +38,9 @@
 #define PYSPARSE_BWD_NOINLINE __attribute__((noinline))
 
 using V = typename Isa::V;
+
+// Scratch (slabs, transposed tiles, row-major copies) 64-byte aligned, so the tiles' vector loads never span two lines.
+#include "aligned_scratch.inc"
 constexpr int L = Isa::L;
 
 // grad_y bytes per grad_input work item: the chunk's grad_y rows stay in L2 while its block columns run; in 64..512
@@ -200,19 +203,21 @@ void grad_input_columns(const float* gy, const float* values, const int32_t* col
   const int64_t n_groups = (p.M + L - 1) / L;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> gxt(size_t(p.K * L)), gyt(size_t(p.N * L));
+    std::vector<float> gxt_buf, gyt_buf;
+    float* const gxt = scratch(gxt_buf, size_t(p.K * L));
+    float* const gyt = scratch(gyt_buf, size_t(p.N * L));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_groups; ++item) {
       const int64_t t0 = item * L, tn = std::min<int64_t>(L, p.M - t0);
-      std::fill(gxt.begin(), gxt.end(), 0.0f);
+      std::fill(gxt, gxt + p.K * L, 0.0f);
       // grad_y's rows of the group, transposed: gyt[j][t] (tokens past tn are 0)
-      transpose_rows(gy + t0 * p.N, p.N, p.N, tn, gyt.data(), L);
+      transpose_rows(gy + t0 * p.N, p.N, p.N, tn, gyt, L);
       for (int64_t r = 0; r < p.n_block_rows; ++r) {
         const int64_t n = row_start[r + 1] - row_start[r], ih = std::min(p.bh, p.N - r * p.bh);
         if (n == 0) continue;
         for (int64_t i0 = 0; i0 < ih; i0 += RB) {
-          gi_column_row<RB>(gyt.data() + (r * p.bh + i0) * L, int(std::min<int64_t>(RB, ih - i0)), values + i0,
-                            ids.data() + row_start[r], cols.data() + row_start[r], n, p.bh, gxt.data());
+          gi_column_row<RB>(gyt + (r * p.bh + i0) * L, int(std::min<int64_t>(RB, ih - i0)), values + i0,
+                            ids.data() + row_start[r], cols.data() + row_start[r], n, p.bh, gxt);
         }
       }
       for (int64_t t = 0; t < tn; ++t) {
@@ -237,8 +242,9 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
   const bool stream = p.M * p.K * int64_t(sizeof(float)) > kStreamGradBytes;
   // Block-transposed weights are made row-major once per call, shared by the items (a transpose per item repeated
   // it for every token chunk: 384->1536 and 768->3072 at 90%, M = 1024, ran 17-21% slower than row-major weights).
-  std::vector<float> row_major(transposed ? size_t(p.nnz * block) : 0);
-  const float* blocks = transposed ? row_major.data() : values;
+  std::vector<float> row_major_buf;
+  float* const row_major = transposed ? scratch(row_major_buf, size_t(p.nnz * block)) : nullptr;
+  const float* blocks = transposed ? row_major : values;
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<const float*> w;  // per block of the column: its row-major data
@@ -247,7 +253,7 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < p.nnz; ++b) {
         const float* src = values + b * block;
-        float* dst = row_major.data() + b * block;
+        float* dst = row_major + b * block;
         for (int64_t i = 0; i < bh; ++i) {
           for (int64_t j = 0; j < bw; ++j) dst[i * bw + j] = src[j * bh + i];
         }
@@ -454,7 +460,8 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
   }
   const int64_t chunk = bw == 1 ? kGvChunkColumns : kGvChunk;
   // x's chunk, one contiguous [chunk][bw] slab per block column, shared by the threads.
-  std::vector<float> x_slabs(size_t(p.n_block_cols * chunk * bw));
+  std::vector<float> x_slabs_buf;
+  float* const x_slabs = scratch(x_slabs_buf, size_t(p.n_block_cols * chunk * bw));
 #pragma omp parallel num_threads(num_threads)
   {
     // This thread's block rows: those whose first block falls in its equal share of the nonzero blocks.
@@ -462,40 +469,41 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
     const int32_t* end = crow + p.n_block_rows + 1;
     const int64_t r_begin = std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
     const int64_t r_end = std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
-    std::vector<float> gy_slab(size_t(chunk * bh));
+    std::vector<float> gy_slab_buf;
+    float* const gy_slab = scratch(gy_slab_buf, size_t(chunk * bh));
     std::vector<const float*> xa;  // column vectors: the x column of each block of the row
     for (int64_t t0 = 0; t0 < p.M; t0 += chunk) {
       const int64_t tn = std::min(chunk, p.M - t0);
       if (bw == 1) {  // each slab is one column of x over the chunk: transposed L tokens at a time
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < tn; g += L) {
-          transpose_rows(x + (t0 + g) * p.ldx, p.ldx, p.K, std::min<int64_t>(L, tn - g), x_slabs.data() + g, chunk);
+          transpose_rows(x + (t0 + g) * p.ldx, p.ldx, p.K, std::min<int64_t>(L, tn - g), x_slabs + g, chunk);
         }
       } else {
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < p.n_block_cols; ++c) {
           pack_slab(x + t0 * p.ldx + c * bw, p.ldx, tn, std::min(bw, p.K - c * bw), bw,
-                    x_slabs.data() + c * chunk * bw);
+                    x_slabs + c * chunk * bw);
         }
       }  // implicit barrier: every slab is packed
       for (int64_t r = r_begin; r < r_end; ++r) {
         if (crow[r] == crow[r + 1]) continue;
         const int64_t vr = std::min(bh, p.N - r * bh);  // rows of the block row inside grad_y
-        pack_slab(gy + t0 * p.N + r * bh, p.N, tn, vr, bh, gy_slab.data());
+        pack_slab(gy + t0 * p.N + r * bh, p.N, tn, vr, bh, gy_slab);
         if (bw == 1) {  // column vectors: never block-transposed
           xa.clear();
-          for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) xa.push_back(x_slabs.data() + col[blk] * chunk);
-          gv_column_row(xa.data(), int64_t(xa.size()), gy_slab.data(), tn, t0 > 0, gv + crow[r] * bh, bh, vr);
+          for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) xa.push_back(x_slabs + col[blk] * chunk);
+          gv_column_row(xa.data(), int64_t(xa.size()), gy_slab, tn, t0 > 0, gv + crow[r] * bh, bh, vr);
           continue;
         }
         for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) {
           const int64_t c = col[blk], vc = std::min(bw, p.K - c * bw);
-          const float* xs = x_slabs.data() + c * chunk * bw;
+          const float* xs = x_slabs + c * chunk * bw;
           float* out = gv + blk * block;
           if (transposed) {
-            gv_block(xs, bw, gy_slab.data(), bh, tn, t0 > 0, out, bw, bh, vc, vr);
+            gv_block(xs, bw, gy_slab, bh, tn, t0 > 0, out, bw, bh, vc, vr);
           } else {
-            gv_block(gy_slab.data(), bh, xs, bw, tn, t0 > 0, out, bh, bw, vr, vc);
+            gv_block(gy_slab, bh, xs, bw, tn, t0 > 0, out, bh, bw, vr, vc);
           }
         }
       }
