@@ -25,6 +25,10 @@ TORCH_LIBRARY(pysparse, m) {
         "int in_features) -> Tensor");
   m.def("bsr_linear_grad_values(Tensor grad_output, Tensor input, Tensor values, Tensor crow_indices, "
         "Tensor col_indices) -> Tensor");
+  // The same and the bias gradient [out_features] (grad_output's column sums, in grad_output's dtype), the float32
+  // kernels summing the grad_output rows they read anyway: (grad_values, grad_bias).
+  m.def("bsr_linear_grad_values_bias(Tensor grad_output, Tensor input, Tensor values, Tensor crow_indices, "
+        "Tensor col_indices) -> (Tensor, Tensor)");
   // y = F.linear(input, W, bias) with W [out_features, in_features] zero outside the kept rows out_index and
   // kept columns in_index (int32, strictly increasing); values [len(out_index), len(in_index)] holds the kept part.
   // bias covers all out_features: dropped outputs equal their bias (or 0).

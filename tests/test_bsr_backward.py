@@ -185,6 +185,43 @@ def test_opcheck(transposed):
     torch.library.opcheck(torch.ops.pysparse.bsr_column_index.default, (crow, col, 5))
     torch.library.opcheck(torch.ops.pysparse.bsr_linear_grad_input.default, (grad, values, col_ptr, entries, 37))
     torch.library.opcheck(torch.ops.pysparse.bsr_linear_grad_values.default, (grad, x, values, crow, col))
+    torch.library.opcheck(torch.ops.pysparse.bsr_linear_grad_values_bias.default, (grad, x, values, crow, col))
+
+
+# (out_features, in_features, block_size, tokens, density, rows kept): block rows without blocks inside and at the end
+# (their bias gradient is read apart from the slabs), a ragged last block row, no block at all, more tokens than a
+# chunk, column vectors.
+BIAS_CASES = [
+    (45, 37, (8, 8), 70, 0.6, slice(0, 3)),
+    (100, 64, (32, 32), 300, 0.5, slice(1, 2)),
+    (40, 48, (16, 16), 5, 0.0, slice(0, 0)),
+    (70, 23, (16, 1), 130, 0.5, slice(0, 3)),
+    (50, 33, (16, 16), 0, 0.5, slice(0, 4)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,block_size,m,density,rows", BIAS_CASES)
+def test_grad_values_bias_on_every_path(n, k, block_size, m, density, rows, dtype):
+    """The fused bias gradient equals grad's column sums, and grad_values the unfused op's, on every CPU path."""
+    layer = _layer(n, k, block_size, density)
+    g = torch.Generator().manual_seed(5)
+    keep = torch.zeros(-(-n // block_size[0]), dtype=torch.bool)
+    keep[rows] = True
+    weight = BlockSparseWeight.from_dense(layer.weight.to_dense() * keep.repeat_interleave(block_size[0])[:n, None],
+                                          block_size)
+    values = weight.values.to(dtype)
+    grad = torch.randn(m, n, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    for isa in pysparse.ops.cpu_paths():
+        with pysparse.ops.force_cpu_path(isa):
+            gv, gb = torch.ops.pysparse.bsr_linear_grad_values_bias(grad, x, values, weight.crow_indices,
+                                                                   weight.col_indices)
+            want_gv = torch.ops.pysparse.bsr_linear_grad_values(grad, x, values, weight.crow_indices,
+                                                               weight.col_indices)
+        assert gb.dtype == dtype and gb.shape == (n,)
+        assert _rel(gb, grad.double().sum(0)) < (1e-6 if dtype == torch.float32 else 1e-2), isa
+        assert torch.equal(gv, want_gv), isa
 
 
 def test_column_index_lists_blocks_by_column():

@@ -144,10 +144,12 @@ at::Tensor bsr_linear_grad_input_cpu(const at::Tensor& grad_output, const at::Te
   return dtype == at::kFloat ? gx : gx.to(dtype);
 }
 
-// grad_values [nnz, bh, bw], in values' layout and dtype: the gradient of the kept blocks only.
-at::Tensor bsr_linear_grad_values_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& values,
-                                      const at::Tensor& crow_indices, const at::Tensor& col_indices) {
-  const char* op = "bsr_linear_grad_values";
+// grad_values [nnz, bh, bw], in values' layout and dtype: the gradient of the kept blocks only; with_bias: also the
+// bias gradient [N] (grad_output's column sums; from the same pass over grad_output in float32, else torch's sum).
+std::tuple<at::Tensor, at::Tensor> grad_values_impl(const char* op, const at::Tensor& grad_output,
+                                                    const at::Tensor& input, const at::Tensor& values,
+                                                    const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                                    bool with_bias) {
   check_floating(op, "grad_output", grad_output, at::ScalarType::Undefined);
   const at::ScalarType dtype = grad_output.scalar_type();
   check_floating(op, "input", input, dtype);
@@ -166,15 +168,29 @@ at::Tensor bsr_linear_grad_values_cpu(const at::Tensor& grad_output, const at::T
   if (dtype == at::kBFloat16 && bsr_backward_bf16_native(p)) {
     bsr_grad_values_cpu(bf16(gy), bf16(x), crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), transposed,
                         bf16_out(gv), p, at::get_num_threads());
-    return gv;
+    return {gv, with_bias ? gy.sum(0) : at::Tensor()};
   }
   const at::Tensor gy32 = widened(gy), x32 = widened(x);
   at::Tensor gv32 = dtype == at::kFloat ? gv : at::empty_like(gv, gv.options().dtype(at::kFloat));
+  at::Tensor gb32 = with_bias ? at::empty({N}, gy.options().dtype(at::kFloat)) : at::Tensor();
   bsr_grad_values_cpu(gy32.const_data_ptr<float>(), x32.const_data_ptr<float>(), crow.const_data_ptr<int32_t>(),
                       col.const_data_ptr<int32_t>(), transposed, gv32.mutable_data_ptr<float>(), p,
-                      at::get_num_threads());
+                      at::get_num_threads(), with_bias ? gb32.mutable_data_ptr<float>() : nullptr);
   if (dtype != at::kFloat) gv.copy_(gv32);
-  return gv;
+  return {gv, with_bias && dtype != at::kFloat ? gb32.to(dtype) : gb32};
+}
+
+at::Tensor bsr_linear_grad_values_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& values,
+                                      const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  return std::get<0>(grad_values_impl("bsr_linear_grad_values", grad_output, input, values, crow_indices, col_indices,
+                                      false));
+}
+
+std::tuple<at::Tensor, at::Tensor> bsr_linear_grad_values_bias_cpu(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, const at::Tensor& values,
+                                                                   const at::Tensor& crow_indices,
+                                                                   const at::Tensor& col_indices) {
+  return grad_values_impl("bsr_linear_grad_values_bias", grad_output, input, values, crow_indices, col_indices, true);
 }
 
 }  // namespace
@@ -183,6 +199,7 @@ TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
   m.impl("bsr_column_index", &bsr_column_index_cpu);
   m.impl("bsr_linear_grad_input", &bsr_linear_grad_input_cpu);
   m.impl("bsr_linear_grad_values", &bsr_linear_grad_values_cpu);
+  m.impl("bsr_linear_grad_values_bias", &bsr_linear_grad_values_bias_cpu);
 }
 
 }  // namespace pysparse

@@ -155,6 +155,12 @@ def _bsr_linear_grad_values_fake(grad_output, input, values, crow_indices, col_i
     return torch.empty_like(values) if is_block_transposed(values) else values.new_empty(values.shape)
 
 
+@torch.library.register_fake("pysparse::bsr_linear_grad_values_bias")
+def _bsr_linear_grad_values_bias_fake(grad_output, input, values, crow_indices, col_indices):
+    grad_values = _bsr_linear_grad_values_fake(grad_output, input, values, crow_indices, col_indices)
+    return grad_values, grad_output.new_empty((grad_output.shape[-1],))
+
+
 def bsr_linear_reference(input, values, crow_indices, col_indices, bias, out_features):
     """Pure-torch ``bsr_linear``: densify W and call ``F.linear`` (the test oracle and a portable fallback)."""
     weight = bsr_to_dense(values, crow_indices, col_indices, (out_features, input.shape[-1]))
@@ -281,7 +287,10 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
         if cpu_kernels and values is not None and grad_kernels_apply(grad, values):
             if ctx.needs_input_grad[0]:
                 grad_input = bsr_linear_grad_input(grad, values, crow_indices, col_indices, k)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] and ctx.needs_input_grad[4]:  # the bias gradient from the same pass
+                grad_values, grad_bias = bsr_linear_grad_values(grad, input, values, crow_indices, col_indices,
+                                                                with_bias=True)
+            elif ctx.needs_input_grad[1]:
                 grad_values = bsr_linear_grad_values(grad, input, values, crow_indices, col_indices)
         elif ctx.needs_input_grad[0]:
             n_block_cols = -(-k // ctx.block_size[1])
@@ -290,7 +299,7 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
         if ctx.needs_input_grad[1] and grad_values is None:
             grad_values = _values_grad(grad.reshape(-1, n), input.reshape(-1, k), crow_indices, col_indices,
                                        ctx.block_size, ctx.nnz)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] and grad_bias is None:
             grad_bias = grad.reshape(-1, n).sum(0)
         return grad_input, grad_values, None, None, grad_bias, None
 

@@ -174,12 +174,25 @@ void run_case(const Case& c, std::mt19937& rng) {
       for (int threads = 1; threads <= 3; ++threads) {
         const std::string what = describe(c, path.name, transposed, threads);
         const std::vector<float>& vals = transposed ? values_t : w.values;
-        std::vector<float> gx(size_t(p.M * p.K), nan), gv(w.values.size(), nan);
+        std::vector<float> gx(size_t(p.M * p.K), nan), gv(w.values.size(), nan), gb(size_t(p.N), nan);
         bsr_grad_input_cpu_isa(path.isa, gy.data(), vals.data(), transposed, col_ptr.data(), entries.data(),
                                gx.data(), p, threads);
+        // Every other run also asks for the bias gradient (grad_y's column sums), which must not change grad_values.
+        const bool with_bias = threads != 2;
         bsr_grad_values_cpu_isa(path.isa, gy.data(), x.data(), w.crow.data(), w.col.data(), transposed, gv.data(), p,
-                                threads);
+                                threads, with_bias ? gb.data() : nullptr);
         compare(w, ref, gx, gv, transposed, what, close);
+        for (int64_t n = 0; with_bias && n < p.N; ++n) {
+          double want = 0.0, scale = 1e-30;
+          for (int64_t t = 0; t < p.M; ++t) {
+            want += gy[size_t(t * p.N + n)];
+            scale += std::fabs(gy[size_t(t * p.N + n)]);
+          }
+          if (!(std::fabs(gb[size_t(n)] - want) <= 1e-5 * scale)) {
+            CHECK(false, what << ": grad_bias[" << n << "] = " << gb[size_t(n)] << ", want " << want);
+            break;
+          }
+        }
       }
     }
   }

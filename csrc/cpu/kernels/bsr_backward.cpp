@@ -65,17 +65,19 @@ void bsr_grad_input_cpu_isa(CpuIsa isa, const float* grad_y, const float* values
 }
 
 void bsr_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,
-                             bool transposed, float* grad_values, const BsrProblem& p, int num_threads) {
+                             bool transposed, float* grad_values, const BsrProblem& p, int num_threads,
+                             float* grad_bias) {
   if (num_threads < 1) num_threads = 1;
   switch (isa) {
 #if PYSPARSE_X86
-    case CpuIsa::kAvx2: return avx2::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
+    case CpuIsa::kAvx2:
+      return avx2::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads, grad_bias);
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512Amx:
-      return avx512::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
+      return avx512::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads, grad_bias);
 #endif
-    default: return generic::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads);
+    default: return generic::bsr_grad_values(grad_y, x, crow, col, transposed, grad_values, p, num_threads, grad_bias);
   }
 }
 
@@ -114,8 +116,10 @@ void bsr_grad_input_cpu(const float* grad_y, const float* values, bool transpose
 }
 
 void bsr_grad_values_cpu(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,
-                         bool transposed, float* grad_values, const BsrProblem& p, int num_threads) {
-  bsr_grad_values_cpu_isa(active_cpu_isa_id(), grad_y, x, crow, col, transposed, grad_values, p, num_threads);
+                         bool transposed, float* grad_values, const BsrProblem& p, int num_threads,
+                         float* grad_bias) {
+  bsr_grad_values_cpu_isa(active_cpu_isa_id(), grad_y, x, crow, col, transposed, grad_values, p, num_threads,
+                          grad_bias);
 }
 
 }  // namespace pysparse

@@ -34,9 +34,11 @@ void bsr_grad_input_cpu(const float* grad_y, const float* values, bool transpose
                         const int32_t* entries, float* grad_x, const BsrProblem& p, int num_threads);
 
 // grad_values [nnz] blocks in values' layout (`transposed` as above), fully written; x has row stride p.ldx,
-// grad_y is [M, N] row-major.
+// grad_y is [M, N] row-major. grad_bias (optional, [N]): the bias gradient, grad_y's column sums, fully written; the
+// kernel sums the columns of the grad_y rows it copies anyway (float32, in chunks of tokens), and reads the rest.
 void bsr_grad_values_cpu(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,
-                         bool transposed, float* grad_values, const BsrProblem& p, int num_threads);
+                         bool transposed, float* grad_values, const BsrProblem& p, int num_threads,
+                         float* grad_bias = nullptr);
 
 // bfloat16 gradients natively (AMX tiles, float32 accumulation, one rounding): where bsr_backward_bf16_native holds
 // for the path (default: the current one) and p. Elsewhere the caller widens to float32 and runs the kernels above.
@@ -52,6 +54,7 @@ void bsr_grad_input_cpu_isa(CpuIsa isa, const float* grad_y, const float* values
                             const int32_t* col_ptr, const int32_t* entries, float* grad_x, const BsrProblem& p,
                             int num_threads);
 void bsr_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,
-                             bool transposed, float* grad_values, const BsrProblem& p, int num_threads);
+                             bool transposed, float* grad_values, const BsrProblem& p, int num_threads,
+                             float* grad_bias = nullptr);
 
 }  // namespace pysparse

@@ -64,8 +64,8 @@ void bsr_grad_input(const float* grad_y, const float* values, bool transposed, c
 }
 
 void bsr_grad_values(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col, bool transposed,
-                     float* grad_values_out, const BsrProblem& p, int num_threads) {
-  grad_values(grad_y, x, crow, col, transposed, grad_values_out, p, num_threads);
+                     float* grad_values_out, const BsrProblem& p, int num_threads, float* grad_bias) {
+  grad_values(grad_y, x, crow, col, transposed, grad_values_out, p, num_threads, grad_bias);
 }
 
 }  // namespace avx512

@@ -10,7 +10,8 @@ namespace pysparse {
   void bsr_grad_input(const float* grad_y, const float* values, bool transposed, const int32_t* col_ptr,          \
                       const int32_t* entries, float* grad_x, const BsrProblem& p, int num_threads);               \
   void bsr_grad_values(const float* grad_y, const float* x, const int32_t* crow, const int32_t* col,              \
-                       bool transposed, float* grad_values, const BsrProblem& p, int num_threads);
+                       bool transposed, float* grad_values, const BsrProblem& p, int num_threads,                 \
+                       float* grad_bias);
 
 namespace generic {
 PYSPARSE_BSR_BACKWARD_DECLARE

@@ -450,10 +450,22 @@ void pack_slab(const float* src, int64_t ld, int64_t nt, int64_t n, int64_t w, f
   for (int64_t t = 0; t < nt; ++t) std::copy(src + t * ld, src + t * ld + n, dst + t * w);
 }
 
+// out[0 : n] += the column sums of rows [0, nt) of src (row stride ld): one chunk of tokens summed in registers, then
+// added (two levels, so float32 keeps about the precision of torch's cascaded sum).
+void add_column_sums(const float* src, int64_t ld, int64_t nt, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += L) {
+    const int k = int(std::min<int64_t>(L, n - i));
+    V s = Isa::zero();
+    for (int64_t t = 0; t < nt; ++t) s = Isa::add(s, Isa::load_n(src + t * ld + i, k));
+    Isa::store_n(out + i, Isa::add(Isa::load_n(out + i, k), s), k);
+  }
+}
+
 void grad_values(const float* gy, const float* x, const int32_t* crow, const int32_t* col, bool transposed,
-                 float* gv, const BsrProblem& p, int num_threads) {
+                 float* gv, const BsrProblem& p, int num_threads, float* gbias) {
   const int64_t bh = p.bh, bw = p.bw, block = bh * bw;
-  if (p.nnz == 0) return;
+  if (gbias != nullptr) std::fill(gbias, gbias + p.N, 0.0f);
+  if (p.nnz == 0 && gbias == nullptr) return;
   if (p.M == 0) {
     std::fill(gv, gv + p.nnz * block, 0.0f);
     return;
@@ -467,8 +479,10 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
     // This thread's block rows: those whose first block falls in its equal share of the nonzero blocks.
     const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
     const int32_t* end = crow + p.n_block_rows + 1;
-    const int64_t r_begin = std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
-    const int64_t r_end = std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
+    const int64_t r_begin = me == 0 ? 0 : std::lower_bound(crow, end, int32_t(p.nnz * me / nt)) - crow;
+    // The last thread also takes trailing rows without blocks (their bias gradient).
+    const int64_t r_end =
+        me == nt - 1 ? p.n_block_rows : std::lower_bound(crow, end, int32_t(p.nnz * (me + 1) / nt)) - crow;
     std::vector<float> gy_slab_buf;
     float* const gy_slab = scratch(gy_slab_buf, size_t(chunk * bh));
     std::vector<const float*> xa;  // column vectors: the x column of each block of the row
@@ -487,9 +501,13 @@ void grad_values(const float* gy, const float* x, const int32_t* crow, const int
         }
       }  // implicit barrier: every slab is packed
       for (int64_t r = r_begin; r < r_end; ++r) {
-        if (crow[r] == crow[r + 1]) continue;
         const int64_t vr = std::min(bh, p.N - r * bh);  // rows of the block row inside grad_y
+        if (crow[r] == crow[r + 1]) {
+          if (gbias != nullptr) add_column_sums(gy + t0 * p.N + r * bh, p.N, tn, vr, gbias + r * bh);
+          continue;
+        }
         pack_slab(gy + t0 * p.N + r * bh, p.N, tn, vr, bh, gy_slab);
+        if (gbias != nullptr) add_column_sums(gy_slab, bh, tn, vr, gbias + r * bh);
         if (bw == 1) {  // column vectors: never block-transposed
           xa.clear();
           for (int64_t blk = crow[r]; blk < crow[r + 1]; ++blk) xa.push_back(x_slabs + col[blk] * chunk);
