@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -178,6 +179,27 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     err = (out.double() - ref).abs().max().item()
     scale = ref.abs().max().item()
     return err / scale if scale > 0 else err
+
+
+def concurrent_call_failures(call, inputs, refs, tol: float, rounds: int = 5) -> list[int]:
+    """Calls ``call(x)`` ``rounds`` times on each input, each input from its own Python thread (per-call buffers must
+    not be shared between callers; grad mode is per thread, so ``call`` sets its own). Returns the sorted indices of
+    the inputs whose output was not finite or differed from its reference by more than ``tol`` times the reference's
+    largest entry."""
+    errors = set()
+
+    def caller(i):
+        for _ in range(rounds):
+            y = call(inputs[i])
+            if not bool(torch.isfinite(y).all()) or (y.double() - refs[i]).abs().max() > tol * refs[i].abs().max():
+                errors.add(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(errors)
 
 
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:

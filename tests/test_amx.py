@@ -5,12 +5,11 @@ and dense weights, strided inputs, bias, residual and every activation, NaN-pois
 and concurrent callers. Skipped where the CPU (or the OS) has no AMX."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import concurrent_call_failures
 from pysparse import ops
 from pysparse.ops import ACTIVATIONS, bsr_linear, bsr_linear_reference
 
@@ -113,21 +112,13 @@ def test_thread_counts_and_concurrent_callers():
                 for x, ref in zip(inputs, refs):
                     _check(_run(x, values, crow, col, None, 256), ref, f"threads={threads} M={x.shape[0]}")
             torch.set_num_threads(previous)
-            errors = []
 
-            def caller(i):
-                for _ in range(5):
-                    with torch.no_grad():
-                        y = bsr_linear(inputs[i], values, crow, col, None, 256)
-                    if not torch.isfinite(y).all() or (y.double() - refs[i]).abs().max() > 1e-2 * refs[i].abs().max():
-                        errors.append(i)
+            def call(x):
+                with torch.no_grad():
+                    return bsr_linear(x, values, crow, col, None, 256)
 
-            workers = [threading.Thread(target=caller, args=(i,)) for i in range(len(inputs))]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            assert not errors, f"concurrent callers disagreed with the reference: inputs {sorted(set(errors))}"
+            errors = concurrent_call_failures(call, inputs, refs, 1e-2)
+            assert not errors, f"concurrent callers disagreed with the reference: inputs {errors}"
     finally:
         torch.set_num_threads(previous)
 

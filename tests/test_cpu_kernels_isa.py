@@ -101,11 +101,10 @@ def _cases():
 
 
 def _worker(which_only: bool) -> None:
-    import threading
-
     import torch
 
     import pysparse
+    from conftest import concurrent_call_failures  # this file's folder is the script's first sys.path entry
     from pysparse.ops import ACTIVATIONS, bsr_linear, bsr_linear_reference, kernel_layout
 
     isa = pysparse.ops.available_backends()["cpu"]
@@ -178,22 +177,10 @@ def _worker(which_only: bool) -> None:
     values, crow, col = _random_bsr(torch, 256, 192, 32, 32, 0.5, torch.float32, gen)
     inputs = [torch.randn(m, 192, generator=gen) for m in (1, 3, 40, 77, 130, 2)]
     refs = [bsr_linear_reference(x.double(), values.double(), crow, col, None, 256) for x in inputs]
-    errors = []
-
-    def caller(i):
-        for _ in range(5):
-            y = bsr_linear(inputs[i], values, crow, col, None, 256)
-            if (y.double() - refs[i]).abs().max() / refs[i].abs().max() > 1e-5:
-                errors.append(i)
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = concurrent_call_failures(lambda x: bsr_linear(x, values, crow, col, None, 256), inputs, refs, 1e-5)
     checked += 1
     if errors:
-        failures.append(f"{isa} concurrent callers disagreed with the reference: inputs {sorted(set(errors))}")
+        failures.append(f"{isa} concurrent callers disagreed with the reference: inputs {errors}")
     print(json.dumps({"isa": isa, "reads_transposed_32x32": transposed_32, "checked": checked, "failures": failures}))
 
 

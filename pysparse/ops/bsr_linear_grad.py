@@ -51,8 +51,8 @@ def bsr_linear_grad_input(grad: torch.Tensor, values: torch.Tensor, crow_indices
 def bsr_linear_grad_values(grad: torch.Tensor, input: torch.Tensor, values: torch.Tensor,
                            crow_indices: torch.Tensor, col_indices: torch.Tensor, with_bias: bool = False):
     """``grad^T @ input`` on the kept blocks: ``[nnz, bh, bw]`` in ``values``' layout (entries over padding 0).
-    ``with_bias``: ``(that, grad's column sums [N])``, the bias gradient summed by the kernel from the grad rows it
-    reads anyway (float32; 16-bit through torch's sum)."""
+    ``with_bias``: ``(that, grad's column sums [N])``, the bias gradient summed in float32 by the kernel from the grad
+    rows it reads anyway (by torch's sum on the AMX bfloat16 path)."""
     if with_bias:
         return torch.ops.pysparse.bsr_linear_grad_values_bias.default(grad, input, values, crow_indices, col_indices)
     return torch.ops.pysparse.bsr_linear_grad_values.default(grad, input, values, crow_indices, col_indices)

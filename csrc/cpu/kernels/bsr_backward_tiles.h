@@ -38,16 +38,14 @@
 #define PYSPARSE_BWD_NOINLINE __attribute__((noinline))
 
 using V = typename Isa::V;
+constexpr int L = Isa::L;
 
 // Scratch (slabs, transposed tiles, row-major copies) 64-byte aligned, so the tiles' vector loads never span two lines.
 #include "aligned_scratch.inc"
-constexpr int L = Isa::L;
 
 // grad_y bytes per grad_input work item: the chunk's grad_y rows stay in L2 while its block columns run; in 64..512
 // tokens (fewer tokens make more items, each setting up its column's blocks).
 constexpr int64_t kGiChunkBytes = int64_t(1) << 20;
-// grad_x above this size is written with streaming stores (see grad_input).
-constexpr int64_t kStreamGradBytes = int64_t(4) << 20;
 // Tokens per grad_values chunk: x's rows of a chunk (chunk * K floats) stay in L2 across a thread's blocks. Blocks
 // take 64 (32x32 at 90%, M = 1024-4096: 5-14% faster than 256); column vectors, which transpose x's chunk L tokens
 // at a time, keep 256 (64 ran their layers 5-15% slower).
@@ -239,7 +237,7 @@ void grad_input(const float* gy, const float* values, bool transposed, const int
   // A grad_x larger than the caches is written past them: the items write it in strips of a block column's width,
   // rows a row stride apart, and a normal store first reads each line in (3072->768, M = 1024, in a training step:
   // 4.8-5.5 ms with normal stores, 2.7-2.9 ms streaming).
-  const bool stream = p.M * p.K * int64_t(sizeof(float)) > kStreamGradBytes;
+  const bool stream = p.M * p.K * int64_t(sizeof(float)) > kStreamStoreBytes;
   // Block-transposed weights are made row-major once per call, shared by the items (a transpose per item repeated
   // it for every token chunk: 384->1536 and 768->3072 at 90%, M = 1024, ran 17-21% slower than row-major weights).
   std::vector<float> row_major_buf;

@@ -16,6 +16,11 @@ namespace pysparse {
 // O(n_block_rows + nnz); every kernel relies on it (or on a format that ran it) for memory safety.
 std::string check_bsr_indices(const int32_t* crow, const int32_t* col, const BsrProblem& p);
 
+// Outputs larger than this are written with streaming stores by the kernels whose stores fill whole lines (the
+// outer-product kernel's staged block rows, grad_input's grad_x, the unstructured kernel): they would not stay in
+// the caches for the next op anyway, and a normal store first reads each line in.
+constexpr int64_t kStreamStoreBytes = int64_t(4) << 20;
+
 // Instruction-set paths of the CPU kernels. kAvx512Bf16 is kAvx512 plus vdpbf16ps for bfloat16 (AVX512-BF16);
 // it is chosen where it is faster than widening bfloat16 to float32 (see dispatch.cpp). kAvx512Amx is kAvx512 plus
 // AMX tiles for bfloat16 block products (bsr_linear_amx.cpp); every other kernel runs as on kAvx512.
