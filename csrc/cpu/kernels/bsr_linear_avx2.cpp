@@ -36,8 +36,12 @@ struct Isa {
   static constexpr int dot_rows(int mt) { return mt == 1 ? 8 : 4; }
   // Broadcast kernel: tokens x vectors of outputs per tile (T*NVO accumulators + NVO weights + 1 broadcast <= 16).
   static constexpr int bcast_tokens(int nvo) { return nvo == 4 ? 2 : nvo == 2 ? 6 : 12; }
-  // The broadcast kernel runs at every M and for 16-bit weights too (bcast_applies).
-  static constexpr int64_t kBcastMaxTokens = INT64_MAX;
+  // The broadcast kernel runs float32 up to 384 tokens, 16-bit weights at every M (bcast_applies). Above 384 the
+  // outer-product kernel, whose 24-token tiles then each pack x once for all block rows and stream their outputs,
+  // wins at high sparsity (Zen 3, 2 threads, 16x16 / 32x32 on 4 FFN shapes, its time over the broadcast kernel's,
+  // geometric mean: 90% M = 96-256 1.02-1.32x, 384 0.91x, 512-4096 0.5-0.95x; 70% 1.0-1.27x up to 384, 0.85-1.03x
+  // at 1024; 50% 0.91-1.16x at 256-4096; BENCHMARKS.md).
+  static constexpr int64_t kBcastMaxTokens = 384;
   static constexpr bool kBcast16Bit = true;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
