@@ -7,7 +7,9 @@ each gets the weight layout it reads), checks every variant against the dense ma
 default layer, every variant and dense ``F.linear`` alternating in one process (``alternating_medians``). Each
 timed call sets its variant's path first (a C call of ~0.1 us, the same for the default, which sets "no request").
 It prints, per point, the default's speed over dense, the best variant and its speed, and default / best; points
-below ``--bar`` (0.85) are marked.
+below ``--bar`` (0.85) are marked. Where a kernel's own rules exclude it (the float32 broadcast kernel above
+``kBcastMaxTokens`` on AVX2, above 16 tokens on AVX-512), forcing it on runs the default kernel under another name:
+such points compare one kernel with itself, and a ratio below the bar there is noise (``--recheck`` them).
 
     python benchmarks/bench_path_choice.py                           # the grid at 70% / 90% (~20 min)
     python benchmarks/bench_path_choice.py --patterns 32x32 --m 1 4 16 --sparsity 0.9 --shapes 768x3072

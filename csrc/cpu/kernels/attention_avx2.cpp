@@ -41,20 +41,7 @@ struct Isa {
   static float hmax(V v) { return hmax8(v); }
   static float hsum(V v) { return hsum8(v); }
   // rows[t] <- column t of the 8 x 8 matrix whose rows are rows[0..7].
-  static void transpose8(V* rows) {
-    const __m256 t0 = _mm256_unpacklo_ps(rows[0], rows[1]), t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(rows[2], rows[3]), t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(rows[4], rows[5]), t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(rows[6], rows[7]), t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    rows[0] = _mm256_permute2f128_ps(u0, u4, 0x20), rows[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-    rows[1] = _mm256_permute2f128_ps(u1, u5, 0x20), rows[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    rows[2] = _mm256_permute2f128_ps(u2, u6, 0x20), rows[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-    rows[3] = _mm256_permute2f128_ps(u3, u7, 0x20), rows[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-  }
+  static void transpose8(V* rows) { transpose8x8(rows); }
   // exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the degree-7 polynomial of
   // Cephes' expf (relative error ~1e-7), 2^n built in the exponent bits. Below -87.3 (where 2^n would be
   // denormal) the result is 0; max(lo, x) keeps a NaN x (maxps returns its second operand on NaN).

@@ -2,6 +2,7 @@
 // Function-level target attributes (pragma below): the library builds with plain flags and still loads on CPUs
 // without AVX2; bsr_backward.cpp calls this only where cpuid reports the features.
 #include "bsr_backward_isa.h"
+#include "avx2_reduce.h"
 
 #if PYSPARSE_X86
 #include <immintrin.h>
@@ -50,6 +51,7 @@ struct Isa {
   static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void transpose(V* r) { transpose8x8(r); }  // r[i][j] -> r[j][i], in registers
 };
 
 #include "bsr_backward_tiles.h"

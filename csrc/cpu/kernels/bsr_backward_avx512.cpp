@@ -52,6 +52,14 @@ struct Isa {
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static void transpose(V* r) {  // r[i][j] -> r[j][i], through memory (column-vector blocks only)
+    alignas(64) float t[L][L], u[L][L];
+    for (int i = 0; i < L; ++i) _mm512_store_ps(t[i], r[i]);
+    for (int i = 0; i < L; ++i) {
+      for (int j = 0; j < L; ++j) u[j][i] = t[i][j];
+    }
+    for (int i = 0; i < L; ++i) r[i] = _mm512_load_ps(u[i]);
+  }
 };
 
 #include "bsr_backward_tiles.h"

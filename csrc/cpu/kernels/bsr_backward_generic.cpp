@@ -49,6 +49,11 @@ struct Isa {
     for (int i = 0; i < L; ++i) a.v[i] += b.v[i];
     return a;
   }
+  static void transpose(V* r) {  // r[i][j] -> r[j][i]
+    for (int i = 0; i < L; ++i) {
+      for (int j = i + 1; j < L; ++j) std::swap(r[i].v[j], r[j].v[i]);
+    }
+  }
 };
 
 #include "bsr_backward_tiles.h"

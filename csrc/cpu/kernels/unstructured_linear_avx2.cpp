@@ -27,26 +27,6 @@ namespace {
 
 #include "simd_activation.inc"  // activate8: the fused epilogue of store_transposed
 
-// In-register transpose of an 8x8 tile: r[i][c] -> r[c][i].
-inline __attribute__((always_inline)) void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + j], 128-bit lane l: column 4l + j of rows 4i..4i+3.
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
-    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
-  }
-}
-
 // Mask of the first n (0..8) of 8 lanes.
 __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -83,12 +63,12 @@ struct Isa {
     const bool plain = res == nullptr && act == Activation::kNone;
     if (rows == 8 && tokens == 8 && plain) {  // whole tiles (all but a ragged edge): no masks, no branches
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(yT + i * ld_t);
-      transpose8(r);
+      transpose8x8(r);
       for (int t = 0; t < 8; ++t) _mm256_storeu_ps(y + t * ldy, r[t]);
       return;
     }
     for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(yT + i * ld_t) : _mm256_setzero_ps();
-    transpose8(r);
+    transpose8x8(r);
     const __m256i keep = first_lanes(rows);
     for (int64_t t = 0; t < tokens; ++t) {
       __m256 v = r[t];
@@ -107,7 +87,7 @@ struct Isa {
       for (int64_t i = 0; i < 8; ++i) {
         r[i] = t0 + i < tokens ? _mm256_maskload_ps(x + (t0 + i) * ldx, cols) : _mm256_setzero_ps();
       }
-      transpose8(r);
+      transpose8x8(r);
       for (int64_t k = 0; k < kn; ++k) _mm256_storeu_ps(dst + k * width + t0, r[k]);
     }
   }
