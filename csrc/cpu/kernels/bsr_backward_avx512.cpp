@@ -1,6 +1,7 @@
 // AVX-512 path (F, BW, VL, DQ) of the bsr_linear backward kernels: 16 floats per vector, 32 vector registers.
 // Function-level target attributes (pragma below): the library builds with plain flags and still loads on CPUs
 // without AVX-512; bsr_backward.cpp calls this only where cpuid reports the features.
+#include "avx512_transpose.h"
 #include "bsr_backward_isa.h"
 
 #if PYSPARSE_X86
@@ -52,14 +53,7 @@ struct Isa {
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static void transpose(V* r) {  // r[i][j] -> r[j][i], through memory (column-vector blocks only)
-    alignas(64) float t[L][L], u[L][L];
-    for (int i = 0; i < L; ++i) _mm512_store_ps(t[i], r[i]);
-    for (int i = 0; i < L; ++i) {
-      for (int j = 0; j < L; ++j) u[j][i] = t[i][j];
-    }
-    for (int i = 0; i < L; ++i) r[i] = _mm512_load_ps(u[i]);
-  }
+  static void transpose(V* r) { transpose16(r); }  // r[i][j] -> r[j][i], in registers
 };
 
 #include "bsr_backward_tiles.h"
