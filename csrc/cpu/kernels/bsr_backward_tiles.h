@@ -173,6 +173,28 @@ PYSPARSE_BWD_NOINLINE void gi_column_row(const float* gyt, int ni, const float* 
   }
 }
 
+// Full block rows of exactly 2 * RB rows (16x1 on AVX2, 32x1 on AVX-512): the first RB rows' grad_y vectors in
+// registers, the other RB loaded per block from gyt (in L1), all 2 * RB multiply-adds of a block unrolled into one
+// read-modify-write of its accumulator. Against two calls of gi_column_row: 1.08-1.27x on Zen 3 (16x1, 90% and 70%,
+// M = 1024); the same with a runtime count of rows past RB ran 0.90-1.00x, so the row count stays a constant.
+template <int RB>
+PYSPARSE_BWD_NOINLINE void gi_column_row_pair(const float* gyt, const float* values, const int32_t* ids,
+                                              const int32_t* cols, int64_t n, float* gxt) {
+  V g[RB];
+  PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) g[i] = Isa::load(gyt + i * L);
+  const float* g2 = gyt + RB * L;
+  for (int64_t e = 0; e < n; ++e) {
+    const float* w = values + int64_t(ids[e]) * (2 * RB);
+    float* o = gxt + int64_t(cols[e]) * L;
+    V acc[4] = {Isa::load(o), Isa::zero(), Isa::zero(), Isa::zero()};
+    PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) acc[i % 4] = Isa::fma(g[i], Isa::bcast(w + i), acc[i % 4]);
+    PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) {
+      acc[i % 4] = Isa::fma(Isa::load(g2 + i * L), Isa::bcast(w + RB + i), acc[i % 4]);
+    }
+    Isa::store(o, Isa::add(Isa::add(acc[0], acc[1]), Isa::add(acc[2], acc[3])));
+  }
+}
+
 // dst[j * ldd + t] = src[t * lds + j] for the n columns of tn <= L rows, t < L (zero past tn): L x L tiles transposed
 // by Isa::transpose, so both sides move whole vectors (a column walk would take a cache line per element).
 void transpose_rows(const float* src, int64_t lds, int64_t n, int64_t tn, float* dst, int64_t ldd) {
@@ -237,6 +259,11 @@ void grad_input_columns(const float* gy, const float* values, const int32_t* col
       for (int64_t r = 0; r < p.n_block_rows; ++r) {
         const int64_t n = row_start[r + 1] - row_start[r], ih = std::min(p.bh, p.N - r * p.bh);
         if (n == 0) continue;
+        if (p.bh == 2 * RB && ih == p.bh) {
+          gi_column_row_pair<RB>(gyt + r * p.bh * L, values, ids.data() + row_start[r], cols.data() + row_start[r], n,
+                                 gxt);
+          continue;
+        }
         for (int64_t i0 = 0; i0 < ih; i0 += RB) {
           gi_column_row<RB>(gyt + (r * p.bh + i0) * L, int(std::min<int64_t>(RB, ih - i0)), values + i0,
                             ids.data() + row_start[r], cols.data() + row_start[r], n, p.bh, gxt);
