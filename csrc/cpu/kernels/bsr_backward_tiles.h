@@ -155,41 +155,27 @@ void gi_dispatch(int nv, bool tail, const float* gy, const float* const* w, cons
 // (reused by every block of the row), then for each block of the row gxT[c] += sum_i w[i] * g[i] with w[i]
 // broadcast. gxT is the item's [K][L] accumulator (grad_x transposed), acc splits the sum for latency. ni (<= RB)
 // rows are valid: the rest of the block is padding past N, never read.
-template <int RB>
+// kLoaded > 0: kLoaded more rows follow the RB in registers, all valid, their grad_y vectors loaded per block from gyt
+// (in L1): a full block row of RB + kLoaded rows (16x1 on AVX2, 32x1 on AVX-512, kLoaded = RB) then takes one
+// unrolled read-modify-write of each block's accumulator instead of one per RB rows: 1.08-1.27x on Zen 3 (16x1, 90%
+// and 70%, M = 1024); the same with a runtime count of rows past RB ran 0.90-1.00x, so the count stays a constant.
+template <int RB, int kLoaded = 0>
 PYSPARSE_BWD_NOINLINE void gi_column_row(const float* gyt, int ni, const float* values, const int32_t* ids,
                                          const int32_t* cols, int64_t n, int64_t bh, float* gxt) {
   V g[RB];
   PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) g[i] = i < ni ? Isa::load(gyt + i * L) : Isa::zero();
+  const int64_t block = kLoaded > 0 ? RB + kLoaded : bh;  // a constant where the block row is full
   for (int64_t e = 0; e < n; ++e) {
-    const float* w = values + int64_t(ids[e]) * bh;
+    const float* w = values + int64_t(ids[e]) * block;
     float* o = gxt + int64_t(cols[e]) * L;
     V acc[4] = {Isa::load(o), Isa::zero(), Isa::zero(), Isa::zero()};
-    if (ni == RB) {
+    if (kLoaded > 0 || ni == RB) {
       PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) acc[i % 4] = Isa::fma(g[i], Isa::bcast(w + i), acc[i % 4]);
+      PYSPARSE_BWD_UNROLL for (int i = RB; i < RB + kLoaded; ++i) {
+        acc[i % 4] = Isa::fma(Isa::load(gyt + i * L), Isa::bcast(w + i), acc[i % 4]);
+      }
     } else {
       for (int i = 0; i < ni; ++i) acc[0] = Isa::fma(Isa::load(gyt + i * L), Isa::bcast(w + i), acc[0]);
-    }
-    Isa::store(o, Isa::add(Isa::add(acc[0], acc[1]), Isa::add(acc[2], acc[3])));
-  }
-}
-
-// Full block rows of exactly 2 * RB rows (16x1 on AVX2, 32x1 on AVX-512): the first RB rows' grad_y vectors in
-// registers, the other RB loaded per block from gyt (in L1), all 2 * RB multiply-adds of a block unrolled into one
-// read-modify-write of its accumulator. Against two calls of gi_column_row: 1.08-1.27x on Zen 3 (16x1, 90% and 70%,
-// M = 1024); the same with a runtime count of rows past RB ran 0.90-1.00x, so the row count stays a constant.
-template <int RB>
-PYSPARSE_BWD_NOINLINE void gi_column_row_pair(const float* gyt, const float* values, const int32_t* ids,
-                                              const int32_t* cols, int64_t n, float* gxt) {
-  V g[RB];
-  PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) g[i] = Isa::load(gyt + i * L);
-  const float* g2 = gyt + RB * L;
-  for (int64_t e = 0; e < n; ++e) {
-    const float* w = values + int64_t(ids[e]) * (2 * RB);
-    float* o = gxt + int64_t(cols[e]) * L;
-    V acc[4] = {Isa::load(o), Isa::zero(), Isa::zero(), Isa::zero()};
-    PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) acc[i % 4] = Isa::fma(g[i], Isa::bcast(w + i), acc[i % 4]);
-    PYSPARSE_BWD_UNROLL for (int i = 0; i < RB; ++i) {
-      acc[i % 4] = Isa::fma(Isa::load(g2 + i * L), Isa::bcast(w + RB + i), acc[i % 4]);
     }
     Isa::store(o, Isa::add(Isa::add(acc[0], acc[1]), Isa::add(acc[2], acc[3])));
   }
@@ -260,8 +246,8 @@ void grad_input_columns(const float* gy, const float* values, const int32_t* col
         const int64_t n = row_start[r + 1] - row_start[r], ih = std::min(p.bh, p.N - r * p.bh);
         if (n == 0) continue;
         if (p.bh == 2 * RB && ih == p.bh) {
-          gi_column_row_pair<RB>(gyt + r * p.bh * L, values, ids.data() + row_start[r], cols.data() + row_start[r], n,
-                                 gxt);
+          gi_column_row<RB, RB>(gyt + r * p.bh * L, int(ih), values, ids.data() + row_start[r],
+                                cols.data() + row_start[r], n, p.bh, gxt);
           continue;
         }
         for (int64_t i0 = 0; i0 < ih; i0 += RB) {
