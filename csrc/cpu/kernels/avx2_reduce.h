@@ -1,7 +1,7 @@
 // Horizontal reductions and the 8x8 transpose of 8-float AVX2 vectors, shared by the AVX2 translation units
 // (bsr_linear_avx2.cpp, bsr_backward_avx2.cpp, attention_avx2.cpp, unstructured_linear_avx2.cpp;
-// unstructured_linear_avx512.cpp after folding to 256 bits). Each function carries its own target attribute, so this header compiles under plain flags and
-// inlines into those files' avx2 regions.
+// unstructured_linear_avx512.cpp after folding to 256 bits). Each function carries its own target attribute, so this
+// header compiles under plain flags and inlines into those files' avx2 regions.
 #pragma once
 #include "isa_kernels.h"
 

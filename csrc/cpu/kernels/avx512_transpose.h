@@ -25,7 +25,8 @@ __attribute__((target("avx512f"))) inline __attribute__((always_inline)) void tr
     u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
   for (int j = 0; j < 4; ++j) {
-    const __m512 even_a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), odd_a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 even_a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    const __m512 odd_a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
     const __m512 even_b = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
     const __m512 odd_b = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
     r[j] = _mm512_shuffle_f32x4(even_a, even_b, 0x88);
