@@ -5,7 +5,10 @@ last-hidden-state loss, AdamW), on batches of 16 sentences padded to ``--length`
 Students, all from the pretrained encoder with its 36 encoder Linear layers pruned by magnitude:
   * dense: not pruned (the cost of a dense fine-tuning step);
   * masked PATTERN: ``prune_`` masks held (what recovery ran on before the backward kernels);
-  * packed PATTERN: the same weights through ``sparsify(trainable=True)`` (the forward and backward kernels).
+  * packed PATTERN: the same weights through ``sparsify(trainable=True, fuse_activations=True)`` (the forward and
+    backward kernels; the residual adds in the kernels' stores, GELU in pysparse's pass over the stored
+    pre-activation).
+The teacher runs pysparse's attention kernel (``distill`` switches it for the run; the students train on SDPA).
 Timed interleaved (each student once per round, the median of rounds kept). ``--recovery`` times the step as the
 frontier's recovery runs it: dropout off, the embeddings frozen (only the encoder trained), the ``"embedding"`` loss.
 ``--student-dtypes float32,bfloat16`` adds each student converted to bfloat16 (parameters, AdamW state and every
@@ -46,7 +49,8 @@ def _students(teacher: nn.Module, patterns: list[tuple[tuple[int, int], float]])
         remove_masks(packed)
         students[f"masked {label}"] = masked
         students[f"packed {label}"] = pysparse.sparsify(packed.train(), block_size=block, min_sparsity=0.3,
-                                                        filter_fn=encoder_linear, trainable=True)
+                                                        filter_fn=encoder_linear, trainable=True,
+                                                        fuse_activations=True)
     return students
 
 

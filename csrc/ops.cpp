@@ -68,6 +68,10 @@ TORCH_LIBRARY(pysparse, m) {
   // 1 / sqrt(D). A query row that sees no key gives zeros, as torch's. CPU, float32, inference (no autograd).
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
         "float? scale=None) -> Tensor");
+  // Exact GELU (as F.gelu) and its gradient from the pre-activation (as aten::gelu_backward), float32 on the CPU: the
+  // activation of a sparse layer in training, whose kernel stores the pre-activation (pysparse.ops.gelu).
+  m.def("gelu(Tensor input) -> Tensor");
+  m.def("gelu_backward(Tensor grad_output, Tensor input) -> Tensor");
 }
 
 namespace {

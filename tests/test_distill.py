@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pysparse.prune import GradualSchedule, SparsityRegularizer, distill, fine_tune, get_masks, mask_sparsity, prune_
+from test_attention import kernel_calls
 
 
 @pytest.fixture(autouse=True)
@@ -157,10 +158,16 @@ def test_distill_a_tiny_bert_on_dict_batches():
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 120, (4, 12), generator=g),
              "attention_mask": torch.ones(4, 12, dtype=torch.int64)} for _ in range(3)]
-    history = distill(student, teacher, data, torch.optim.Adam(student.parameters(), lr=3e-3), steps=30,
-                      intermediate=True, progress=False)
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
+    calls, history = kernel_calls(lambda: distill(student, teacher, data, torch.optim.Adam(student.parameters(),
+                                                                                           lr=3e-3),
+                                                  steps=30, intermediate=True, progress=False))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     check_masks_held(student, masks)
+    # The teacher's forward (no gradient) ran pysparse's attention kernel, one call per layer and step; the student
+    # trained on SDPA; both models run SDPA again afterwards.
+    assert calls == 2 * 30
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
 
 
 def _resumable_run(path, steps, resume=False, every=None):

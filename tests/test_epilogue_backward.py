@@ -96,10 +96,12 @@ def test_training_matches_dense_masked(activation, block, dtype):
     assert relative_error(residual.grad, r_ref.grad) < tol, what
     assert relative_error(layer.bias.grad, bias.grad) < tol, what
     assert relative_error(layer.values.grad, _pack_like(layer, weight.grad, mask)) < tol, what
-    # ReLU and ReLU6 (and the residual add) stay in the kernel's stores; GELU runs in torch after the op.
-    # The unstructured kernel is float32 only: other dtypes take the dense reference and torch's epilogue.
+    # ReLU and ReLU6 (and the residual add) stay in the kernel's stores; GELU runs after the op, in pysparse's
+    # pass for float32 (pysparse::gelu, its backward from the saved pre-activation). The unstructured kernel is
+    # float32 only: other dtypes take the dense reference and torch's epilogue.
     fused = activation != "gelu" and (block != (1, 1) or dtype == torch.float32)
     assert ("linear_act" in out.grad_fn.name()) == fused, f"{what}: {out.grad_fn.name()}"
+    assert ("pysparse_gelu" in out.grad_fn.name()) == (activation == "gelu" and dtype == torch.float32), what
 
 
 def test_relu_gradient_is_zero_exactly_where_the_output_is():

@@ -12,6 +12,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .gelu import gelu
+
 __all__ = ["ACTIVATIONS", "LayoutCache", "bsr_int32_indices", "call", "check_activation", "check_count",
            "check_residual", "conv_output_length", "epilogue_autograd", "fake_with_residual", "fits_output",
            "only_bias_wants_grad", "torch_epilogue", "train_epilogue", "wants_grad"]
@@ -115,11 +117,13 @@ _OUTPUT_DERIVATIVES = {"relu": lambda grad, y: torch.ops.aten.threshold_backward
 def train_epilogue(op, *args, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
     """``activation(op(*args, activation, residual))`` for a call that wants gradients: ``op`` (an ``_act`` op whose
     backward :func:`epilogue_autograd` registered) adds the residual and applies ReLU / ReLU6 in its stores, as it
-    does without gradients; GELU, whose derivative needs the pre-activation, runs in torch after the op (which saves
-    that pre-activation, as it would after any linear)."""
+    does without gradients; GELU, whose derivative needs the pre-activation, runs after the op (which stores that
+    pre-activation) in pysparse's vectorised pass (:func:`pysparse.ops.gelu.gelu`), which saves it for the backward."""
     fused = activation if activation in _OUTPUT_DERIVATIVES else None
     y = op(*args, fused, residual)
-    return y if fused == activation else ACTIVATIONS[activation](y)
+    if fused == activation:
+        return y
+    return gelu(y) if activation == "gelu" else ACTIVATIONS[activation](y)
 
 
 def epilogue_autograd(setup_context, backward):

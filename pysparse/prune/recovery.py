@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..transforms.attention_switch import pysparse_attention_while
 from .batches import call_model, floats_as, mean_over_positions, real_positions, to_device
 from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
 from .regularize import SparsityRegularizer
@@ -187,7 +188,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
         return value
 
     try:
-        with contextlib.nullcontext() if dropout else dropout_off(student):
+        with contextlib.nullcontext() if dropout else dropout_off(student), pysparse_attention_while(teacher):
             return _train(student, data, step_loss, optimizer, steps=steps, schedule=schedule,
                           lr_scheduler=lr_scheduler, regularizer=regularizer, eval_fn=eval_fn, eval_every=eval_every,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,

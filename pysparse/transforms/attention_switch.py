@@ -12,11 +12,13 @@ cores' rate.
 """
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from ..ops.attention import attention_bshd, attention_kernel_applies
 
-__all__ = ["ATTENTION_NAME", "attention_implementation", "use_pysparse_attention"]
+__all__ = ["ATTENTION_NAME", "attention_implementation", "pysparse_attention_while", "use_pysparse_attention"]
 
 ATTENTION_NAME = "pysparse_sdpa"
 
@@ -76,3 +78,19 @@ def use_pysparse_attention(model: nn.Module) -> str:
         return f"attention: unchanged ({why_not})"
     model.set_attn_implementation(ATTENTION_NAME)
     return f"attention: pysparse CPU kernel ({ATTENTION_NAME}) instead of 'sdpa' (others fall back to 'sdpa')"
+
+
+@contextlib.contextmanager
+def pysparse_attention_while(model: nn.Module):
+    """:func:`use_pysparse_attention` inside the block, ``model``'s own attention restored after (on error too).
+
+    For a model that only runs forward passes for a while, such as a distillation teacher under ``no_grad``: the
+    results are SDPA's within float32 rounding, and the model is left as it was given.
+    """
+    before = attention_implementation(model)
+    use_pysparse_attention(model)
+    try:
+        yield model
+    finally:
+        if before is not None and attention_implementation(model) != before:
+            model.set_attn_implementation(before)

@@ -1,15 +1,23 @@
-// Horizontal reductions and the 8x8 transpose of 8-float AVX2 vectors, shared by the AVX2 translation units
-// (bsr_linear_avx2.cpp, bsr_backward_avx2.cpp, attention_avx2.cpp, unstructured_linear_avx2.cpp;
-// unstructured_linear_avx512.cpp after folding to 256 bits). Each function carries its own target attribute, so this
-// header compiles under plain flags and inlines into those files' avx2 regions.
+// Horizontal reductions, the 8x8 transpose and the ragged-tail lane mask of 8-float AVX2 vectors, shared by the
+// AVX2 translation units (bsr_linear_avx2.cpp, bsr_backward_avx2.cpp, attention_avx2.cpp,
+// unstructured_linear_avx2.cpp, gelu.cpp; unstructured_linear_avx512.cpp after folding to 256 bits). Each function
+// carries its own target attribute, so this header compiles under plain flags and inlines into those files' avx2
+// regions.
 #pragma once
 #include "isa_kernels.h"
+
+#include <cstdint>
 
 #if PYSPARSE_X86
 #include <immintrin.h>
 
 namespace pysparse {
 namespace avx2 {
+
+// Mask of the first n (0..8) of 8 lanes (maskload / maskstore of a ragged tail).
+__attribute__((target("avx2"))) inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 
 __attribute__((target("avx2"))) inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -27,11 +27,6 @@ namespace {
 
 #include "simd_activation.inc"  // activate8: the fused epilogue of store_transposed
 
-// Mask of the first n (0..8) of 8 lanes.
-__m256i first_lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 struct Isa {
   using V = __m256;
   static constexpr int64_t L = 8;
