@@ -15,7 +15,7 @@ layer's (masked) before timing.
     python benchmarks/bench_backward.py --threads 2
     python benchmarks/bench_backward.py --threads 2 --dtype bfloat16 --blocks 32x32,16x1 --tokens 1024
     python benchmarks/bench_backward.py --threads 2 --conv          # 3x3 SparseConv2d(trainable=True)
-    python benchmarks/bench_backward.py --threads 2 --epilogue      # relu(layer(x) + residual), fused or not
+    python benchmarks/bench_backward.py --threads 2 --epilogue [--activation gelu]   # act(layer(x) + residual)
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from pysparse.analysis.timing import alternating_medians
 from pysparse.bench.sweep import block_mask
 from pysparse.formats import BlockSparseWeight
 from pysparse.formats.unstructured import entry_segments
+from pysparse.ops import ACTIVATIONS
 from pysparse.ops.bsr_linear_op import bsr_linear_autograd
 from pysparse.ops.unstructured_linear import dense_grad_input, dense_grad_values
 
@@ -101,7 +102,8 @@ def _step(module_call, params, x, grad):
     return run
 
 
-def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int, dtype=torch.float32) -> dict:
+def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int, dtype=torch.float32,
+            old_too: bool = True) -> dict:
     dense, packed, mask = _layers(k, n, block, sparsity, dtype=dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -129,8 +131,9 @@ def measure(k: int, n: int, block, sparsity: float, m: int, rounds: int, dtype=t
     fns = {
         "dense": _step(dense, [x, dense.weight, dense.bias], x, grad),
         "new": _step(packed, [x, packed.values, packed.bias], x, grad),
-        "old": _step(old, [x, packed.values, packed.bias], x, grad),
     }
+    if old_too:
+        fns["old"] = _step(old, [x, packed.values, packed.bias], x, grad)
     if dtype != torch.float32:  # the same layer trained in float32, for the 16-bit step's speed over it
         _, packed32, _ = _layers(k, n, block, sparsity)
         x32 = x.detach().float().requires_grad_()
@@ -170,10 +173,13 @@ def conv_table(rounds: int) -> None:
                   f"| {t['sparse'] * 1e3:.2f} | {t['dense'] / t['sparse']:.2f}x |", flush=True)
 
 
-def epilogue_table(shapes, tokens, blocks, rounds: int) -> None:
-    """forward + backward of ``relu(layer(x) + residual)`` (float32, 70% sparse, gradients for x, the residual and
-    the layer): the epilogue fused into the kernel and differentiated from the saved output ("fused"), against the
-    packed layer followed by torch's add and ReLU ("torch", what training ran before) and dense ``nn.Linear``."""
+def epilogue_table(shapes, tokens, blocks, rounds: int, activation: str = "relu") -> None:
+    """forward + backward of ``act(layer(x) + residual)`` (float32, 70% sparse, gradients for x, the residual and
+    the layer): the epilogue as the layer runs it ("fused": the residual add in the kernel's stores, ReLU there too
+    and differentiated from the saved output, GELU in pysparse's pass over the stored pre-activation), against the
+    packed layer followed by torch's add and activation ("torch", what training ran before) and dense
+    ``nn.Linear``."""
+    act = ACTIVATIONS[activation]
     print("| in->out | block | M | dense ms | torch epilogue ms | fused ms | fused vs torch | fused vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for k, n in shapes:
@@ -185,10 +191,10 @@ def epilogue_table(shapes, tokens, blocks, rounds: int) -> None:
                 r = torch.randn(m, n, generator=gen).requires_grad_()
                 grad = torch.randn(m, n, generator=gen)
                 packed.activation = None
-                unfused = lambda inp: torch.relu(packed(inp) + r)  # noqa: E731
-                fused_layer = type(packed)(packed.weight, packed.bias, activation="relu", trainable=True)
+                unfused = lambda inp: act(packed(inp) + r)  # noqa: E731
+                fused_layer = type(packed)(packed.weight, packed.bias, activation=activation, trainable=True)
                 fused = lambda inp: fused_layer(inp, r)  # noqa: E731
-                plain = lambda inp: torch.relu(dense(inp) + r)  # noqa: E731
+                plain = lambda inp: act(dense(inp) + r)  # noqa: E731
                 fns = {"dense": _step(plain, [x, r, *dense.parameters()], x, grad),
                        "torch": _step(unfused, [x, r, *packed.parameters()], x, grad),
                        "fused": _step(fused, [x, r, *fused_layer.parameters()], x, grad)}
@@ -215,7 +221,10 @@ def main(argv=None) -> None:
                     help="the layers' dtype; 16-bit also times the float32 layer (1x1 runs float32 only)")
     ap.add_argument("--conv", action="store_true", help="time 3x3 SparseConv2d layers instead (float32)")
     ap.add_argument("--epilogue", action="store_true",
-                    help="time relu(layer(x) + residual) with the epilogue fused or in torch instead (float32, 70%%)")
+                    help="time act(layer(x) + residual) with the epilogue fused or in torch instead (float32, 70%%)")
+    ap.add_argument("--activation", choices=("relu", "gelu"), default="relu", help="act of --epilogue")
+    ap.add_argument("--no-old", action="store_true",
+                    help="leave out the torch-glue backward (slow for column vectors at low sparsity and large M)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     try:
@@ -234,7 +243,7 @@ def main(argv=None) -> None:
         conv_table(args.rounds)
         return
     if args.epilogue:
-        epilogue_table(shapes, tokens, blocks, args.rounds)
+        epilogue_table(shapes, tokens, blocks, args.rounds, args.activation)
         return
     if dtype != torch.float32:
         blocks = [b for b in blocks if b != (1, 1)]  # the unstructured kernels are float32 only
@@ -245,11 +254,13 @@ def main(argv=None) -> None:
     for k, n in shapes:
         for m in tokens:
             for block, sparsity in ((b, s) for b in blocks for s in SPARSITIES):
-                ms = measure(k, n, block, sparsity, m, args.rounds, dtype)
+                ms = measure(k, n, block, sparsity, m, args.rounds, dtype, old_too=not args.no_old)
                 extra = f" {ms['new_f32']:.2f} | {ms['new_f32'] / ms['new']:.2f}x |" if wide else ""
+                old = ((f"{ms['old']:.2f}", f"{ms['dense'] / ms['old']:.2f}x", f"{ms['old'] / ms['new']:.2f}x")
+                       if "old" in ms else ("-", "-", "-"))
                 print(f"| {k}->{n} | {block[0]}x{block[1]} | {sparsity:.0%} | {m} | {ms['dense']:.2f} "
-                      f"| {ms['old']:.2f} | {ms['new']:.2f} | {ms['dense'] / ms['old']:.2f}x "
-                      f"| {ms['dense'] / ms['new']:.2f}x | {ms['old'] / ms['new']:.2f}x |{extra}", flush=True)
+                      f"| {old[0]} | {ms['new']:.2f} | {old[1]} | {ms['dense'] / ms['new']:.2f}x | {old[2]} |{extra}",
+                      flush=True)
 
 
 if __name__ == "__main__":
