@@ -46,7 +46,7 @@ float gelu_grad_scalar(float v) {
 namespace avx2 {
 namespace {
 
-#include "simd_activation.inc"  // gelu8, phi8
+#include "simd_activation.inc"  // gelu8, gelu_grad8
 
 void gelu_range(const float* z, float* y, int64_t begin, int64_t end) {
   int64_t i = begin;
