@@ -159,9 +159,9 @@ def test_distill_a_tiny_bert_on_dict_batches():
     data = [{"input_ids": torch.randint(0, 120, (4, 12), generator=g),
              "attention_mask": torch.ones(4, 12, dtype=torch.int64)} for _ in range(3)]
     assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
-    calls, history = kernel_calls(lambda: distill(student, teacher, data, torch.optim.Adam(student.parameters(),
-                                                                                           lr=3e-3),
-                                                  steps=30, intermediate=True, progress=False))
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    calls, history = kernel_calls(lambda: distill(student, teacher, data, optimizer, steps=30, intermediate=True,
+                                                  progress=False))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     check_masks_held(student, masks)
     # The teacher's forward (no gradient) ran pysparse's attention kernel, one call per layer and step; the student

@@ -112,6 +112,8 @@ def torch_epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tens
 # lies strictly inside exactly where z does). GELU's derivative needs the pre-activation.
 _OUTPUT_DERIVATIVES = {"relu": lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0),
                        "relu6": lambda grad, y: torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)}
+# What applies the other activations after the op in training: GELU saves its pre-activation (the op's output).
+_AFTER_THE_OP = {"gelu": gelu}
 
 
 def train_epilogue(op, *args, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
@@ -121,9 +123,7 @@ def train_epilogue(op, *args, activation: str | None, residual: torch.Tensor | N
     pre-activation) in pysparse's vectorised pass (:func:`pysparse.ops.gelu.gelu`), which saves it for the backward."""
     fused = activation if activation in _OUTPUT_DERIVATIVES else None
     y = op(*args, fused, residual)
-    if fused == activation:
-        return y
-    return gelu(y) if activation == "gelu" else ACTIVATIONS[activation](y)
+    return y if fused == activation else _AFTER_THE_OP[activation](y)
 
 
 def epilogue_autograd(setup_context, backward):

@@ -3,8 +3,6 @@
 // fixed chunks of kChunk floats, shared out statically (one writer per element, nothing shared).
 #include "gelu.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 
