@@ -68,6 +68,14 @@ TORCH_LIBRARY(pysparse, m) {
   // 1 / sqrt(D). A query row that sees no key gives zeros, as torch's. CPU, float32, inference (no autograd).
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
         "float? scale=None) -> Tensor");
+  // Training: the same output and the log-sum-exp of each query row's scores, [B, H, Sq] (+inf for a row that sees
+  // no key), from which attention_backward recomputes the weights; its autograd formula is registered from Python
+  // (pysparse/ops/attention.py). attention_backward returns the gradients of query, key and value as
+  // [B, Sq, H, D], [B, Skv, Hk, D] and [B, Skv, Hk, Dv] (transposed views give the inputs' shapes).
+  m.def("attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, bool is_causal=False, "
+        "float? scale=None) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
+        "Tensor? attn_mask=None, bool is_causal=False, float? scale=None) -> (Tensor, Tensor, Tensor)");
   // Exact GELU (as F.gelu) and its gradient from the pre-activation (as aten::gelu_backward), float32 on the CPU: the
   // activation of a sparse layer in training, whose kernel stores the pre-activation (pysparse.ops.gelu).
   m.def("gelu(Tensor input) -> Tensor");

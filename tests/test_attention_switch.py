@@ -1,7 +1,7 @@
 """The transformers glue of pysparse's CPU attention: ``pysparse.nn.use_pysparse_attention`` and
-``sparsify(fast_attention=True)`` switch a BERT-style model to the kernel in inference, keep SDPA for training and for
-models that do not run "sdpa", and report what they did. The kernel itself is tested in test_attention.py, whose
-helpers this file reuses.
+``sparsify(fast_attention=True)`` switch a BERT-style model to the kernel, in inference and in training without
+attention dropout (SDPA where dropout or a model that does not run "sdpa" needs it), and report what they did. The
+kernel itself is tested in test_attention.py and test_attention_backward.py, whose helpers this file reuses.
 """
 from __future__ import annotations
 
@@ -83,14 +83,25 @@ def _same_draws_without_kernel(sdpa, model, inputs, seed):
     return expect, got
 
 
-def test_bert_training_falls_back_to_sdpa():
-    """With gradients (train mode) transformers' SDPA runs: same outputs and gradients as the sdpa model under the
-    same seed (attention dropout off so that the only dropout is the hidden one, drawn the same way)."""
+def test_bert_training_runs_the_kernel():
+    """With gradients (train mode, attention dropout off) the switched model trains through pysparse's forward and
+    backward: same outputs and parameter gradients as the sdpa model under the same seed (the hidden dropout is drawn
+    the same way). With attention dropout on, SDPA runs (torch's RNG), same result."""
     sdpa, model = _sdpa_and_switched(_bert(attention_probs_dropout_prob=0.0).train())
     inputs = _bert_inputs()
-    expect, got = _same_draws_without_kernel(sdpa, model, inputs, seed=7)
-    expect.square().sum().backward()
-    got.square().sum().backward()
+    torch.manual_seed(7)
+    expect = sdpa(**inputs).last_hidden_state
+    # A random projection of the output as the loss (the sum of squares of a layer-normed output is nearly constant:
+    # its gradients would be rounding residue).
+    weights = torch.randn(expect.shape, generator=_case_gen("bert-loss"))
+    torch.manual_seed(7)
+    with torch.autograd.profiler.profile() as prof:
+        got = model(**inputs).last_hidden_state
+        (got * weights).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("pysparse::attention_forward") == 2 and counts.get("pysparse::attention_backward") == 2
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+    (expect * weights).sum().backward()
     for (name, p_ref), (_, p) in zip(sdpa.named_parameters(), model.named_parameters()):
         if p_ref.grad is None:
             assert p.grad is None, name
@@ -99,7 +110,7 @@ def test_bert_training_falls_back_to_sdpa():
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
     q_grad = model.encoder.layer[0].attention.self.query.weight.grad
     assert q_grad is not None and float(q_grad.abs().max()) > 0
-    # Train mode without gradients but with attention dropout: also SDPA (torch's RNG), same result.
+    # Train mode with attention dropout: SDPA (torch's RNG), same result.
     with torch.no_grad():
         _same_draws_without_kernel(*_sdpa_and_switched(_bert().train()), inputs, seed=8)
 

@@ -1,5 +1,6 @@
-// CPU implementation of pysparse::attention: argument checks (every size and stride the kernel reads is derived
-// here from the tensors themselves), then the torch-free kernel core (csrc/cpu/kernels/attention.h).
+// CPU implementation of pysparse::attention, attention_forward and attention_backward: argument checks (every size
+// and stride the kernel reads is derived here from the tensors themselves), then the torch-free kernel core
+// (csrc/cpu/kernels/attention.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,7 +22,13 @@ void check_operand(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "attention: ", name, " must be on the CPU, got ", t.device());
 }
 
-at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+// The operands as the kernel reads them (q / k / v with a unit last stride, the mask expanded) and their problem.
+struct Operands {
+  at::Tensor q, k, v, mask;
+  AttentionProblem p;
+};
+
+Operands attention_operands(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale) {
   check_operand("query", query);
   check_operand("key", key);
@@ -71,15 +78,66 @@ at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, cons
   }
   const std::string bad = check_attention_problem(p);
   TORCH_CHECK_VALUE(bad.empty(), "attention: ", bad);
+  return {q, k, v, mask, p};
+}
 
-  at::Tensor out = empty_output({B, Sq, H, Dv}, q.options());
-  attention_cpu(q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
-                out.mutable_data_ptr<float>(), p, at::get_num_threads());
+at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale) {
+  const Operands o = attention_operands(query, key, value, attn_mask, is_causal, scale);
+  at::Tensor out = empty_output({o.p.batch, o.p.q_len, o.p.heads, o.p.v_dim}, o.q.options());
+  attention_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
+                out.mutable_data_ptr<float>(), nullptr, o.p, at::get_num_threads());
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu_op(const at::Tensor& query, const at::Tensor& key,
+                                                            const at::Tensor& value,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            bool is_causal, std::optional<double> scale) {
+  const Operands o = attention_operands(query, key, value, attn_mask, is_causal, scale);
+  at::Tensor out = empty_output({o.p.batch, o.p.q_len, o.p.heads, o.p.v_dim}, o.q.options());
+  at::Tensor lse = at::empty({o.p.batch, o.p.heads, o.p.q_len}, o.q.options());
+  attention_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
+                out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), o.p, at::get_num_threads());
+  return {out, lse};
+}
+
+// A saved or incoming tensor of the backward: float32 on the CPU with exactly this shape, made contiguous.
+at::Tensor backward_operand(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "attention_backward: ", name, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "attention_backward: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "attention_backward: ", name, " must have shape ", shape, ", got ",
+                    t.sizes());
+  return t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu_op(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask, bool is_causal,
+    std::optional<double> scale) {
+  const Operands o = attention_operands(query, key, value, attn_mask, is_causal, scale);
+  const AttentionProblem& p = o.p;
+  const std::vector<int64_t> out_shape = {p.batch, p.q_len, p.heads, p.v_dim};
+  const at::Tensor g = backward_operand("grad_out", grad_out, out_shape);
+  const at::Tensor y = backward_operand("out", out, out_shape);
+  const at::Tensor lse = backward_operand("logsumexp", logsumexp, {p.batch, p.heads, p.q_len});
+  at::Tensor dq = at::empty({p.batch, p.q_len, p.heads, p.head_dim}, o.q.options());
+  at::Tensor dk = at::empty({p.batch, p.kv_len, p.kv_heads, p.head_dim}, o.q.options());
+  at::Tensor dv = at::empty({p.batch, p.kv_len, p.kv_heads, p.v_dim}, o.q.options());
+  attention_backward_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
+                         y.const_data_ptr<float>(), g.const_data_ptr<float>(), lse.const_data_ptr<float>(),
+                         dq.mutable_data_ptr<float>(), dk.mutable_data_ptr<float>(), dv.mutable_data_ptr<float>(), p,
+                         at::get_num_threads());
+  return {dq, dk, dv};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) { m.impl("attention", &attention_cpu_op); }
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("attention", &attention_cpu_op);
+  m.impl("attention_forward", &attention_forward_cpu_op);
+  m.impl("attention_backward", &attention_backward_cpu_op);
+}
 
 }  // namespace pysparse

@@ -1,6 +1,7 @@
-"""Scaled-dot-product attention on the CPU (float32, inference): the op ``pysparse::attention``, the drop-in
-:func:`scaled_dot_product_attention` that falls back to torch's function wherever the kernel does not apply, its
-fake kernel and a float64 reference."""
+"""Scaled-dot-product attention on the CPU (float32): the ops ``pysparse::attention`` (inference) and
+``pysparse::attention_forward`` / ``attention_backward`` (training, differentiable through
+``torch.library.register_autograd``), the drop-in :func:`scaled_dot_product_attention` that falls back to torch's
+function wherever the kernel does not apply, the fake kernels and a float64 reference."""
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,8 @@ def attention_kernel_applies(query, key, value, attn_mask=None, dropout_p: float
         return False
     if any(t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return False
-    if dropout_p != 0.0 or wants_grad(query, key, value, attn_mask):
-        return False
+    if dropout_p != 0.0 or (isinstance(attn_mask, torch.Tensor) and wants_grad(attn_mask)):
+        return False  # no gradient for the mask: torch's function has one
     if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or is_causal or attn_mask.dim() > 4
                                   or attn_mask.dtype not in (torch.bool, torch.float32)
                                   or attn_mask.device.type != "cpu"):
@@ -42,9 +43,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """``F.scaled_dot_product_attention`` (same arguments, same result), in pysparse's CPU kernel where it applies.
 
     The kernel (``torch.ops.pysparse.attention``) runs float32 CPU tensors ``[batch, heads, seq, dim]`` of any
-    strides with no dropout and no gradient wanted; a bool (True = attend) or float32 mask broadcasting to
-    ``[batch, heads, q_len, kv_len]`` or ``is_causal``; grouped-query heads with ``enable_gqa``. Everything else
-    (CUDA, other dtypes, training) goes to torch's function, so this is safe to call anywhere. Why it exists: once a
+    strides with no dropout; a bool (True = attend) or float32 mask broadcasting to ``[batch, heads, q_len, kv_len]``
+    or ``is_causal``; grouped-query heads with ``enable_gqa``. With gradients wanted for query, key or value it runs
+    ``pysparse::attention_forward``, which also keeps each query row's log-sum-exp, and its backward
+    ``pysparse::attention_backward`` (a mask that wants a gradient goes to torch). Everything else (CUDA, other
+    dtypes, dropout) goes to torch's function, so this is safe to call anywhere. Why it exists: once a
     transformer's Linear layers are block-sparse, the dense attention is most of what is left, and torch's CPU kernel
     runs BERT-size attention (short sequences, head dim 32-64) well below the cores' rate.
 
@@ -62,10 +65,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def attention_bshd(query, key, value, attn_mask, is_causal, scale) -> torch.Tensor:
-    """``torch.ops.pysparse.attention`` (``[batch, q_len, heads, v_dim]``) for arguments the kernel takes
-    (:func:`attention_kernel_applies`), below the autograd layer."""
-    return call(torch.ops.pysparse.attention.default, query, key, value, attn_mask, bool(is_causal),
-                 None if scale is None else float(scale))
+    """pysparse's attention (``[batch, q_len, heads, v_dim]``) for arguments the kernel takes
+    (:func:`attention_kernel_applies`): ``pysparse::attention`` below the autograd layer, or, when query, key or
+    value wants a gradient, ``pysparse::attention_forward`` through autograd."""
+    scale = None if scale is None else float(scale)
+    if wants_grad(query, key, value):
+        return torch.ops.pysparse.attention_forward(query, key, value, attn_mask, bool(is_causal), scale)[0]
+    return call(torch.ops.pysparse.attention.default, query, key, value, attn_mask, bool(is_causal), scale)
 
 
 @torch.library.register_fake("pysparse::attention")
@@ -74,6 +80,44 @@ def _attention_fake(query, key, value, attn_mask=None, is_causal=False, scale=No
                  lambda: "query, key and value must be 4-D [batch, heads, seq, dim]")
     b, h, sq, _ = query.shape
     return query.new_empty((b, sq, h, value.shape[-1]))
+
+
+@torch.library.register_fake("pysparse::attention_forward")
+def _attention_forward_fake(query, key, value, attn_mask=None, is_causal=False, scale=None):
+    b, h, sq, _ = query.shape
+    return _attention_fake(query, key, value, attn_mask, is_causal, scale), query.new_empty((b, h, sq))
+
+
+@torch.library.register_fake("pysparse::attention_backward")
+def _attention_backward_fake(grad_out, query, key, value, out, logsumexp, attn_mask=None, is_causal=False,
+                             scale=None):
+    b, h, sq, d = query.shape
+    hk, skv, dv = key.shape[1], key.shape[2], value.shape[3]
+    torch._check(tuple(grad_out.shape) == (b, sq, h, dv), lambda: f"grad_out must have shape {(b, sq, h, dv)}, "
+                 f"got {tuple(grad_out.shape)}")
+    return query.new_empty((b, sq, h, d)), query.new_empty((b, skv, hk, d)), query.new_empty((b, skv, hk, dv))
+
+
+def _forward_setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _forward_backward(ctx, grad_out, _grad_lse):
+    query, key, value, attn_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = torch.ops.pysparse.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                                        ctx.is_causal, ctx.scale)
+    # [B, S, H, D] -> the inputs' [B, H, S, D] (views: transformers' q / k / v are these transposes already).
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
+torch.library.register_autograd("pysparse::attention_forward", _forward_backward,
+                                setup_context=_forward_setup_context)
 
 
 def attention_reference(query, key, value, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:

@@ -26,6 +26,7 @@ AUTOCAST_POLICY = {
     "unstructured_linear_act": "float32",
     "bsr_conv2d_nhwc": "float32",
     "attention": "float32",
+    "attention_forward": "float32",
 }
 
 _LIB = torch.library.Library("pysparse", "IMPL")

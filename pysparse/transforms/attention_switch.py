@@ -5,8 +5,9 @@ transformers (v5, and 4.48 on) looks up a model's attention function by name (``
 registry, ``AttentionInterface``, and the mask builder for it in ``AttentionMaskInterface``.
 :func:`use_pysparse_attention` registers the name ``"pysparse_sdpa"`` in both (the mask is SDPA's: bool, True = attend)
 and switches a model that runs ``"sdpa"`` to it. The function runs pysparse's kernel where it applies (float32 on the
-CPU, no dropout, no gradient) and hands every other call (CUDA, training, other dtypes, position biases, soft-capping)
-to transformers' own SDPA function, so the model computes what it computed before. Why: once the Linear layers are 90%
+CPU, no attention dropout; in training its forward and backward) and hands every other call (CUDA, attention dropout,
+other dtypes, position biases, soft-capping) to transformers' own SDPA function, so the model computes what it
+computed before. Why: once the Linear layers are 90%
 block-sparse, attention is the largest cost left in a BERT-size encoder, and torch's CPU kernel runs it well below the
 cores' rate.
 """
@@ -84,8 +85,9 @@ def use_pysparse_attention(model: nn.Module) -> str:
 def pysparse_attention_while(model: nn.Module):
     """:func:`use_pysparse_attention` inside the block, ``model``'s own attention restored after (on error too).
 
-    For a model that only runs forward passes for a while, such as a distillation teacher under ``no_grad``: the
-    results are SDPA's within float32 rounding, and the model is left as it was given.
+    For a model used for a while, such as a distillation teacher under ``no_grad`` or a student trained without
+    attention dropout: the results and gradients are SDPA's within float32 rounding, and the model is left as it was
+    given.
     """
     before = attention_implementation(model)
     use_pysparse_attention(model)

@@ -1,7 +1,8 @@
 // The CPU attention kernel on every path this machine runs (generic, AVX2) against a double-precision reference:
 // head dims and sequence lengths that are and are not multiples of the vector and panel widths, kv_len != q_len,
 // grouped-query heads, strided (transposed) q / k / v as transformers passes them, additive and boolean masks with
-// broadcast strides, causal attention, rows that keep no key, empty sequences, NaN-poisoned outputs, 1..3 threads.
+// broadcast strides, causal attention, rows that keep no key, empty sequences, NaN-poisoned outputs, 1..3 threads;
+// the backward (dq, dk, dv from the forward's out and log-sum-exp) on the same cases.
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -119,7 +120,7 @@ void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19
   CHECK(check_attention_problem(d.p).empty(), check_attention_problem(d.p));
   const std::vector<double> ref = reference(d);
   std::vector<float> out(ref.size() + 1, std::numeric_limits<float>::quiet_NaN());  // poisoned, + a guard element
-  attention_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), d.p, threads);
+  attention_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), nullptr, d.p, threads);
   double max_err = 0.0, max_ref = 0.0;
   bool finite = true;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -135,6 +136,97 @@ void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19
   CHECK(finite, what << ": non-finite output (a row left unwritten?)");
   CHECK(max_err <= 2e-6 * std::max(1.0, max_ref), what << ": max error " << max_err << " (max |ref| " << max_ref << ")");
   CHECK(std::isnan(out.back()), what << ": wrote past the output");
+}
+
+// The gradients in double: dq [B, Sq, H, D], dk [B, Skv, Hk, D], dv [B, Skv, Hk, Dv] for the output gradient g
+// ([B, Sq, H, Dv]).
+struct Grads {
+  std::vector<double> dq, dk, dv;
+};
+
+Grads reference_grads(const Data& d, const std::vector<float>& g) {
+  const AttentionProblem& p = d.p;
+  Grads r;
+  r.dq.assign(static_cast<size_t>(p.batch * p.q_len * p.heads * p.head_dim), 0.0);
+  r.dk.assign(static_cast<size_t>(p.batch * p.kv_len * p.kv_heads * p.head_dim), 0.0);
+  r.dv.assign(static_cast<size_t>(p.batch * p.kv_len * p.kv_heads * p.v_dim), 0.0);
+  const int64_t group = p.heads / p.kv_heads;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  std::vector<double> s(static_cast<size_t>(p.kv_len)), dp(static_cast<size_t>(p.kv_len));
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads; ++h)
+      for (int64_t i = 0; i < p.q_len; ++i) {
+        const int64_t hk = h / group;
+        const float* q = &d.q[b * p.q_sb + h * p.q_sh + i * p.q_ss];
+        const float* gi = &g[((b * p.q_len + i) * p.heads + h) * p.v_dim];
+        double mx = neg_inf;
+        for (int64_t j = 0; j < p.kv_len; ++j) {
+          const float* k = &d.k[b * p.k_sb + hk * p.k_sh + j * p.k_ss];
+          const float* v = &d.v[b * p.v_sb + hk * p.v_sh + j * p.v_ss];
+          double acc = 0.0, gv = 0.0;
+          for (int64_t t = 0; t < p.head_dim; ++t) acc += double(q[t]) * k[t];
+          for (int64_t t = 0; t < p.v_dim; ++t) gv += double(gi[t]) * v[t];
+          acc *= p.scale;
+          const int64_t m = b * p.m_sb + h * p.m_sh + i * p.m_sq + j * p.m_sk;
+          if (p.mask_kind == AttentionMask::kAdditive) acc += d.fmask[m];
+          if (p.mask_kind == AttentionMask::kKeep && !d.bmask[m]) acc = neg_inf;
+          if (p.causal && j > i) acc = neg_inf;
+          s[j] = acc, dp[j] = gv;
+          mx = std::max(mx, acc);
+        }
+        if (mx == neg_inf) continue;  // keeps no key: a constant zero output, no gradient
+        double sum = 0.0, dot = 0.0;
+        for (int64_t j = 0; j < p.kv_len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        for (int64_t j = 0; j < p.kv_len; ++j) dot += (s[j] /= sum) * dp[j];
+        for (int64_t j = 0; j < p.kv_len; ++j) {
+          const double ds = s[j] * (dp[j] - dot) * p.scale;
+          const float* k = &d.k[b * p.k_sb + hk * p.k_sh + j * p.k_ss];
+          double* dq = &r.dq[((b * p.q_len + i) * p.heads + h) * p.head_dim];
+          double* dk = &r.dk[((b * p.kv_len + j) * p.kv_heads + hk) * p.head_dim];
+          double* dv = &r.dv[((b * p.kv_len + j) * p.kv_heads + hk) * p.v_dim];
+          for (int64_t t = 0; t < p.head_dim; ++t) dq[t] += ds * k[t], dk[t] += ds * q[t];
+          for (int64_t t = 0; t < p.v_dim; ++t) dv[t] += s[j] * gi[t];
+        }
+      }
+  return r;
+}
+
+// Within tolerance of ref, finite, and the guard element past the end still NaN.
+void check_grad(const std::vector<float>& got, const std::vector<double>& ref, const std::string& what) {
+  double max_err = 0.0, max_ref = 0.0;
+  bool finite = true;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    finite = finite && std::isfinite(got[i]);
+    max_err = std::max(max_err, std::abs(got[i] - ref[i]));
+    max_ref = std::max(max_ref, std::abs(ref[i]));
+  }
+  CHECK(finite, what << ": non-finite gradient (an element left unwritten?)");
+  CHECK(max_err <= 4e-6 * std::max(1.0, max_ref), what << ": max error " << max_err << " (max |ref| " << max_ref << ")");
+  CHECK(std::isnan(got.back()), what << ": wrote past the gradient");
+}
+
+void run_backward(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19937& rng) {
+  const Data d = make(c, rng);
+  const AttentionProblem& p = d.p;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> out(static_cast<size_t>(p.batch * p.q_len * p.heads * p.v_dim)), g(out.size());
+  std::vector<float> lse(static_cast<size_t>(p.batch * p.heads * p.q_len) + 1, nan);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& e : g) e = normal(rng);
+  attention_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), lse.data(), p, threads);
+  CHECK(std::isnan(lse.back()), isa_name << ": wrote past the log-sum-exp");
+  const Grads ref = reference_grads(d, g);
+  std::vector<float> dq(ref.dq.size() + 1, nan), dk(ref.dk.size() + 1, nan), dv(ref.dv.size() + 1, nan);
+  attention_backward_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), g.data(), lse.data(), dq.data(),
+                             dk.data(), dv.data(), p, threads);
+  const std::string what = std::string("backward ") + isa_name + " B" + std::to_string(c.B) + " H" +
+                           std::to_string(c.H) + "/" + std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" +
+                           std::to_string(c.Skv) + " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) +
+                           " mask" + std::to_string(int(c.mask)) + (c.causal ? " causal" : "") +
+                           " threads " + std::to_string(threads);
+  check_grad(dq, ref.dq, what + " dq");
+  check_grad(dk, ref.dk, what + " dk");
+  check_grad(dv, ref.dv, what + " dv");
 }
 
 }  // namespace
@@ -165,7 +257,10 @@ int main() {
   if (cpu_isa_supported(CpuIsa::kAvx2)) paths.push_back({CpuIsa::kAvx2, "avx2"});
   for (const Path& path : paths)
     for (int threads : {1, 3})
-      for (const Case& c : cases) run(c, path.isa, path.name, threads, rng);
+      for (const Case& c : cases) {
+        run(c, path.isa, path.name, threads, rng);
+        run_backward(c, path.isa, path.name, threads, rng);
+      }
   // Few (batch, head) pairs: the query rows are split into chunks across threads.
   for (const Path& path : paths) run({1, 1, 1, 200, 64, 32, 32, kAdd, false, false}, path.isa, path.name, 2, rng);
 

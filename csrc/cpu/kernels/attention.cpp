@@ -20,23 +20,44 @@ std::string check_attention_problem(const AttentionProblem& p) {
   return "";
 }
 
-void attention_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, float* out,
+void attention_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, float* out, float* lse,
                        const AttentionProblem& p, int num_threads) {
   if (num_threads < 1) num_threads = 1;
 #if PYSPARSE_X86
   if (isa != CpuIsa::kGeneric && cpu_isa_supported(CpuIsa::kAvx2)) {
-    avx2::attention(q, k, v, out, p, num_threads);
+    avx2::attention(q, k, v, out, lse, p, num_threads);
     return;
   }
 #else
   (void)isa;
 #endif
-  generic::attention(q, k, v, out, p, num_threads);
+  generic::attention(q, k, v, out, lse, p, num_threads);
 }
 
-void attention_cpu(const float* q, const float* k, const float* v, float* out, const AttentionProblem& p,
+void attention_backward_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, const float* out,
+                                const float* grad_out, const float* lse, float* dq, float* dk, float* dv,
+                                const AttentionProblem& p, int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+#if PYSPARSE_X86
+  if (isa != CpuIsa::kGeneric && cpu_isa_supported(CpuIsa::kAvx2)) {
+    avx2::attention_backward(q, k, v, out, grad_out, lse, dq, dk, dv, p, num_threads);
+    return;
+  }
+#else
+  (void)isa;
+#endif
+  generic::attention_backward(q, k, v, out, grad_out, lse, dq, dk, dv, p, num_threads);
+}
+
+void attention_cpu(const float* q, const float* k, const float* v, float* out, float* lse, const AttentionProblem& p,
                    int num_threads) {
-  attention_cpu_isa(active_cpu_isa_id(), q, k, v, out, p, num_threads);
+  attention_cpu_isa(active_cpu_isa_id(), q, k, v, out, lse, p, num_threads);
+}
+
+void attention_backward_cpu(const float* q, const float* k, const float* v, const float* out, const float* grad_out,
+                            const float* lse, float* dq, float* dk, float* dv, const AttentionProblem& p,
+                            int num_threads) {
+  attention_backward_cpu_isa(active_cpu_isa_id(), q, k, v, out, grad_out, lse, dq, dk, dv, p, num_threads);
 }
 
 }  // namespace pysparse

@@ -1,4 +1,4 @@
-// Torch-free scaled-dot-product attention for the CPU, float32, inference:
+// Torch-free scaled-dot-product attention for the CPU, float32, forward and backward:
 //   out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, hk, j, :] + mask[b, h, i, j]) * v[b, hk, j, :]
 // with hk = h / (heads / kv_heads) (grouped-query attention when kv_heads < heads). Why pysparse has it: once the
 // Linear layers of a transformer are 90% block-sparse, the unpruned attention is the largest cost left, and torch's
@@ -38,20 +38,35 @@ struct AttentionProblem {
 // "" when the problem's sizes and strides are consistent, else what is wrong.
 std::string check_attention_problem(const AttentionProblem& p);
 
-// out must hold batch * q_len * heads * v_dim floats and may not overlap the inputs.
-void attention_cpu(const float* q, const float* k, const float* v, float* out, const AttentionProblem& p,
+// out must hold batch * q_len * heads * v_dim floats and may not overlap the inputs. lse (training; may be null):
+// batch * heads * q_len floats, lse[(b * heads + h) * q_len + i] = log sum_j exp(score_ij) after scale and mask,
+// +inf for a row that sees no key: what the backward recomputes the weights from.
+void attention_cpu(const float* q, const float* k, const float* v, float* out, float* lse, const AttentionProblem& p,
                    int num_threads);
+// The gradients of q, k and v from grad_out (the output's gradient, laid out as out), the forward's out and lse:
+// dq [batch, q_len, heads, head_dim], dk [batch, kv_len, kv_heads, head_dim], dv [batch, kv_len, kv_heads, v_dim],
+// contiguous, every element written; a grouped-query head's dk / dv sum over the heads of its group.
+void attention_backward_cpu(const float* q, const float* k, const float* v, const float* out, const float* grad_out,
+                            const float* lse, float* dq, float* dk, float* dv, const AttentionProblem& p,
+                            int num_threads);
 // The same with an explicit instruction-set path (tests run every path the machine has).
-void attention_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, float* out,
+void attention_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, float* out, float* lse,
                        const AttentionProblem& p, int num_threads);
+void attention_backward_cpu_isa(CpuIsa isa, const float* q, const float* k, const float* v, const float* out,
+                                const float* grad_out, const float* lse, float* dq, float* dk, float* dv,
+                                const AttentionProblem& p, int num_threads);
 
 namespace generic {
-void attention(const float* q, const float* k, const float* v, float* out, const AttentionProblem& p,
+void attention(const float* q, const float* k, const float* v, float* out, float* lse, const AttentionProblem& p,
                int num_threads);
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* grad_out,
+                        const float* lse, float* dq, float* dk, float* dv, const AttentionProblem& p, int num_threads);
 }
 namespace avx2 {
-void attention(const float* q, const float* k, const float* v, float* out, const AttentionProblem& p,
+void attention(const float* q, const float* k, const float* v, float* out, float* lse, const AttentionProblem& p,
                int num_threads);
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* grad_out,
+                        const float* lse, float* dq, float* dk, float* dv, const AttentionProblem& p, int num_threads);
 }
 
 }  // namespace pysparse

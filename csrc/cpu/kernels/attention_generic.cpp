@@ -72,9 +72,14 @@ struct Isa {
 
 }  // namespace
 
-void attention(const float* q, const float* k, const float* v, float* out, const AttentionProblem& p,
+void attention(const float* q, const float* k, const float* v, float* out, float* lse, const AttentionProblem& p,
                int num_threads) {
-  attention_impl(q, k, v, out, p, num_threads);
+  attention_impl(q, k, v, out, lse, p, num_threads);
+}
+
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* grad_out,
+                        const float* lse, float* dq, float* dk, float* dv, const AttentionProblem& p, int num_threads) {
+  attention_backward_impl(q, k, v, out, grad_out, lse, dq, dk, dv, p, num_threads);
 }
 
 }  // namespace generic
