@@ -8,7 +8,8 @@ Students, all from the pretrained encoder with its 36 encoder Linear layers prun
   * packed PATTERN: the same weights through ``sparsify(trainable=True, fuse_activations=True)`` (the forward and
     backward kernels; the residual adds in the kernels' stores, GELU in pysparse's pass over the stored
     pre-activation).
-The teacher runs pysparse's attention kernel (``distill`` switches it for the run; the students train on SDPA).
+The teacher runs pysparse's attention kernel (``distill`` switches it for the run), and so do the students in
+``--recovery`` (no attention dropout: pysparse's forward and backward); with dropout they train on SDPA.
 Timed interleaved (each student once per round, the median of rounds kept). ``--recovery`` times the step as the
 frontier's recovery runs it: dropout off, the embeddings frozen (only the encoder trained), the ``"embedding"`` loss.
 ``--student-dtypes float32,bfloat16`` adds each student converted to bfloat16 (parameters, AdamW state and every

@@ -168,6 +168,10 @@ def test_distill_a_tiny_bert_on_dict_batches():
     calls = {e.key: e.count for e in prof.key_averages()}
     assert calls.get("pysparse::attention") == 2 * 30
     assert calls.get("pysparse::attention_forward") == calls.get("pysparse::attention_backward") == 2 * 30
+    # Both models' GELU modules ran pysparse's GELU (2 layers each), the student's with its backward.
+    assert calls.get("pysparse::gelu") == 2 * 2 * 30 and calls.get("pysparse::gelu_backward") == 2 * 30
+    assert all(type(m.intermediate.intermediate_act_fn).__name__ == "GELUActivation"
+               for model in (teacher, student) for m in model.encoder.layer)
     assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
 
 

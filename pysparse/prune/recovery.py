@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..transforms.attention_switch import pysparse_attention_while
+from ..transforms.gelu_switch import pysparse_gelu_while
 from .batches import call_model, floats_as, mean_over_positions, real_positions, to_device
 from .mask_holding import apply_masks, mask_sparsity, masks_from_state_dict, prune_
 from .regularize import SparsityRegularizer
@@ -105,7 +106,8 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
     under ``no_grad``. A transformers teacher or student on SDPA runs pysparse's CPU attention kernels for the run,
     switched back on return: the same results and gradients within float32 rounding; on MiniLM's 16 x 128 tokens
     (Zen 3, 2 threads) the teacher's attention about 1.7x faster than torch's, and the student's forward + backward,
-    which needs attention dropout off (``dropout=False``; with it SDPA runs), about 1.4x. The loop, and
+    which needs attention dropout off (``dropout=False``; with it SDPA runs), about 1.4x. Both models' exact-GELU
+    modules run pysparse's GELU for the run (:mod:`pysparse.transforms.gelu_switch`). The loop, and
     ``schedule`` / ``lr_scheduler`` / ``regularizer`` / ``eval_fn`` / ``checkpoint`` / ``resume`` / ``progress`` /
     ``prune_kwargs``, are those of :func:`fine_tune`.
 
@@ -194,7 +196,7 @@ def distill(student: nn.Module, teacher: nn.Module, data, optimizer: torch.optim
     try:
         trained = student.module if isinstance(student, DistributedDataParallel) else student
         with (contextlib.nullcontext() if dropout else dropout_off(student), pysparse_attention_while(teacher),
-              pysparse_attention_while(trained)):
+              pysparse_attention_while(trained), pysparse_gelu_while(teacher), pysparse_gelu_while(student)):
             return _train(student, data, step_loss, optimizer, steps=steps, schedule=schedule,
                           lr_scheduler=lr_scheduler, regularizer=regularizer, eval_fn=eval_fn, eval_every=eval_every,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
