@@ -79,6 +79,12 @@ TORCH_LIBRARY(pysparse, m) {
   // Exact GELU (as F.gelu) and its gradient from the pre-activation (as aten::gelu_backward), float32 on the CPU: the
   // activation of a sparse layer in training, whose kernel stores the pre-activation (pysparse.ops.gelu).
   m.def("gelu(Tensor input) -> Tensor");
+  // Bool [rows]: the rows of grad ([M, N], floating point) the backward of a sparse layer computes: those holding
+  // anything but +-0 (NaN and inf count), those whose row of input ([M, K]) holds inf or NaN, and all of them when
+  // values does; the other rows (padding tokens) are skipped (pysparse/ops/gradient_rows.py).
+  m.def("nonzero_rows(Tensor grad, Tensor? input=None, Tensor? values=None) -> Tensor");
+  // [m, K]: part's rows at the increasing indices rows, zeros elsewhere (grad_input of the skipped rows).
+  m.def("rows_to_full(Tensor part, Tensor rows, int m) -> Tensor");
   m.def("gelu_backward(Tensor grad_output, Tensor input) -> Tensor");
 }
 

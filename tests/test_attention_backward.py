@@ -104,6 +104,47 @@ def test_padded_batch_gradients():
     assert bool((dk[1, :, 20:] == 0).all()) and bool((dv[1, :, 20:] == 0).all())
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rows_without_gradient(causal):
+    """Query rows whose output gradient is zero (padding under a loss over the real positions: right padding, and
+    scattered rows) pass nothing back and are skipped: the gradients still match the reference exactly as above, and
+    those rows' dq is exactly zero."""
+    gen = _case_gen("grad-zero-rows", causal)
+    b, h, s, d = 3, 4, 45, 16
+    q, k, v = make_qkv(b, h, h // 2, s, s, d, d, layout="transformers", gen=gen)
+    lengths = torch.tensor([45, 20, 7])
+    keep = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = FORWARD(q, k, v, None if causal else keep, causal, None)
+    grad = torch.randn(out.shape, generator=gen)
+    real = torch.arange(s)[None, :] < lengths[:, None]
+    real[0, 10:30:3] = False
+    grad[~real] = 0
+    out.backward(grad)
+    _, _, *refs = reference_with_grads(q, k, v, grad, None if causal else keep, causal)
+    for name, t, ref in zip("qkv", (q, k, v), refs):
+        assert relative_error(t.grad, ref) < TOL, f"d{name} (seed {SEED})"
+    assert bool((q.grad.transpose(1, 2)[~real] == 0).all())
+
+
+def test_rows_without_gradient_still_propagate_nan():
+    """A NaN in the q row of a query without gradient reaches dk and dq through 0 x NaN in a dense computation:
+    such a row is not skipped, and the NaNs land where the float64 reference has them."""
+    gen = _case_gen("grad-zero-rows-nan")
+    q, k, v = make_qkv(2, 2, 2, 13, 13, 8, 8, gen=gen)
+    q[1, 0, 9, 2] = float("nan")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = FORWARD(q, k, v, None, False, None)
+    grad = torch.randn(out.shape, generator=gen)
+    grad[:, 6:] = 0
+    out.backward(grad)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))  # plain softmax: every row sees keys
+    (torch.softmax(qd @ kd.transpose(-1, -2) * 8 ** -0.5, -1) @ vd).transpose(1, 2).backward(grad.double())
+    for name, t, ref in zip("qkv", (q, k, v), (qd.grad, kd.grad, vd.grad)):
+        assert torch.equal(torch.isnan(t.grad), torch.isnan(ref)), f"d{name}"
+        assert bool(torch.isnan(ref).any()), f"d{name}"
+
+
 def test_large_scores_give_finite_gradients():
     """Scores in the hundreds (exp overflows without the row's lse): finite gradients; dv within 1e-4 (the weights
     exp(score - lse) carry the float32 rounding of scores in the hundreds: |score| ulps, ~2e-5). dq and dk of

@@ -19,6 +19,7 @@ import numbers
 import torch
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
+from .gradient_rows import as_rows, rows_to_full, rows_with_gradient
 from .layer_support import (LayoutCache, call, check_activation, check_residual, epilogue_autograd, fits_output,
                             torch_epilogue, train_epilogue, wants_grad)
 
@@ -150,11 +151,6 @@ def _setup_context(ctx, inputs, output, *extra):
                           *extra)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t [..., F]`` as ``[rows, F]`` (reshape(-1, F) is ambiguous when F is 0)."""
-    return t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)
-
-
 def dense_grad_input(grad, values, columns, segment_ptr, shape: tuple[int, int]) -> torch.Tensor:
     """``grad @ W`` through the dense ``W [N, K]`` (the backward where the kernels do not apply)."""
     return grad @ unstructured_to_dense(values, columns, segment_ptr, shape)
@@ -165,28 +161,38 @@ def dense_grad_values(grad, input, columns, segment_ptr, shape: tuple[int, int])
     kernels do not apply)."""
     n = shape[0]
     rows = entry_segments(segment_ptr, columns.numel()) % max(n, 1)
-    return (_rows(grad).t() @ _rows(input))[rows, columns.to(torch.int64)]
+    return (as_rows(grad).t() @ as_rows(input))[rows, columns.to(torch.int64)]
 
 
 def _backward(ctx, grad):
     input, values, columns, segment_ptr = ctx.saved_tensors[:4]
     n, k = ctx.shape
     grad_input = grad_values = grad_bias = None
+    g, x, rows = grad, input, None
+    kernels_input = ctx.needs_input_grad[0] and _grad_kernels_apply(grad, values)
+    kernels_values = ctx.needs_input_grad[1] and _grad_kernels_apply(grad, input)
+    if kernels_input or kernels_values:  # padding rows: no gradient (see gradient_rows)
+        g, x = as_rows(grad), None if input is None else as_rows(input)
+        rows = rows_with_gradient(g, x if kernels_values else None, values if kernels_input else None)
+        if rows is not None:
+            g, x = g.index_select(0, rows), None if x is None else x.index_select(0, rows)
     if ctx.needs_input_grad[0]:
-        if _grad_kernels_apply(grad, values):
+        if kernels_input:
             columns_t, segment_ptr_t, perm = transposed_index(columns, segment_ptr, k, n)
-            grad_input = torch.ops.pysparse.unstructured_linear.default(grad, values.index_select(0, perm), columns_t,
+            grad_input = torch.ops.pysparse.unstructured_linear.default(g, values.index_select(0, perm), columns_t,
                                                                         segment_ptr_t, None, k)
+            if rows is not None:
+                grad_input = rows_to_full(grad_input, rows, as_rows(grad).shape[0])
+            grad_input = grad_input.view(*grad.shape[:-1], k)
         else:
             grad_input = dense_grad_input(grad, values, columns, segment_ptr, (n, k))
     if ctx.needs_input_grad[1]:
-        if _grad_kernels_apply(grad, input):
-            grad_values = torch.ops.pysparse.unstructured_linear_grad_values.default(grad, input, columns,
-                                                                                     segment_ptr)
+        if kernels_values:
+            grad_values = torch.ops.pysparse.unstructured_linear_grad_values.default(g, x, columns, segment_ptr)
         else:
             grad_values = dense_grad_values(grad, input, columns, segment_ptr, (n, k))
     if ctx.needs_input_grad[4]:
-        grad_bias = _rows(grad).sum(0)
+        grad_bias = as_rows(grad).sum(0)
     return grad_input, grad_values, None, None, grad_bias, None
 
 
