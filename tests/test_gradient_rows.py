@@ -195,3 +195,24 @@ def test_under_compile_every_row_runs():
     torch.compile(step, fullgraph=True)(xs[1]).backward()
     torch.testing.assert_close(xs[1].grad, grads_eager[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.values.grad, grads_eager[1], rtol=1e-5, atol=1e-6)
+
+
+def test_rows_to_full():
+    gen = generator_for("rows-to-full")
+    part = torch.randn(3, 5, generator=gen)
+    rows = torch.tensor([0, 4, 6])
+    out = torch.ops.pysparse.rows_to_full(part, rows, 8)
+    want = torch.zeros(8, 5)
+    want[rows] = part
+    assert torch.equal(out, want)
+    assert torch.ops.pysparse.rows_to_full(part[:0], rows[:0], 4).eq(0).all()
+    for bad, match in ((torch.tensor([0, 4, 8]), r"rows must be increasing indices in \[0, 8\), got 8 at 2"),
+                       (torch.tensor([0, 4, 4]), r"got 4 at 2"), (torch.tensor([-1, 4, 6]), r"got -1 at 0")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.pysparse.rows_to_full(part, bad, 8)
+    with pytest.raises(TypeError, match="rows must be int64, got Int"):
+        torch.ops.pysparse.rows_to_full(part, rows.int(), 8)
+    with pytest.raises(ValueError, match="rows must be 1-D with part's 3 rows"):
+        torch.ops.pysparse.rows_to_full(part, rows[:2], 8)
+    with pytest.raises(ValueError, match="m must be at least part's rows 3, got 2"):
+        torch.ops.pysparse.rows_to_full(part, rows, 2)
