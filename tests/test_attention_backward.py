@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import SEED, relative_error
 from pysparse import ops
 from test_attention import EMPTY_SHAPES, MASK_SHAPES, SHAPES, _case_gen, _shape_id, make_mask, make_qkv
+from test_attention_wrapper import _opcheck_samples  # the inference op's samples, the empty key set among them
 
 TOL = 1e-5  # float32, relative to the largest reference gradient
 FORWARD = torch.ops.pysparse.attention_forward.default
@@ -259,17 +260,6 @@ def test_backward_refuses_bad_input(name):
         args[arg] = value(args)
     with pytest.raises(error, match=match):
         BACKWARD(*args.values())
-
-
-def _opcheck_samples():
-    gen = _case_gen("grad-opcheck")
-    q, k, v = make_qkv(2, 3, 3, 5, 7, 8, 6, layout="transformers", gen=gen)
-    qg, kg, vg = make_qkv(1, 6, 2, 9, 4, 5, 3, layout="sliced", gen=gen)
-    return {
-        "plain": (q, k, v, None, False, None),
-        "bool-mask-causal-scale": (q, k, v, make_mask("bool", "B1QK", 2, 3, 5, 7, gen), True, 0.3),
-        "float-mask-gqa": (qg, kg, vg, make_mask("float", "QK", 1, 6, 9, 4, gen), False, None),
-    }
 
 
 @pytest.mark.parametrize("sample", list(_opcheck_samples()))
