@@ -172,6 +172,13 @@ def make_case(spec: CaseSpec, device, salt: str = "") -> BsrLinearCase:
                          packed, bias)
 
 
+def op_calls(fn) -> tuple[dict[str, int], object]:
+    """fn()'s result and how many times each op ran inside it (torch profiler events: ``"pysparse::gelu"`` -> n)."""
+    with torch.autograd.profiler.profile() as prof:
+        result = fn()
+    return {e.key: e.count for e in prof.key_averages()}, result
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Max |out - ref| over max |ref| (elementwise relative error is meaningless near zero outputs)."""
     if ref.numel() == 0:

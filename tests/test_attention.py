@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SEED, assert_matches_reference, generator_for, relative_error
+from conftest import SEED, assert_matches_reference, generator_for, op_calls, relative_error
 from pysparse import ops
 
 TOL = 1e-5  # float32, relative to the largest reference output (DESIGN.md "Conventions")
@@ -99,9 +99,8 @@ def check_op(q, k, v, mask=None, causal=False, scale=None, what=""):
 
 def kernel_calls(fn) -> tuple[int, object]:
     """How many times fn() runs pysparse::attention (from the profiler's events), and its result."""
-    with torch.autograd.profiler.profile() as prof:
-        result = fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "pysparse::attention"), result
+    counts, result = op_calls(fn)
+    return counts.get("pysparse::attention", 0), result
 
 
 # (B, H, Hk, Sq, Skv, D, Dv): odd head dims, lengths not multiples of 16 (nor of the kernel's 6-row tiles),

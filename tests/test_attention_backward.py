@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SEED, relative_error
+from conftest import SEED, op_calls, relative_error
 from pysparse import ops
 from test_attention import EMPTY_SHAPES, MASK_SHAPES, SHAPES, _case_gen, _shape_id, make_mask, make_qkv
 from test_attention_wrapper import _opcheck_samples  # the inference op's samples, the empty key set among them
@@ -211,10 +211,12 @@ def test_wrapper_trains_through_the_kernel_like_torch():
     grads = []
     for fn in (ops.scaled_dot_product_attention, F.scaled_dot_product_attention):
         q, k, v = (t.detach().clone().requires_grad_() for t in base)
-        with torch.autograd.profiler.profile() as prof:
+        def step():
             out = fn(q, k, v, attn_mask=mask, enable_gqa=True)
             (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        counts = {e.key: e.count for e in prof.key_averages()}
+            return out
+
+        counts, out = op_calls(step)
         if fn is ops.scaled_dot_product_attention:
             assert counts.get("pysparse::attention_forward") == 1 and counts.get("pysparse::attention_backward") == 1
         grads.append((out.detach(), q.grad, k.grad, v.grad))
@@ -223,9 +225,9 @@ def test_wrapper_trains_through_the_kernel_like_torch():
         assert relative_error(ours, theirs.double()) < TOL
     q, k, v = (t.detach().clone().requires_grad_() for t in base)
     m = mask.clone().requires_grad_()
-    with torch.autograd.profiler.profile() as prof:
-        ops.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True).sum().backward()
-    assert not any(e.key.startswith("pysparse::attention") for e in prof.key_averages())
+    counts, _ = op_calls(lambda: ops.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True).sum()
+                         .backward())
+    assert not any(key.startswith("pysparse::attention") for key in counts)
     assert m.grad is not None
 
 

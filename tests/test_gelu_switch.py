@@ -7,14 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import generator_for
+from conftest import generator_for, op_calls
 from pysparse.transforms.gelu_switch import pysparse_gelu_while
 
 
 def _kernel_calls(fn):
-    with torch.autograd.profiler.profile() as prof:
-        result = fn()
-    counts = {e.key: e.count for e in prof.key_averages()}
+    counts, result = op_calls(fn)
     return counts.get("pysparse::gelu", 0), counts.get("pysparse::gelu_backward", 0), result
 
 

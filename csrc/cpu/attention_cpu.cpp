@@ -81,24 +81,27 @@ Operands attention_operands(const at::Tensor& query, const at::Tensor& key, cons
   return {q, k, v, mask, p};
 }
 
+// The output [B, Sq, H, Dv], and each query row's log-sum-exp into lse when it is given (training).
+at::Tensor run_attention(const Operands& o, at::Tensor* lse) {
+  at::Tensor out = empty_output({o.p.batch, o.p.q_len, o.p.heads, o.p.v_dim}, o.q.options());
+  if (lse) *lse = at::empty({o.p.batch, o.p.heads, o.p.q_len}, o.q.options());
+  attention_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
+                out.mutable_data_ptr<float>(), lse ? lse->mutable_data_ptr<float>() : nullptr, o.p,
+                at::get_num_threads());
+  return out;
+}
+
 at::Tensor attention_cpu_op(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask, bool is_causal, std::optional<double> scale) {
-  const Operands o = attention_operands(query, key, value, attn_mask, is_causal, scale);
-  at::Tensor out = empty_output({o.p.batch, o.p.q_len, o.p.heads, o.p.v_dim}, o.q.options());
-  attention_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
-                out.mutable_data_ptr<float>(), nullptr, o.p, at::get_num_threads());
-  return out;
+  return run_attention(attention_operands(query, key, value, attn_mask, is_causal, scale), nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu_op(const at::Tensor& query, const at::Tensor& key,
                                                             const at::Tensor& value,
                                                             const std::optional<at::Tensor>& attn_mask,
                                                             bool is_causal, std::optional<double> scale) {
-  const Operands o = attention_operands(query, key, value, attn_mask, is_causal, scale);
-  at::Tensor out = empty_output({o.p.batch, o.p.q_len, o.p.heads, o.p.v_dim}, o.q.options());
-  at::Tensor lse = at::empty({o.p.batch, o.p.heads, o.p.q_len}, o.q.options());
-  attention_cpu(o.q.const_data_ptr<float>(), o.k.const_data_ptr<float>(), o.v.const_data_ptr<float>(),
-                out.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), o.p, at::get_num_threads());
+  at::Tensor lse;
+  at::Tensor out = run_attention(attention_operands(query, key, value, attn_mask, is_causal, scale), &lse);
   return {out, lse};
 }
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import _C  # loading the library registers torch.ops.pysparse.*
 from ..formats.bsr import bsr_to_dense, check_bsr_indices
 from .bsr_linear_grad import bsr_linear_grad_input, bsr_linear_grad_values, grad_kernels_apply
-from .gradient_rows import as_rows, rows_to_full, rows_with_gradient
+from .gradient_rows import as_rows, gather_gradient_rows, rows_to_full
 from .layer_support import (bsr_int32_indices, call, check_activation, check_residual, epilogue_autograd,
                             fake_with_residual, fits_output, only_bias_wants_grad, torch_epilogue, train_epilogue,
                             wants_grad)
@@ -287,11 +287,9 @@ def bsr_linear_autograd(linear, cpu_kernels: bool = False):
         k, n = ctx.in_features, ctx.out_features
         if cpu_kernels and values is not None and grad_kernels_apply(grad, values):
             lead = grad.shape[:-1]
-            g, x = as_rows(grad), None if input is None else as_rows(input)
-            rows = rows_with_gradient(g, x if ctx.needs_input_grad[1] else None,
-                                      values if ctx.needs_input_grad[0] else None)
-            if rows is not None:  # padding rows: no gradient (see gradient_rows)
-                g, x = g.index_select(0, rows), None if x is None else x.index_select(0, rows)
+            # Padding rows carry no gradient (see gradient_rows).
+            g, x, rows = gather_gradient_rows(grad, input if ctx.needs_input_grad[1] else None,
+                                              values if ctx.needs_input_grad[0] else None)
             if ctx.needs_input_grad[0]:
                 grad_input = bsr_linear_grad_input(g, values, crow_indices, col_indices, k)
                 if rows is not None:

@@ -16,7 +16,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
 
-__all__ = ["SKIP_SHARE", "as_rows", "rows_with_gradient", "rows_to_full"]
+__all__ = ["SKIP_SHARE", "as_rows", "gather_gradient_rows", "rows_with_gradient", "rows_to_full"]
 
 # The share of zero rows from which the gathers pay: below it the kernels run on every row.
 SKIP_SHARE = 0.125
@@ -35,13 +35,23 @@ def rows_with_gradient(grad: torch.Tensor, input: torch.Tensor | None, values: t
     ``torch.compile`` or a tracing tensor subclass (fake, functional: the sizes would depend on the data), off the
     CPU, or when fewer than ``SKIP_SHARE`` of the rows can be skipped."""
     m = grad.shape[0]
-    if (torch.compiler.is_compiling() or type(grad) is not torch.Tensor or grad.device.type != "cpu" or m == 0
-            or grad.dim() != 2):
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor or grad.device.type != "cpu" or m == 0:
         return None
     rows = torch.ops.pysparse.nonzero_rows(grad, input, values).nonzero().squeeze(1)
     if m - rows.numel() < SKIP_SHARE * m:
         return None
     return rows
+
+
+def gather_gradient_rows(grad: torch.Tensor, input: torch.Tensor | None, values: torch.Tensor | None):
+    """``(g, x, rows)``: ``grad`` and ``input`` as ``[rows, features]``, gathered to the rows the backward computes
+    (:func:`rows_with_gradient`; ``input`` None when grad_values is not wanted, ``values`` None when grad_input is
+    not), and those rows' indices, None when every row runs (``g`` and ``x`` then views of the whole)."""
+    g, x = as_rows(grad), None if input is None else as_rows(input)
+    rows = rows_with_gradient(g, x, values)
+    if rows is not None:
+        g, x = g.index_select(0, rows), None if x is None else x.index_select(0, rows)
+    return g, x, rows
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

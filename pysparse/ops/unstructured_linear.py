@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from ..formats.unstructured import UnstructuredSparseWeight, entry_segments, unstructured_to_dense
-from .gradient_rows import as_rows, rows_to_full, rows_with_gradient
+from .gradient_rows import as_rows, gather_gradient_rows, rows_to_full
 from .layer_support import (LayoutCache, call, check_activation, check_residual, epilogue_autograd, fits_output,
                             torch_epilogue, train_epilogue, wants_grad)
 
@@ -171,11 +171,8 @@ def _backward(ctx, grad):
     g, x, rows = grad, input, None
     kernels_input = ctx.needs_input_grad[0] and _grad_kernels_apply(grad, values)
     kernels_values = ctx.needs_input_grad[1] and _grad_kernels_apply(grad, input)
-    if kernels_input or kernels_values:  # padding rows: no gradient (see gradient_rows)
-        g, x = as_rows(grad), None if input is None else as_rows(input)
-        rows = rows_with_gradient(g, x if kernels_values else None, values if kernels_input else None)
-        if rows is not None:
-            g, x = g.index_select(0, rows), None if x is None else x.index_select(0, rows)
+    if kernels_input or kernels_values:  # padding rows carry no gradient (see gradient_rows)
+        g, x, rows = gather_gradient_rows(grad, input if kernels_values else None, values if kernels_input else None)
     if ctx.needs_input_grad[0]:
         if kernels_input:
             columns_t, segment_ptr_t, perm = transposed_index(columns, segment_ptr, k, n)

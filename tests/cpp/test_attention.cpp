@@ -117,6 +117,15 @@ std::vector<double> reference(const Data& d) {
   return out;
 }
 
+// The case in words, for failure messages.
+std::string describe(const Case& c, const char* isa_name, int threads) {
+  return std::string(c.padding ? "padding " : "") + isa_name + " B" + std::to_string(c.B) + " H" +
+         std::to_string(c.H) + "/" + std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" +
+         std::to_string(c.Skv) + " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) + " mask" +
+         std::to_string(int(c.mask)) + (c.causal ? " causal" : "") + (c.bshd ? " bshd" : "") + " threads " +
+         std::to_string(threads);
+}
+
 void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19937& rng) {
   const Data d = make(c, rng);
   CHECK(check_attention_problem(d.p).empty(), check_attention_problem(d.p));
@@ -130,11 +139,7 @@ void run(const Case& c, CpuIsa isa, const char* isa_name, int threads, std::mt19
     max_err = std::max(max_err, std::abs(out[i] - ref[i]));
     max_ref = std::max(max_ref, std::abs(ref[i]));
   }
-  const std::string what = std::string(c.padding ? "padding " : "") + isa_name + " B" + std::to_string(c.B) + " H" + std::to_string(c.H) + "/" +
-                           std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" + std::to_string(c.Skv) +
-                           " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) + " mask" +
-                           std::to_string(int(c.mask)) + (c.causal ? " causal" : "") + (c.bshd ? " bshd" : "") +
-                           " threads " + std::to_string(threads);
+  const std::string what = describe(c, isa_name, threads);
   CHECK(finite, what << ": non-finite output (a row left unwritten?)");
   CHECK(max_err <= 2e-6 * std::max(1.0, max_ref), what << ": max error " << max_err << " (max |ref| " << max_ref << ")");
   CHECK(std::isnan(out.back()), what << ": wrote past the output");
@@ -229,11 +234,7 @@ void run_backward(const Case& c, CpuIsa isa, const char* isa_name, int threads, 
   std::vector<float> dq(ref.dq.size() + 1, nan), dk(ref.dk.size() + 1, nan), dv(ref.dv.size() + 1, nan);
   attention_backward_cpu_isa(isa, d.q.data(), d.k.data(), d.v.data(), out.data(), g.data(), lse.data(), dq.data(),
                              dk.data(), dv.data(), p, threads);
-  const std::string what = std::string("backward ") + isa_name + " B" + std::to_string(c.B) + " H" +
-                           std::to_string(c.H) + "/" + std::to_string(c.Hk) + " Sq" + std::to_string(c.Sq) + " Skv" +
-                           std::to_string(c.Skv) + " D" + std::to_string(c.D) + "/" + std::to_string(c.Dv) +
-                           " mask" + std::to_string(int(c.mask)) + (c.causal ? " causal" : "") +
-                           " threads " + std::to_string(threads);
+  const std::string what = "backward " + describe(c, isa_name, threads);
   check_grad(dq, ref.dq, what + " dq");
   check_grad(dk, ref.dk, what + " dk");
   check_grad(dv, ref.dv, what + " dv");
