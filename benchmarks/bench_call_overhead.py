@@ -7,7 +7,8 @@ weight it times, interleaved in one process (``pysparse.analysis.alternating_med
 * ``SparseLinear``: the layer users swap in (``nn.Module.__call__``, its checks, the op);
 * ``ops.bsr_linear``: the functional form, with its argument checks (``check_indices=False``);
 * ``ops.bsr_linear_packed``: no Python checks, the dispatch decision only;
-* ``op``: ``torch.ops.pysparse.bsr_linear_act`` called directly (torch's dispatcher, the C++ checks, the kernel);
+* ``op``: ``torch.ops.pysparse.bsr_linear_act`` called below the autograd key (torch's dispatcher, the C++ checks,
+  the kernel; called plainly it also enters torch's Python autograd kernel, ~20 us, which the layers step around);
 * ``nn.Linear`` and ``F.linear`` on the dense weight;
 * the two layers again with grad mode on (``torch.enable_grad()`` around the call: an inference call made without
   ``no_grad``; the frozen layer's bias is still a Parameter that wants a gradient).
@@ -15,7 +16,12 @@ weight it times, interleaved in one process (``pysparse.analysis.alternating_med
 "1 block" (a 32x32 weight) leaves almost only the fixed cost. Every pysparse variant's output is first checked
 against the dense layer.
 
+``--formats`` adds the layers users swap in at small batches: ``SparseLinear.from_dense`` of each block size at 90%
+(random block masks) on the issue's FFN shapes, M = 1 and 4, against its dense ``nn.Linear`` (weights warm in cache;
+``bench_m1_streaming.py`` reads them from memory).
+
     python benchmarks/bench_call_overhead.py --threads 2
+    python benchmarks/bench_call_overhead.py --threads 2 --formats 32x32 4x4 16x1 1x1
 """
 from __future__ import annotations
 
@@ -43,6 +49,11 @@ def with_grad(module, x):
         return module(x)
 
 
+def below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
     torch.manual_seed(0)
     dense = torch.nn.Linear(k, n)
@@ -57,7 +68,7 @@ def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
         "SparseLinear": lambda: layer(x),
         "ops.bsr_linear": lambda: ops.bsr_linear(x, v, crow, col, bias, n, check_indices=False),
         "bsr_linear_packed": lambda: ops.bsr_linear_packed(x, v, crow, col, bias, n),
-        "op": lambda: op(x, v, crow, col, bias, n, None, None),
+        "op": lambda: below_autograd(op, x, v, crow, col, bias, n, None, None),
         "nn.Linear": lambda: dense(x),
         "F.linear": lambda: F.linear(x, dense.weight, dense.bias),
         "SparseLinear, grad on": lambda: with_grad(layer, x),
@@ -70,10 +81,37 @@ def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
     return {name: s * 1e6 for name, s in alternating_medians(fns, rounds=rounds, min_run_time=0.3).items()}
 
 
+FORMAT_SHAPES = [(1536, 384), (384, 1536), (3072, 768), (768, 3072)]
+
+
+def measure_formats(blocks: list[tuple[int, int]], rounds: int) -> list[list[str]]:
+    """Rows of (shape, block, M, dense us, layer us, speedup) for each FORMAT_SHAPES x block at 90% x M in (1, 4)."""
+    rows = []
+    for k, n in FORMAT_SHAPES:
+        for block in blocks:
+            torch.manual_seed(0)
+            dense = torch.nn.Linear(k, n)
+            mask = block_mask(n, k, block, 0.9, torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                dense.weight.mul_(mask)
+            layer = SparseLinear.from_dense(dense, block, mask=mask)
+            for m in (1, 4):
+                x = torch.randn(m, k)
+                with torch.no_grad():
+                    torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-4)
+                    us = alternating_medians({"dense": lambda: dense(x), "layer": lambda: layer(x)}, rounds=rounds,
+                                             min_run_time=0.1)
+                rows.append([f"{k}->{n}", f"{block[0]}x{block[1]}", str(m), f"{us['dense'] * 1e6:.1f}",
+                             f"{us['layer'] * 1e6:.1f}", f"{us['dense'] / us['layer']:.2f}x"])
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--formats", nargs="+", default=None, metavar="BHxBW",
+                    help="also time SparseLinear of these block sizes at 90%% against nn.Linear, M = 1 and 4")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +124,11 @@ def main(argv=None) -> None:
             "F.linear", "SparseLinear, grad on", "nn.Linear, grad on", "layer - op", "F.linear / layer"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
     print("\n".join(left_aligned(head, rows)))
+    if args.formats:
+        blocks = [tuple(int(v) for v in b.lower().split("x")) for b in args.formats]
+        print()
+        print("\n".join(left_aligned(["in->out, 90%", "block", "M", "nn.Linear us", "SparseLinear us", "speedup"],
+                                      measure_formats(blocks, args.rounds))))
 
 
 if __name__ == "__main__":

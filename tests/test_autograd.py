@@ -10,6 +10,9 @@ Which precision checks what:
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +178,44 @@ def test_only_bias_wants_grad(activation, with_residual):
     out.backward(grad)
     assert _rel(layer.bias.grad, bias.grad) < 1e-5
     assert layer.values.grad is None and x.grad is None
+
+
+def _autograd_kernel_entries(fn) -> int:
+    """Calls of torch's Python autograd kernel (torch/_library/autograd.py, what register_autograd installs) while
+    fn() runs."""
+    seen = []
+
+    def profile(frame, event, _arg):
+        if event == "call" and frame.f_code.co_filename.endswith(os.path.join("_library", "autograd.py")):
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return len(seen)
+
+
+def test_inference_calls_stay_below_the_autograd_layer():
+    """Without gradients the layers and pysparse.ops.gelu call their op below the autograd key: torch's Python
+    autograd kernel (~20 us a call, as long as the kernel at batch 1) is not entered. Calling an _act op directly
+    under no_grad does enter it: the count can fail."""
+    w = _block_sparse(29, 37, (16, 16), 0.5)
+    x = torch.randn(3, 37)
+    blocks = SparseLinear(w, torch.randn(29), activation="relu")
+    dense = torch.randn(24, 37) * (torch.rand(24, 37) < 0.4)
+    unstructured = SparseLinear.from_dense(torch.nn.Linear(37, 24), block_size=(1, 1))
+    residual = torch.randn(3, 24)
+    with torch.no_grad():
+        assert _autograd_kernel_entries(lambda: blocks(x)) == 0
+        assert _autograd_kernel_entries(lambda: blocks(x, torch.randn(3, 29))) == 0
+        assert _autograd_kernel_entries(lambda: unstructured(x, residual)) == 0
+        assert _autograd_kernel_entries(lambda: pysparse.ops.gelu.gelu(dense)) == 0
+        assert _autograd_kernel_entries(lambda: torch.ops.pysparse.bsr_linear_act.default(
+            x, w.values, w.crow_indices, w.col_indices, None, 29, None, None)) > 0
+    # A frozen layer called without no_grad (only the bias wants a gradient) takes the same path.
+    assert _autograd_kernel_entries(lambda: blocks(x)) == 0
 
 
 def test_sparse_linear_finetune_step_matches_masked_dense():

@@ -54,14 +54,14 @@ def bsr_linear_packed(input: torch.Tensor, values: torch.Tensor, crow_indices: t
     # The CPU kernels add a residual themselves only when it has exactly the output's shape and dtype.
     fusable = input.is_cpu and (residual is None or fits_output(residual, (*input.shape[:-1], out_features), input))
     if fusable and not wants_grad(input, values, bias, residual):
-        # The same kernel as bsr_linear, without a Python autograd kernel to step around: at batch 1 every
-        # microsecond of Python is a few percent of the call.
-        return torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, bias,
-                                                         out_features, activation, residual)
+        # The same kernel as bsr_linear, below the autograd layer (`call`): at batch 1 every microsecond of Python
+        # is a few percent of the call.
+        return call(torch.ops.pysparse.bsr_linear_act.default, input, values, crow_indices, col_indices, bias,
+                    out_features, activation, residual)
     if input.is_cpu and input.dtype == torch.float32 and only_bias_wants_grad(bias, input, values):
         # float32 only: in bf16 / fp16 rounding the product before the add would differ from the kernel by an ulp.
-        y = torch.ops.pysparse.bsr_linear_act.default(input, values, crow_indices, col_indices, None, out_features,
-                                                      None, None) + bias
+        y = call(torch.ops.pysparse.bsr_linear_act.default, input, values, crow_indices, col_indices, None,
+                 out_features, None, None) + bias
         return torch_epilogue(y, activation, residual)
     if fusable and (activation is not None or residual is not None):
         return train_epilogue(torch.ops.pysparse.bsr_linear_act.default, input, values, crow_indices, col_indices,
@@ -85,7 +85,8 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         out_features: rows of W (the last block row may overhang it: padding).
         check_indices: validate the indices first (on CUDA this synchronises once). Layers built from
             ``BlockSparseWeight`` pass False: the format validated them when it was packed or loaded.
-            The CPU kernel always re-checks them; the CUDA kernels clamp to their buffers either way.
+            On the CPU the op always checks them itself (in C++), whatever this says; the CUDA kernels clamp to
+            their buffers either way.
         activation: None, "relu", "relu6" or "gelu" (exact, as ``F.gelu``): applied to the result. On the CPU the
             kernel applies it to each result before storing it (no second pass over the output), in training too
             (the backward takes ReLU's and ReLU6's derivative from the saved output); GELU with gradients (its
@@ -115,7 +116,9 @@ def bsr_linear(input: torch.Tensor, values: torch.Tensor, crow_indices: torch.Te
         # Before the layout check, which would otherwise blame crow_indices[-1] for col_indices' length.
         raise ValueError(f"col_indices must have one entry per block ({values.shape[0]} blocks in values), "
                          f"got {col.numel()}")
-    if check_indices and values.dim() == 3 and input.dim() >= 1:
+    # On the CPU the op itself runs these checks (C++, the same ValueError messages): here they would add ~15 torch
+    # calls, several times the kernel at batch 1.
+    if check_indices and values.dim() == 3 and input.dim() >= 1 and not input.is_cpu:
         bh, bw = int(values.shape[1]), int(values.shape[2])
         if bh >= 1 and bw >= 1:
             check_bsr_indices(crow, col, -(-int(out_features) // bh), -(-int(input.shape[-1]) // bw))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _C  # noqa: F401  (loading the library registers torch.ops.pysparse.*)
+from .autograd_dispatch import call
 
 __all__ = ["gelu"]
 
@@ -20,7 +21,7 @@ __all__ = ["gelu"]
 def gelu(z: torch.Tensor) -> torch.Tensor:
     """``F.gelu(z)`` (exact, not the tanh form), by pysparse's kernel for a float32 CPU tensor, differentiable."""
     if z.is_cpu and z.dtype == torch.float32:
-        return torch.ops.pysparse.gelu(z)
+        return call(torch.ops.pysparse.gelu.default, z)
     return F.gelu(z)
 
 

@@ -1,5 +1,6 @@
-"""What the op wrappers and the layers of ``pysparse.nn`` share: when a call can step below the autograd layer,
-the epilogue the CPU kernels fuse (activation and residual) with its torch equivalent, and argument checks.
+"""What the op wrappers and the layers of ``pysparse.nn`` share: when a call can step below the autograd layer
+(``call`` and ``wants_grad``, from :mod:`.autograd_dispatch`), the epilogue the CPU kernels fuse (activation and
+residual) with its torch equivalent, and argument checks.
 
 Internal: the names are public within pysparse (``nn`` imports them), not part of the user-facing API.
 """
@@ -9,9 +10,9 @@ import numbers
 import weakref
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .autograd_dispatch import call, wants_grad
 from .gelu import gelu
 
 __all__ = ["ACTIVATIONS", "LayoutCache", "bsr_int32_indices", "call", "check_activation", "check_count",
@@ -45,34 +46,12 @@ class LayoutCache:
         return result
 
 
-def wants_grad(*args) -> bool:
-    """Whether autograd must see this call (a backward graph is wanted). Dual tensors of forward-mode AD are
-    refused: no op here has a jvp formula, and torch would return the result without its tangent."""
-    if _forward_ad._current_level >= 0 and any(
-            isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args):
-        raise NotImplementedError("pysparse ops have no forward-mode AD (jvp) formula: a dual tensor was passed")
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
 def only_bias_wants_grad(bias, *others) -> bool:
     """Whether ``bias`` is the one argument autograd must see (a frozen layer, whose bias is still a Parameter,
     called without no_grad): then the op runs without it and torch adds it, so autograd records one add instead of
     the op's Python autograd (~60 us a call, more than the kernel at batch 1). Same numbers: the kernels add the
     bias last, in float32, as that add does."""
     return bias is not None and torch.is_grad_enabled() and bias.requires_grad and not wants_grad(*others)
-
-
-def call(op, *args):
-    """``op(*args)``, below the autograd layer when no argument needs a gradient.
-
-    The backward of these ops is registered from Python (``torch.library.register_autograd``), so every call,
-    even under ``no_grad``, used to enter Python once more to find out no graph is wanted: ~10-25 us per call,
-    as much as the whole kernel at batch 1. Under ``torch.compile`` the plain call is traced (no per-call cost).
-    """
-    if torch.compiler.is_compiling() or wants_grad(*args):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
 
 
 def check_activation(activation) -> None:

@@ -87,7 +87,7 @@ def unstructured_linear_packed(input: torch.Tensor, values: torch.Tensor, column
         if wants_grad(input, values, bias, residual):
             return train_epilogue(op, input, values, columns, segment_ptr, bias, out_features, activation=activation,
                                   residual=residual)
-        return op(input, values, columns, segment_ptr, bias, out_features, activation, residual)
+        return call(op, input, values, columns, segment_ptr, bias, out_features, activation, residual)
     y = call(torch.ops.pysparse.unstructured_linear.default, input, values, columns, segment_ptr, bias, out_features)
     return torch_epilogue(y, activation, residual)
 

@@ -155,6 +155,19 @@ void run_all(std::mt19937_64& rng) {
       ++i;
     }
   }
+  // Blocks 4 wide at M <= 4 (AVX2's half-vector dot tiles: two block rows per vector, tiles of 8 / 4 / 2 rows, the
+  // last one partly past N; the block overhanging K read column by column).
+  const std::pair<int64_t, int64_t> narrow[] = {{4, 4}, {8, 4}, {2, 4}, {6, 4}, {16, 4}};
+  for (const auto& [bh, bw] : narrow) {
+    for (int64_t m = 1; m <= 4; ++m) {
+      for (double d : {0.0, 0.5, 1.0}) {
+        std::uniform_int_distribution<int64_t> extra_n(0, bh - 1), extra_k(0, bw - 1), count(1, 4);
+        const Case c{m, count(rng) * bw + extra_k(rng), count(rng) * bh + extra_n(rng), bh, bw, d, m % 2 == 1,
+                     m == 3 ? 2 : 0};
+        run_case<T>(c, 1 + int(m % 2), rng);
+      }
+    }
+  }
   // Degenerate shapes: nothing to compute or nothing to read.
   run_case<T>({5, 9, 0, 4, 4, 1.0, false, 0}, 2, rng);  // N = 0
   run_case<T>({5, 0, 6, 4, 4, 0.0, true, 0}, 2, rng);   // K = 0: y = bias

@@ -105,7 +105,7 @@ void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values
     case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512Amx:
       if (p.M < kUnstructuredGatherTokens) {  // the 8-lane gathers (see kUnstructuredGatherTokens)
-        avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
+        avx2::unstructured_linear_gathers(x, values, columns, segment_ptr, bias, y, p, num_threads);
       } else {
         avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
       }

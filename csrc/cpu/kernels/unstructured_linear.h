@@ -11,7 +11,8 @@
 // are the bound (one vector per multiply-add, with no reuse between rows of an unstructured weight), so they must hit
 // L1: one column block of the tile (128 x 64 floats = 32 KB) is walked by every row of a thread's chunk before the
 // next block, the rows' partial sums living in a [rows][W] buffer between blocks. No padding is stored.
-// At M < 4 the same segments feed gathers of x instead (one token at a time; the weights are streamed once per token).
+// At small M (kUnstructuredGatherTokens) the same segments feed gathers of x instead (one token at a time; the
+// weights are streamed once per token).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -22,11 +23,15 @@
 namespace pysparse {
 
 constexpr int64_t kUnstructuredBlockCols = 128;
-// Below this many tokens the kernel gathers x at each entry's column, token by token (a tile of vector lanes would
+// Below this many tokens AVX-512 CPUs gather x at each entry's column, token by token (a tile of vector lanes would
 // hold mostly padding tokens). The gathers are 8 lanes wide on every SIMD path: the AVX-512 path runs the AVX2
 // path's (a segment holds 13-64 entries at 90-50% sparsity, and a 16-lane gather's masked tail wastes more of it;
 // Sapphire Rapids, 2 threads, 4 shapes x 50/70/90% x M = 1-3: 0.98-1.18x, geomean 1.10x, over 16-lane gathers).
 constexpr int64_t kUnstructuredGatherTokens = 4;
+// CPUs whose widest path is AVX2 gather only at batch 1: there the 32-token tiles (mostly padding) beat the gathers
+// from 2 tokens on (AMD Zen 3, 2 threads, the 4 FFN shapes at 90%, two of them at 50 and 70%, alternated in one
+// process: M = 2 1.1-1.75x, M = 3 1.7-2.4x; M = 1 0.65-1.0x, where the gathers stay).
+constexpr int64_t kUnstructuredGatherTokensAvx2 = 2;
 
 struct UnstructuredProblem {
   int64_t M = 0;         // tokens (rows of x and y)

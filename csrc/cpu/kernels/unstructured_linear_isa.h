@@ -22,6 +22,10 @@ PYSPARSE_UNSTRUCTURED_ENTRY
 #if PYSPARSE_X86
 namespace avx2 {
 PYSPARSE_UNSTRUCTURED_ENTRY
+// The forward with the gathers below kUnstructuredGatherTokens tokens (AVX-512 CPUs' batch 1-3).
+void unstructured_linear_gathers(const float* x, const float* values, const int32_t* columns,
+                                 const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
+                                 int num_threads);
 }
 namespace avx512 {
 PYSPARSE_UNSTRUCTURED_ENTRY
