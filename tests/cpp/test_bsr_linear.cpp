@@ -155,9 +155,10 @@ void run_all(std::mt19937_64& rng) {
       ++i;
     }
   }
-  // Blocks 4 wide at M <= 4 (AVX2's half-vector dot tiles: two block rows per vector, tiles of 8 / 4 / 2 rows, the
-  // last one partly past N; the block overhanging K read column by column).
-  const std::pair<int64_t, int64_t> narrow[] = {{4, 4}, {8, 4}, {2, 4}, {6, 4}, {16, 4}};
+  // Narrow blocks at M <= 4: 4 wide (AVX2's half-vector dot tiles: two block rows per vector, tiles of 8 / 4 / 2
+  // rows, the last one partly past N; the block overhanging K read column by column), and column vectors of 8 and
+  // 24 rows (the broadcast kernel's one- and three-vector tiles).
+  const std::pair<int64_t, int64_t> narrow[] = {{4, 4}, {8, 4}, {2, 4}, {6, 4}, {16, 4}, {8, 1}, {24, 1}};
   for (const auto& [bh, bw] : narrow) {
     for (int64_t m = 1; m <= 4; ++m) {
       for (double d : {0.0, 0.5, 1.0}) {
