@@ -7,8 +7,9 @@ weight it times, interleaved in one process (``pysparse.analysis.alternating_med
 * ``SparseLinear``: the layer users swap in (``nn.Module.__call__``, its checks, the op);
 * ``ops.bsr_linear``: the functional form, with its argument checks (``check_indices=False``);
 * ``ops.bsr_linear_packed``: no Python checks, the dispatch decision only;
-* ``op``: ``torch.ops.pysparse.bsr_linear_act`` called below the autograd key (torch's dispatcher, the C++ checks,
-  the kernel; called plainly it also enters torch's Python autograd kernel, ~20 us, which the layers step around);
+* ``op``: ``torch.ops.pysparse.bsr_linear_act`` through ``call``, below the autograd key (torch's dispatcher, the
+  C++ checks, the kernel; called plainly it also enters torch's Python autograd kernel, ~20 us, which the layers
+  step around);
 * ``nn.Linear`` and ``F.linear`` on the dense weight;
 * the two layers again with grad mode on (``torch.enable_grad()`` around the call: an inference call made without
   ``no_grad``; the frozen layer's bias is still a Parameter that wants a gradient).
@@ -40,6 +41,7 @@ from pysparse._text_table import left_aligned  # noqa: E402
 from pysparse.analysis.timing import alternating_medians  # noqa: E402
 from pysparse.bench.sweep import block_mask  # noqa: E402
 from pysparse.nn import SparseLinear  # noqa: E402
+from pysparse.ops.autograd_dispatch import call  # noqa: E402
 
 CASES = {"1 block (32->32)": (32, 32, 0.0), "768->3072 90%": (768, 3072, 0.9)}
 
@@ -49,18 +51,18 @@ def with_grad(module, x):
         return module(x)
 
 
-def below_autograd(op, *args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+def pruned_pair(k: int, n: int, block: tuple[int, int], sparsity: float) -> tuple[torch.nn.Linear, SparseLinear]:
+    """A dense ``nn.Linear`` with a random block mask applied, and the SparseLinear packed from it."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(k, n)
+    mask = block_mask(n, k, block, sparsity, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    return dense, SparseLinear.from_dense(dense, block, mask=mask)
 
 
 def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(k, n)
-    mask = block_mask(n, k, (32, 32), sparsity, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        dense.weight.mul_(mask)
-    layer = SparseLinear.from_dense(dense, (32, 32), mask=mask)
+    dense, layer = pruned_pair(k, n, (32, 32), sparsity)
     v, crow, col, bias = layer.values, layer.crow_indices, layer.col_indices, layer.bias
     x = torch.randn(1, k)
     op = torch.ops.pysparse.bsr_linear_act.default
@@ -68,7 +70,7 @@ def measure(k: int, n: int, sparsity: float, rounds: int) -> dict:
         "SparseLinear": lambda: layer(x),
         "ops.bsr_linear": lambda: ops.bsr_linear(x, v, crow, col, bias, n, check_indices=False),
         "bsr_linear_packed": lambda: ops.bsr_linear_packed(x, v, crow, col, bias, n),
-        "op": lambda: below_autograd(op, x, v, crow, col, bias, n, None, None),
+        "op": lambda: call(op, x, v, crow, col, bias, n, None, None),
         "nn.Linear": lambda: dense(x),
         "F.linear": lambda: F.linear(x, dense.weight, dense.bias),
         "SparseLinear, grad on": lambda: with_grad(layer, x),
@@ -89,12 +91,7 @@ def measure_formats(blocks: list[tuple[int, int]], rounds: int) -> list[list[str
     rows = []
     for k, n in FORMAT_SHAPES:
         for block in blocks:
-            torch.manual_seed(0)
-            dense = torch.nn.Linear(k, n)
-            mask = block_mask(n, k, block, 0.9, torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                dense.weight.mul_(mask)
-            layer = SparseLinear.from_dense(dense, block, mask=mask)
+            dense, layer = pruned_pair(k, n, block, 0.9)
             for m in (1, 4):
                 x = torch.randn(m, k)
                 with torch.no_grad():
