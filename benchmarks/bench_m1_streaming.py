@@ -31,7 +31,8 @@ from pysparse import ops
 from pysparse.analysis.timing import median_seconds
 from pysparse.bench.environment import cpu_model
 from pysparse.bench.sweep import block_mask
-from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
+from pysparse.formats import BlockSparseWeight
+from pysparse.ops.unstructured_linear import pack_for_kernel
 
 SHAPES = ["1536x384", "384x1536", "3072x768", "768x3072"]
 FORMATS = ["1x1", "16x1", "8x1", "1x16", "4x4", "8x8", "16x16", "32x32"]
@@ -77,7 +78,7 @@ def packed_variant(weight: torch.Tensor, mask: torch.Tensor, block: tuple[int, i
     """(call(copy, x), make_copy, packed bytes) for the format pysparse runs ``block`` with."""
     n = weight.shape[0]
     if block == (1, 1):
-        uw = UnstructuredSparseWeight.from_dense(weight, mask)
+        uw = pack_for_kernel(weight, mask)  # at the column-block width the layers take on this CPU
 
         def copy_unstructured():
             return uw.values.clone(), uw.columns.clone(), uw.segment_ptr.clone()

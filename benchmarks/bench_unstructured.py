@@ -2,7 +2,9 @@
 
 For each point (shape x sparsity x M) it checks the result against the dense masked weight in float64, then times
 dense ``F.linear``, the unstructured kernel (``pysparse.ops.unstructured_linear_packed`` on an
-``UnstructuredSparseWeight``) and, for comparison, the same mask through the BSR kernels with 1x1 blocks, alternating
+``UnstructuredSparseWeight`` packed at the column-block width the layers choose on this CPU, ``kernel_block_cols``;
+where that is not 128, also the same weight at 128, column "x128": its time over the chosen width's) and, for
+comparison, the same mask through the BSR kernels with 1x1 blocks, alternating
 the variants (``pysparse.analysis.timing.alternating_medians``: the median of several rounds of per-variant
 medians), so load from other processes hits all alike. Masks are uniform random at the exact sparsity. It prints the
 speedup of each
@@ -35,6 +37,7 @@ from pysparse.analysis.timing import alternating_medians
 from pysparse.bench.environment import cpu_model
 from pysparse.formats import BlockSparseWeight, UnstructuredSparseWeight
 from pysparse.ops.layer_support import torch_epilogue
+from pysparse.ops.unstructured_linear import pack_for_kernel
 
 SHAPES = ["1536x384", "384x1536", "3072x768", "768x3072"]
 
@@ -51,13 +54,17 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
     weight = torch.randn(n, k, generator=gen) * mask
     bias = torch.randn(n, generator=gen)
     x = torch.randn(m, k, generator=gen)
-    uw = UnstructuredSparseWeight.from_dense(weight, mask)
+    uw = pack_for_kernel(weight, mask)
     parts = (uw.values, uw.columns, uw.segment_ptr)
     y = ops.unstructured_linear_packed(x, *parts, bias, n)
     want = F.linear(x.double(), weight.double(), bias.double())
     err = float((y.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
     fns = {"dense": lambda: F.linear(x, weight, bias),
            "unstructured": lambda: ops.unstructured_linear_packed(x, *parts, bias, n)}
+    if uw.block_cols != 128:
+        narrow = UnstructuredSparseWeight.from_dense(weight, mask)
+        fns["width_128"] = lambda: ops.unstructured_linear_packed(x, narrow.values, narrow.columns,
+                                                                  narrow.segment_ptr, bias, n)
     if not args.no_bsr:
         bw = BlockSparseWeight.from_dense(weight, block_size=(1, 1), mask=mask)
         vals = ops.kernel_layout(bw.values)
@@ -72,7 +79,7 @@ def bench_point(k: int, n: int, sparsity: float, m: int, args, gen: torch.Genera
     with torch.no_grad():
         t = alternating_medians(fns, rounds=args.rounds, min_run_time=args.min_run_time)
     kept = int(mask.sum())
-    return {"t": t, "err": err, "gflops": 2 * m * kept / t["unstructured"] / 1e9,
+    return {"t": t, "err": err, "width": uw.block_cols, "gflops": 2 * m * kept / t["unstructured"] / 1e9,
             "gbs": uw.nbytes / t["unstructured"] / 1e9}
 
 
@@ -94,7 +101,8 @@ def main() -> None:
     print(f"# {cpu_model()}; pysparse CPU path {ops.available_backends()['cpu']}; torch {torch.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"{'in x out':>10} {'sparsity':>8} {'M':>5} {'dense ms':>9} {'unstr ms':>9} {'unstr x':>8} "
-          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'rel err':>8}" + (f" {'epi x':>6}" if args.epilogue else ""))
+          f"{'bsr1x1 x':>8} {'GFLOP/s':>8} {'GB/s':>6} {'rel err':>8} {'width':>5} {'x128':>5}"
+          + (f" {'epi x':>6}" if args.epilogue else ""))
     for shape in args.shapes:
         k, n = (int(v) for v in shape.lower().split("x"))
         for sparsity in args.sparsity:
@@ -105,7 +113,9 @@ def main() -> None:
                 gbs = f"{r['gbs']:6.1f}" if m == 1 else f"{'':>6}"
                 print(f"{shape:>10} {sparsity:8.2f} {m:5d} {t['dense'] * 1e3:9.3f} {t['unstructured'] * 1e3:9.3f} "
                       f"{t['dense'] / t['unstructured']:8.2f} {bsr} {r['gflops']:8.1f} {gbs} "
-                      f"{r['err']:8.1e}" + (f" {t['then_torch'] / t['fused']:6.2f}" if args.epilogue else ""),
+                      f"{r['err']:8.1e} {r['width']:5d} "
+                      + (f"{t['width_128'] / t['unstructured']:5.2f}" if "width_128" in t else f"{'-':>5}")
+                      + (f" {t['then_torch'] / t['fused']:6.2f}" if args.epilogue else ""),
                       flush=True)
 
 

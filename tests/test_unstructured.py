@@ -19,9 +19,10 @@ import pysparse
 from pysparse import ops
 from pysparse.demo import threads as torch_threads
 from pysparse.formats import UnstructuredSparseWeight
-from pysparse.formats.unstructured import BLOCK_COLS
+from pysparse.formats.unstructured import BLOCK_COLS, BLOCK_WIDTHS, n_column_blocks
 from pysparse.nn import SparseLinear, UnstructuredSparseLinear
-from pysparse.ops.unstructured_linear import transposed_index
+from pysparse.ops.cpu_path import cpu_paths, force_cpu_path
+from pysparse.ops.unstructured_linear import kernel_block_cols, transposed_index
 
 # (M, K, N, density): odd shapes, N not a multiple of 4, M around the gather threshold (4) and the tile widths.
 CASES = [(1, 384, 1536, 0.1), (3, 37, 19, 0.3), (4, 33, 9, 0.5), (17, 31, 7, 0.3), (65, 50, 21, 0.7),
@@ -289,9 +290,9 @@ def test_backward_matches_dense():
 
 
 # ---- backward kernels (grad_values, grad_x through W^T) -------------------------------------------------------------
-def _backward_against_dense(m, k, n, density, gen, leading=()):
+def _backward_against_dense(m, k, n, density, gen, leading=(), block_cols=BLOCK_COLS):
     weight, mask = make_weight(n, k, density, gen)
-    w = UnstructuredSparseWeight.from_dense(weight, mask)
+    w = UnstructuredSparseWeight.from_dense(weight, mask, block_cols=block_cols)
     x = torch.randn(*leading, m, k, generator=gen, requires_grad=True)
     values = w.values.clone().requires_grad_()
     bias = torch.randn(n, generator=gen, requires_grad=True)
@@ -408,11 +409,12 @@ def test_every_cpu_path(isa):
         "import torch, pysparse.ops as ops\n"
         "from pysparse.formats import UnstructuredSparseWeight\n"
         f"g, g2 = torch.Generator().manual_seed({SEED}), torch.Generator().manual_seed({SEED + 1})\n"
-        "for m, k, n in [(1, 100, 30), (3, 64, 9), (20, 33, 13), (150, 70, 21)]:\n"
+        "for m, k, n, width in [(1, 100, 30, 128), (3, 64, 9, 128), (20, 33, 13, 128), (150, 70, 21, 128),\n"
+        "                        (1, 1100, 21, 512), (5, 600, 13, 256), (70, 1030, 9, 512)]:\n"
         "    mask = torch.rand(n, k, generator=g) < 0.3\n"
         "    w = torch.randn(n, k, generator=g) * mask\n"
         "    x, b = torch.randn(m, k, generator=g), torch.randn(n, generator=g)\n"
-        "    p = UnstructuredSparseWeight.from_dense(w, mask)\n"
+        "    p = UnstructuredSparseWeight.from_dense(w, mask, block_cols=width)\n"
         "    y = ops.unstructured_linear(x, p.values, p.columns, p.segment_ptr, b, n)\n"
         "    want = torch.nn.functional.linear(x.double(), w.double(), b.double())\n"
         "    assert (y.double() - want).abs().max() < 1e-4, (m, k, n)\n"
@@ -433,6 +435,74 @@ def test_every_cpu_path(isa):
     assert out.returncode == 0, out.stderr
     if out.stdout.strip() != isa:
         pytest.skip(f"this CPU does not run the {isa} path (ran {out.stdout.strip()})")
+
+
+# ---- column-block widths -----------------------------------------------------------------------------------------
+# (M, K, N, density): several wide blocks and a ragged last one, batch 1-3 (gathers), one tile, several tiles.
+WIDTH_CASES = [(1, 1100, 37, 0.1), (2, 600, 19, 0.3), (3, 513, 40, 0.2), (16, 1100, 45, 0.05), (70, 700, 31, 0.3),
+               (130, 1030, 29, 0.1), (9, 300, 10, 1.0), (5, 200, 9, 0.0)]
+
+
+@pytest.mark.parametrize("width", BLOCK_WIDTHS[1:])
+@pytest.mark.parametrize("case", WIDTH_CASES, ids=str)
+def test_wide_column_blocks_match_dense_and_the_narrow_format(case, width):
+    gen = torch.Generator().manual_seed(SEED + 30)
+    m, k, n, density = case
+    weight, mask = make_weight(n, k, density, gen)
+    wide = UnstructuredSparseWeight.from_dense(weight, mask, block_cols=width)
+    narrow = UnstructuredSparseWeight.from_dense(weight, mask)
+    assert wide.segment_ptr.numel() == n_column_blocks(k, width) * n + 1
+    assert n_column_blocks(k, wide.block_cols) == n_column_blocks(k, width)  # the narrowest width of that count
+    assert torch.equal(wide.to_dense(), weight) and wide.nnz == narrow.nnz
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    y = ops.unstructured_linear(x, wide.values, wide.columns, wide.segment_ptr, bias, n)
+    assert_close(y, reference(x, weight, bias))
+    if m >= 4:  # token tiles on every path: each row's additions in the same order whatever the width
+        assert torch.equal(y, ops.unstructured_linear(x, narrow.values, narrow.columns, narrow.segment_ptr, bias, n))
+    _backward_against_dense(m, k, n, density, gen, block_cols=width)
+
+
+def test_widths_are_checked():
+    weight, mask = make_weight(6, 300, 0.3, torch.Generator().manual_seed(SEED + 31))
+    with pytest.raises(ValueError, match="block_cols must be one of \\(128, 256, 512\\), got 384"):
+        UnstructuredSparseWeight.from_dense(weight, mask, block_cols=384)
+    with pytest.raises(TypeError, match="block_cols must be an int"):
+        UnstructuredSparseWeight.from_dense(weight, mask, block_cols=True)
+    w = UnstructuredSparseWeight.from_dense(weight, mask, block_cols=256)
+    assert w.block_cols == 256 and w.segment_ptr.numel() == 2 * 6 + 1
+    # 300 columns: 3, 2 or 1 blocks make 19, 13 or 7 pointers; 8 fits no width.
+    short = torch.cat([w.segment_ptr[:7], w.segment_ptr[-1:]])
+    with pytest.raises(ValueError, match="width w of 128, 256 or 512 \\(19, 13 or 7 for shape \\(6, 300\\)\\), got 8"):
+        UnstructuredSparseWeight(w.values, w.columns, short, w.shape)
+    x = torch.randn(2, 300)
+    with pytest.raises(ValueError, match="column-block width w of 128, 256 or 512 \\(19, 13 or 7"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, w.columns, short, None, 6)
+    # A column of block 1 (256..299) moved into block 0's range is caught by the op for its width.
+    cols = w.columns.clone()
+    first_of_block_1 = int(w.segment_ptr[6])
+    cols[first_of_block_1] = 10
+    with pytest.raises(ValueError, match="outside its column block 1 \\(\\[256, 299\\]\\)"):
+        torch.ops.pysparse.unstructured_linear(x, w.values, cols, w.segment_ptr, None, 6)
+    with pytest.raises(ValueError, match="density must be in"):
+        kernel_block_cols(1.5)
+
+
+def test_layers_pack_at_the_width_of_the_cpu_path():
+    linear, mask = _linear(20, 1100, 0.1, SEED + 32)
+    paths = {"generic": (128, 128, 128), "avx2": (512, 256, 128), "avx512": (128, 128, 128)}
+    for path in cpu_paths():
+        if path not in paths:
+            continue
+        with force_cpu_path(path):
+            assert tuple(kernel_block_cols(d) for d in (0.1, 0.3, 0.5)) == paths[path]
+            layer = SparseLinear.from_dense(linear, (1, 1), mask=mask)
+            assert layer.weight.block_cols == paths[path][0]
+            model = pysparse.sparsify(torch.nn.Sequential(torch.nn.Linear(1100, 20)), block_size=(1, 1),
+                                      min_sparsity=0.0)
+            assert model[0].weight.block_cols == 128  # a dense weight: density 1
+        x = torch.randn(3, 1100)
+        with torch.no_grad():
+            assert_close(layer(x), reference(x, linear.weight * mask, linear.bias))
 
 
 # ---- layer -------------------------------------------------------------------------------------------------------
@@ -485,7 +555,8 @@ def test_layer_state_dict_round_trip_into_another_pattern_and_corruption():
         assert torch.equal(fresh(x), saved(x))
     state = saved.state_dict()
     state["columns"] = state["columns"].clone()
-    state["columns"][0] = 139 if int(state["columns"][0]) < 128 else 0  # into another column block
+    first, width = int(state["columns"][0]), saved.weight.block_cols
+    state["columns"][0] = min(first + width, 140)  # into the next column block, or past in_features
     with pytest.raises(RuntimeError, match="column block"):
         fresh.load_state_dict(state)
 

@@ -29,15 +29,23 @@ UnstructuredProblem checked_problem(const char* op, const at::Tensor& columns, c
   UnstructuredProblem p;
   p.K = K;
   p.N = N;
-  p.n_blocks = (K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols;
   p.nnz = nnz;
   TORCH_CHECK_VALUE(columns.numel() == nnz, op, ": columns must have one entry per value (", nnz, "), got ",
                     columns.numel());
   TORCH_CHECK_VALUE(nnz <= INT32_MAX && K <= INT32_MAX, op, ": at most 2^31-1 values and in_features are supported, "
                     "got ", nnz, " and ", K);
-  TORCH_CHECK_VALUE(segment_ptr.numel() == p.n_blocks * N + 1, op, ": segment_ptr must have ceil(in_features / ",
-                    kUnstructuredBlockCols, ") * out_features + 1 = ", p.n_blocks * N + 1, " entries for in_features=",
-                    K, ", out_features=", N, ", got ", segment_ptr.numel());
+  // segment_ptr's length fixes the column-block width (unstructured_block_cols).
+  const int64_t entries = segment_ptr.numel();
+  if (N > 0 && entries >= 1 && (entries - 1) % N == 0) {
+    p.n_blocks = (entries - 1) / N;
+    p.block_cols = unstructured_block_cols(K, p.n_blocks);
+  } else {
+    p.n_blocks = (K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols;
+  }
+  TORCH_CHECK_VALUE(p.block_cols > 0 && entries == p.n_blocks * N + 1, op, ": segment_ptr must have ceil(in_features "
+                    "/ w) * out_features + 1 entries for a column-block width w of 128, 256 or 512 (",
+                    (K + 127) / 128 * N + 1, ", ", (K + 255) / 256 * N + 1, " or ", (K + 511) / 512 * N + 1,
+                    " for in_features=", K, ", out_features=", N, "), got ", entries);
   const std::string bad = check_unstructured_indices(segment_ptr.const_data_ptr<int32_t>(),
                                                      columns.const_data_ptr<int32_t>(), p);
   TORCH_CHECK_VALUE(bad.empty(), op, ": ", bad);

@@ -8,11 +8,30 @@ from .._validate import check_tensor
 from .packed import PackedWeight
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-BLOCK_COLS = 128  # columns per column block (kUnstructuredBlockCols in csrc/cpu/kernels/unstructured_linear.h)
+# Column-block widths of the format (kUnstructuredBlockCols .. kUnstructuredBlockColsWidest in
+# csrc/cpu/kernels/unstructured_linear.h); the first is the default.
+BLOCK_WIDTHS = (128, 256, 512)
+BLOCK_COLS = BLOCK_WIDTHS[0]
 
 
-def n_column_blocks(in_features: int) -> int:
-    return -(-in_features // BLOCK_COLS)
+def n_column_blocks(in_features: int, block_cols: int = BLOCK_COLS) -> int:
+    return -(-in_features // block_cols)
+
+
+def _either(options) -> str:
+    """'a, b or c'."""
+    words = [str(o) for o in options]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def block_cols_of(in_features: int, n_blocks: int) -> int | None:
+    """The column-block width of a weight with ``in_features`` columns cut into ``n_blocks`` blocks: the width of
+    :data:`BLOCK_WIDTHS` with ``ceil(in_features / width) == n_blocks`` (the narrowest where several give the count,
+    which then describe the same blocks), None where none does."""
+    for width in BLOCK_WIDTHS:
+        if n_column_blocks(in_features, width) == n_blocks:
+            return width
+    return None
 
 
 def entry_segments(segment_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -36,15 +55,18 @@ def unstructured_to_dense(values: torch.Tensor, columns: torch.Tensor, segment_p
 class UnstructuredSparseWeight(PackedWeight):
     """Unstructured sparse weight ``W [N, K]``: every nonzero kept on its own, nothing padded.
 
-    Column-blocked CSR: the columns are cut into blocks of 128, and segment ``(b, n) = b * N + n`` holds row ``n``'s
-    nonzeros in column block ``b``: entries ``segment_ptr[b * N + n] .. segment_ptr[b * N + n + 1]`` of ``values``
-    (float) and ``columns`` (int32, global column indices, increasing within a segment). ``segment_ptr`` (int32) has
-    ``ceil(K / 128) * N + 1`` entries.
+    Column-blocked CSR: the columns are cut into blocks of ``block_cols`` (128, 256 or 512), and segment
+    ``(b, n) = b * N + n`` holds row ``n``'s nonzeros in column block ``b``: entries
+    ``segment_ptr[b * N + n] .. segment_ptr[b * N + n + 1]`` of ``values`` (float) and ``columns`` (int32, global
+    column indices, increasing within a segment). ``segment_ptr`` (int32) has ``ceil(K / block_cols) * N + 1``
+    entries: its length fixes the width, which is not stored apart.
 
     Why this layout: the kernel multiplies a tile of tokens at a time (x packed K-major, 64 tokens on AVX-512), and
     every nonzero costs one load of x from that tile: one column block of it (32 KB) must stay in L1 while all the
     rows of a thread's share walk it, so each row's nonzeros are stored per column block, in the order the kernel
-    reads them (see ``csrc/cpu/kernels/unstructured_linear.h``). Build with :meth:`from_dense`; the constructor
+    reads them (see ``csrc/cpu/kernels/unstructured_linear.h``). Wider blocks make fewer, longer segments, which the
+    kernel runs faster at high sparsity on some CPUs; the layers pick the width for the machine
+    (:func:`pysparse.ops.unstructured_linear.kernel_block_cols`). Build with :meth:`from_dense`; the constructor
     validates.
     """
 
@@ -59,10 +81,16 @@ class UnstructuredSparseWeight(PackedWeight):
         self.validate()
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> UnstructuredSparseWeight:
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, *,
+                   block_cols: int = BLOCK_COLS) -> UnstructuredSparseWeight:
         """Pack ``weight [N, K]``, keeping its nonzero entries, or the entries ``mask`` (bool or 0/1, ``weight``'s
-        shape) keeps: entries it drops are left out, entries it keeps are stored even when they are 0."""
+        shape) keeps: entries it drops are left out, entries it keeps are stored even when they are 0.
+        ``block_cols``: the column-block width, one of :data:`BLOCK_WIDTHS`."""
         check_tensor("weight", weight, dims=2, dtypes=_FLOAT_DTYPES)
+        if isinstance(block_cols, bool) or not isinstance(block_cols, int):
+            raise TypeError(f"block_cols must be an int, got {type(block_cols).__name__}")
+        if block_cols not in BLOCK_WIDTHS:
+            raise ValueError(f"block_cols must be one of {BLOCK_WIDTHS}, got {block_cols}")
         if mask is not None:
             check_tensor("mask", mask, shape=tuple(weight.shape))
             keep = mask.to(device=weight.device, dtype=torch.bool)
@@ -70,10 +98,10 @@ class UnstructuredSparseWeight(PackedWeight):
             keep = weight != 0
         n, k = weight.shape
         rows, cols = torch.nonzero(keep, as_tuple=True)  # row-major
-        block = cols // BLOCK_COLS
+        block = cols // block_cols
         order = torch.sort(block, stable=True).indices  # block-major; rows, then columns, in order within a block
         rows, cols, block = rows[order], cols[order], block[order]
-        counts = torch.bincount(block * n + rows, minlength=n_column_blocks(k) * n)
+        counts = torch.bincount(block * n + rows, minlength=n_column_blocks(k, block_cols) * n)
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=weight.device)
         segment_ptr[1:] = torch.cumsum(counts, 0)
         return cls(weight[rows, cols].contiguous(), cols.to(torch.int32), segment_ptr.to(torch.int32), (n, k))
@@ -85,6 +113,12 @@ class UnstructuredSparseWeight(PackedWeight):
     def to_torch_sparse(self) -> torch.Tensor:
         """``torch.sparse_csr`` tensor of the same matrix (torch's own sparse path, for comparisons)."""
         return self.to_dense().to_sparse_csr()
+
+    @property
+    def block_cols(self) -> int:
+        """The column-block width (128, 256 or 512), fixed by ``segment_ptr``'s length."""
+        n, k = self.shape
+        return (block_cols_of(k, (self.segment_ptr.numel() - 1) // n) if n else None) or BLOCK_COLS
 
     @property
     def nnz(self) -> int:
@@ -118,10 +152,12 @@ class UnstructuredSparseWeight(PackedWeight):
             raise ValueError(f"at most 2^31 - 1 entries and in_features are supported (int32), got {nnz} and {k}")
         if self.columns.numel() != nnz:
             raise ValueError(f"columns must have one entry per value ({nnz}), got {self.columns.numel()}")
-        segments = n_column_blocks(k) * n
-        if self.segment_ptr.numel() != segments + 1:
-            raise ValueError(f"segment_ptr must have ceil(K / {BLOCK_COLS}) * N + 1 = {segments + 1} entries for "
-                             f"shape {self.shape}, got {self.segment_ptr.numel()}")
+        entries = self.segment_ptr.numel()
+        allowed = list(dict.fromkeys(n_column_blocks(k, w) * n + 1 for w in BLOCK_WIDTHS))  # by width, once each
+        if entries not in allowed:
+            raise ValueError(f"segment_ptr must have ceil(K / w) * N + 1 entries for a column-block width w of "
+                             f"{_either(BLOCK_WIDTHS)} ({_either(allowed)} for shape {self.shape}), got {entries}")
+        width = self.block_cols
         ptr = self.segment_ptr.to("cpu", torch.int64)
         if int(ptr[0]) != 0:
             raise ValueError(f"segment_ptr[0] must be 0, got {int(ptr[0])}")
@@ -135,13 +171,13 @@ class UnstructuredSparseWeight(PackedWeight):
             return
         cols = self.columns.to("cpu", torch.int64)
         seg = entry_segments(ptr, nnz)
-        first = (seg // n) * BLOCK_COLS
-        outside = (cols < first) | (cols >= torch.clamp(first + BLOCK_COLS, max=k))
+        first = (seg // n) * width
+        outside = (cols < first) | (cols >= torch.clamp(first + width, max=k))
         if bool(outside.any()):
             i = int(torch.nonzero(outside)[0])
             b = int(seg[i]) // n
             raise ValueError(f"columns[{i}]={int(cols[i])} lies outside its column block {b} "
-                             f"([{b * BLOCK_COLS}, {min(k, (b + 1) * BLOCK_COLS) - 1}])")
+                             f"([{b * width}, {min(k, (b + 1) * width) - 1}])")
         bad = (seg[1:] == seg[:-1]) & (cols[1:] <= cols[:-1])
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0]) + 1

@@ -9,6 +9,7 @@ from .. import ops
 from .._validate import as_pair
 from ..formats import BlockSparseWeight, UnstructuredSparseWeight
 from ..ops.layer_support import check_activation, check_residual, torch_epilogue
+from ..ops.unstructured_linear import pack_for_kernel
 from .packed_module import PackedWeightModule, fill_dense, with_activation
 
 
@@ -67,7 +68,7 @@ class SparseLinear(PackedWeightModule):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         bias = linear.bias.detach() if linear.bias is not None else None
         if as_pair("block_size", block_size) == (1, 1):
-            weight = UnstructuredSparseWeight.from_dense(linear.weight.detach(), mask=mask)
+            weight = pack_for_kernel(linear.weight.detach(), mask)
             return UnstructuredSparseLinear(weight, bias, trainable=trainable, activation=activation)
         weight = BlockSparseWeight.from_dense(linear.weight.detach(), block_size=block_size, mask=mask)
         return cls(weight, bias, trainable=trainable, activation=activation)

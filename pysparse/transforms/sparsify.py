@@ -25,6 +25,7 @@ from .._weight_layout import weight_matrix
 from ..formats import BlockSparseWeight, UnstructuredSparseWeight
 from ..nn import SparseConv2d, SparseLinear, UnstructuredSparseLinear
 from ..ops import available_backends
+from ..ops.unstructured_linear import pack_for_kernel
 from . import fold_batchnorm as _fold
 from .activation_fusion import activation_sites
 from .attention_switch import use_pysparse_attention
@@ -79,7 +80,7 @@ def _pack(module: nn.Module, matrix: torch.Tensor, block_size: tuple[int, int]
     linear layer on the CPU get the unstructured format and kernel (1x1 blocks elsewhere: CUDA has a BSR kernel,
     not an unstructured one)."""
     if block_size == (1, 1) and isinstance(module, nn.Linear) and matrix.device.type == "cpu":
-        return UnstructuredSparseWeight.from_dense(matrix)
+        return pack_for_kernel(matrix)
     return BlockSparseWeight.from_dense(matrix, block_size=block_size)
 
 

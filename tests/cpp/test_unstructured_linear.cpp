@@ -27,14 +27,14 @@ struct Packed {
   std::vector<float> values;
 };
 
-// The format of unstructured_linear.h from a dense [N, K] weight (zeros dropped).
-Packed pack(const std::vector<float>& w, int64_t N, int64_t K) {
+// The format of unstructured_linear.h from a dense [N, K] weight (zeros dropped), column blocks `width` wide.
+Packed pack(const std::vector<float>& w, int64_t N, int64_t K, int64_t width) {
   Packed out;
-  out.p.N = N, out.p.K = K, out.p.n_blocks = (K + B - 1) / B;
+  out.p.N = N, out.p.K = K, out.p.block_cols = width, out.p.n_blocks = (K + width - 1) / width;
   out.segment_ptr.push_back(0);
   for (int64_t b = 0; b < out.p.n_blocks; ++b) {
     for (int64_t n = 0; n < N; ++n) {
-      for (int64_t k = b * B; k < std::min(K, (b + 1) * B); ++k) {
+      for (int64_t k = b * width; k < std::min(K, (b + 1) * width); ++k) {
         if (w[size_t(n * K + k)] != 0.0f) {
           out.columns.push_back(int32_t(k));
           out.values.push_back(w[size_t(n * K + k)]);
@@ -51,6 +51,7 @@ struct Case {
   int64_t M, K, N;
   double density;     // fraction of entries kept; 0 = all zero, 1 = dense
   int64_t x_pad = 0;  // extra elements per row of x (ldx = K + x_pad)
+  int64_t width = B;  // the column-block width
 };
 
 std::vector<CpuIsa> paths() {
@@ -81,7 +82,7 @@ void run_case(const Case& c, std::mt19937& rng) {
       if (!empty_row && !dropped_column && u01(rng) < density) w[size_t(n * c.K + k)] = normal(rng);
     }
   }
-  Packed pk = pack(w, c.N, c.K);
+  Packed pk = pack(w, c.N, c.K, c.width);
   pk.p.M = c.M, pk.p.ldx = c.K + c.x_pad;
   CHECK(check_unstructured_indices(pk.segment_ptr.data(), pk.columns.data(), pk.p).empty(),
         check_unstructured_indices(pk.segment_ptr.data(), pk.columns.data(), pk.p));
@@ -255,6 +256,32 @@ void test_index_check() {
   UnstructuredProblem wrong_blocks = p;
   wrong_blocks.n_blocks = 1;
   check_rejects("block count", {0, 2, 3}, cols, wrong_blocks, "column blocks");
+
+  // Blocks of 256 at K = 300: [0, 255] and [256, 299].
+  UnstructuredProblem wide = p;
+  wide.K = 300, wide.block_cols = 256;
+  const std::vector<int32_t> wide_cols{3, 200, 255, 299, 256};
+  CHECK(check_unstructured_indices(ptr.data(), wide_cols.data(), wide).empty(),
+        check_unstructured_indices(ptr.data(), wide_cols.data(), wide));
+  bad = wide_cols;
+  bad[2] = 256;
+  check_rejects("wide block: column of the next block", ptr, bad, wide, "outside its column block 0");
+  bad = wide_cols;
+  bad[4] = 255;
+  check_rejects("wide block: column of an earlier block", ptr, bad, wide, "outside its column block 1");
+  UnstructuredProblem odd_width = wide;
+  odd_width.block_cols = 384;
+  check_rejects("width not of the format", ptr, wide_cols, odd_width, "width must be 128, 256 or 512");
+  odd_width.block_cols = 0;
+  check_rejects("zero width", ptr, wide_cols, odd_width, "width must be 128, 256 or 512");
+  UnstructuredProblem wide_count = wide;
+  wide_count.K = 600;  // ceil(600 / 256) = 3 blocks, not 2
+  check_rejects("block count of the width", ptr, wide_cols, wide_count, "ceil(in_features / 256) = 3");
+  CHECK(unstructured_block_cols(300, 3) == 128 && unstructured_block_cols(300, 2) == 256 &&
+            unstructured_block_cols(300, 1) == 512 && unstructured_block_cols(100, 1) == 128 &&
+            unstructured_block_cols(1100, 3) == 512 && unstructured_block_cols(1100, 4) == 0 &&
+            unstructured_block_cols(0, 0) == 128,
+        "unstructured_block_cols");
 }
 
 }  // namespace
@@ -273,6 +300,9 @@ int main() {
       // outputs past 4 MiB (streaming stores where a run of 16 outputs starts on a cache line; N = 1030: rows
       // shifted off the lines, plain stores)
       {1100, 40, 1040, 0.2}, {1100, 37, 1030, 0.3, 1},
+      // wider column blocks (256, 512): several blocks, a ragged last one, batch 1-3 (gathers), one tile, several
+      {1, 600, 70, 0.1, 0, 256}, {2, 1100, 33, 0.05, 3, 512}, {3, 513, 40, 0.3, 0, 256}, {16, 1100, 45, 0.1, 0, 512},
+      {70, 700, 31, 0.2, 1, 256}, {130, 1030, 29, 0.1, 0, 512}, {33, 300, 17, 1.0, 0, 256}, {5, 200, 9, 0.0, 0, 512},
   };
   for (const Case& c : cases) run_case(c, rng);
   for (CpuIsa isa : paths()) std::printf("tested path: %s\n", name(isa));

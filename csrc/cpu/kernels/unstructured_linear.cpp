@@ -25,12 +25,23 @@ void column_range(const int32_t* columns, int64_t n, int32_t& lo, int32_t& hi) {
 
 }  // namespace
 
+int64_t unstructured_block_cols(int64_t K, int64_t n_blocks) {
+  for (int64_t w = kUnstructuredBlockCols; w <= kUnstructuredBlockColsWidest; w *= 2) {
+    if ((K + w - 1) / w == n_blocks) return w;
+  }
+  return 0;
+}
+
 std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
                                        const UnstructuredProblem& p) {
   std::ostringstream err;
-  if (p.n_blocks != (p.K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols) {
-    err << "expected ceil(in_features / " << kUnstructuredBlockCols << ") = "
-        << (p.K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols << " column blocks, got " << p.n_blocks;
+  const int64_t w = p.block_cols;
+  if (w < kUnstructuredBlockCols || w > kUnstructuredBlockColsWidest || (w & (w - 1)) != 0) {
+    err << "the column-block width must be 128, 256 or 512, got " << w;
+    return err.str();
+  }
+  if (p.n_blocks != (p.K + w - 1) / w) {
+    err << "expected ceil(in_features / " << w << ") = " << (p.K + w - 1) / w << " column blocks, got " << p.n_blocks;
     return err.str();
   }
   const int64_t segments = p.n_blocks * p.N;
@@ -53,8 +64,8 @@ std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t
   // offending entry only on failure.
   for (int64_t b = 0; b < p.n_blocks; ++b) {
     const int64_t begin = segment_ptr[b * p.N], end = segment_ptr[(b + 1) * p.N];
-    const int32_t first = int32_t(b * kUnstructuredBlockCols);
-    const int32_t last = int32_t(std::min(p.K, (b + 1) * kUnstructuredBlockCols) - 1);
+    const int32_t first = int32_t(b * w);
+    const int32_t last = int32_t(std::min(p.K, (b + 1) * w) - 1);
     int32_t lo = first, hi = first;
     column_range(columns + begin, end - begin, lo, hi);
     if (lo >= first && hi <= last) continue;

@@ -1,10 +1,11 @@
 // Torch-free unstructured sparse linear kernels: y[M, N] = x[M, K] @ W^T + bias, float32, W [N, K] with any
 // pattern of zeros (block size 1x1), stored the way the kernels walk it.
 //
-// Format ("column-blocked CSR"): the columns are cut into blocks of kUnstructuredBlockCols (128); segment
+// Format ("column-blocked CSR"): the columns are cut into blocks of 128, 256 or 512 (the width); segment
 // (b, n) = b * N + n holds row n's nonzeros in column block b, at [segment_ptr[b * N + n], segment_ptr[b * N + n + 1])
 // of values and columns (global column indices, increasing within a segment). segment_ptr has n_blocks * N + 1
-// entries, n_blocks = ceil(K / 128); block-major order means the kernels read values and columns front to back.
+// entries, n_blocks = ceil(K / width); block-major order means the kernels read values and columns front to back.
+// The width is not stored: segment_ptr's length fixes it (unstructured_block_cols).
 //
 // Why this layout: the kernels vectorise over tokens. x is packed K-major for a tile of W tokens ([K][W], W = 64 on
 // AVX-512), and each nonzero is one broadcast of its value and W / L multiply-adds with xT[column, 0:W]. The x loads
@@ -13,6 +14,10 @@
 // next block, the rows' partial sums living in a [rows][W] buffer between blocks. No padding is stored.
 // At small M (kUnstructuredGatherTokens) the same segments feed gathers of x instead (one token at a time; the
 // weights are streamed once per token).
+// Why several widths: a segment costs a loop exit and a load and store of its row's partial sums, and at high
+// sparsity a 128-column segment holds a dozen entries; wider blocks make fewer, longer segments, at the price of an
+// x tile block that no longer fits L1 at low sparsity. The kernels run any of them; the layers choose
+// (pysparse.ops.unstructured_linear.kernel_block_cols).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -22,7 +27,14 @@
 
 namespace pysparse {
 
+// The narrowest column-block width (the format's default) and the widest; the widths are 128 << i up to the widest.
 constexpr int64_t kUnstructuredBlockCols = 128;
+constexpr int64_t kUnstructuredBlockColsWidest = 512;
+
+// The column-block width of a weight with in_features K cut into n_blocks blocks: the width w of the format with
+// ceil(K / w) == n_blocks, 0 when there is none. Two widths giving one count give the same blocks (a count of 1 is a
+// single block [0, K); from 2 on a count belongs to one width): the narrowest is returned.
+int64_t unstructured_block_cols(int64_t K, int64_t n_blocks);
 // Below this many tokens AVX-512 CPUs gather x at each entry's column, token by token (a tile of vector lanes would
 // hold mostly padding tokens). The gathers are 8 lanes wide on every SIMD path: the AVX-512 path runs the AVX2
 // path's (a segment holds 13-64 entries at 90-50% sparsity, and a 16-lane gather's masked tail wastes more of it;
@@ -38,15 +50,17 @@ struct UnstructuredProblem {
   int64_t K = 0;         // in_features
   int64_t N = 0;         // out_features
   int64_t ldx = 0;       // row stride of x, in elements (>= K)
-  int64_t n_blocks = 0;  // ceil(K / kUnstructuredBlockCols)
+  int64_t block_cols = kUnstructuredBlockCols;  // the column-block width
+  int64_t n_blocks = 0;                           // ceil(K / block_cols)
   int64_t nnz = 0;       // values and columns hold nnz entries
   // The forward's fused epilogue: y = act(x @ W^T + bias + residual), residual [M, N] (row stride N) or null.
   Activation act = Activation::kNone;
   const float* residual = nullptr;
 };
 
-// "" when segment_ptr [n_blocks * N + 1] and columns [nnz] are safe to run for p (segment_ptr starts at 0, never
-// decreases and ends at nnz; every column lies in its segment's column block and below K), else a message naming
+// "" when segment_ptr [n_blocks * N + 1] and columns [nnz] are safe to run for p (p.block_cols a width of the format
+// and n_blocks = ceil(K / block_cols); segment_ptr starts at 0, never decreases and ends at nnz; every column lies in
+// its segment's column block and below K), else a message naming
 // what is wrong. O(n_blocks * N + nnz); the op runs it on every call. The kernels rely on it (or on a format that ran
 // it) for memory safety. The order within a segment (strictly increasing) is the format's convention, checked by
 // pysparse.formats.UnstructuredSparseWeight.validate: the kernels compute the same sum in any order.
@@ -74,7 +88,8 @@ void unstructured_linear_grad_values_cpu_isa(CpuIsa isa, const float* grad_y, co
                                              const UnstructuredProblem& p, int num_threads);
 
 // The format of W^T [K, N] from W's indices (which must have passed check_unstructured_indices for p): its
-// columns_t [nnz] and segment_ptr_t [ceil(N / 128) * K + 1], and perm [nnz]: entry i of W^T is entry perm[i] of W.
+// columns_t [nnz] and segment_ptr_t [ceil(N / 128) * K + 1] (the narrowest width, whatever W's), and perm [nnz]: entry
+// i of W^T is entry perm[i] of W.
 // A counting sort, O(nnz + segments), one thread; built once per weight layout (the Python side caches it).
 void unstructured_transpose(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
                             int32_t* columns_t, int32_t* segment_ptr_t, int32_t* perm);
