@@ -164,9 +164,11 @@ def test_op_rejects_malformed_indices_with_a_clear_error():
     x = torch.randn(3, 130)
     bad_columns = w.columns.clone()
     bad_columns[2] = 999
-    # The raw op checks what memory safety needs on every call.
-    with pytest.raises(ValueError, match="columns\\[2\\]=999 is outside its column block 0"):
-        torch.ops.pysparse.unstructured_linear(x, w.values, bad_columns, w.segment_ptr, None, 5)
+    # The raw op checks what memory safety needs on every call: the columns where each kernel path first reads them
+    # (batch-1 gathers, a few-token tile, many tiles), the same message on each.
+    for m in (1, 3, 200):
+        with pytest.raises(ValueError, match="columns\\[2\\]=999 is outside its column block 0"):
+            torch.ops.pysparse.unstructured_linear(torch.randn(m, 130), w.values, bad_columns, w.segment_ptr, None, 5)
     bad_ptr = w.segment_ptr.clone()
     bad_ptr[-1] += 1
     with pytest.raises(ValueError, match="segment_ptr\\[-1\\]"):

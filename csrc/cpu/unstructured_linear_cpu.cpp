@@ -13,9 +13,12 @@ namespace pysparse {
 namespace {
 
 // The problem of a weight [N, K] in the format (columns, segment_ptr) with `nnz` values, after every check that
-// memory safety needs: the ops are public, so malformed indices must raise, never read out of bounds.
+// memory safety needs: the ops are public, so malformed indices must raise, never read out of bounds. `columns_too`
+// false leaves the columns to the forward kernel, which checks them where it first reads them (a weight streamed from
+// memory is then read once, not twice).
 UnstructuredProblem checked_problem(const char* op, const at::Tensor& columns, const at::Tensor& segment_ptr,
-                                    int64_t nnz, int64_t K, int64_t N, const at::Device& device) {
+                                    int64_t nnz, int64_t K, int64_t N, const at::Device& device,
+                                    bool columns_too = true) {
   TORCH_CHECK_TYPE(columns.scalar_type() == at::kInt && segment_ptr.scalar_type() == at::kInt, op,
                    ": columns and segment_ptr must be int32, got ", columns.scalar_type(), " and ",
                    segment_ptr.scalar_type());
@@ -46,8 +49,9 @@ UnstructuredProblem checked_problem(const char* op, const at::Tensor& columns, c
                     "/ w) * out_features + 1 entries for a column-block width w of 128, 256 or 512 (",
                     (K + 127) / 128 * N + 1, ", ", (K + 255) / 256 * N + 1, " or ", (K + 511) / 512 * N + 1,
                     " for in_features=", K, ", out_features=", N, "), got ", entries);
-  const std::string bad = check_unstructured_indices(segment_ptr.const_data_ptr<int32_t>(),
-                                                     columns.const_data_ptr<int32_t>(), p);
+  const int32_t* ptr = segment_ptr.const_data_ptr<int32_t>();
+  const std::string bad = columns_too ? check_unstructured_indices(ptr, columns.const_data_ptr<int32_t>(), p)
+                                      : check_unstructured_pointers(ptr, p);
   TORCH_CHECK_VALUE(bad.empty(), op, ": ", bad);
   return p;
 }
@@ -84,7 +88,7 @@ at::Tensor unstructured_linear_forward(const char* op, const at::Tensor& input, 
   const at::Tensor vals = values.contiguous(), cols = columns.contiguous(), ptr = segment_ptr.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   UnstructuredProblem p = checked_problem(op, cols, ptr, values.numel(), input.size(-1), out_features,
-                                          input.device());
+                                          input.device(), /*columns_too=*/false);
   // M from the leading dims, not reshape(-1, K): with K == 0 the -1 would be ambiguous.
   p.M = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
   const at::Tensor x = rows_of(input, p.M, p.K, p.ldx);
@@ -97,9 +101,14 @@ at::Tensor unstructured_linear_forward(const char* op, const at::Tensor& input, 
     p.residual = res.const_data_ptr<float>();
   }
   at::Tensor y = empty_output(out_shape, input.options());
-  unstructured_linear_cpu(x.const_data_ptr<float>(), vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(),
-                          ptr.const_data_ptr<int32_t>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
-                          y.mutable_data_ptr<float>(), p, at::get_num_threads());
+  const bool columns_ok = unstructured_linear_cpu(
+      x.const_data_ptr<float>(), vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(),
+      ptr.const_data_ptr<int32_t>(), b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), p,
+      at::get_num_threads());
+  if (!columns_ok) {  // a column outside its block, left out by the kernel: name it
+    TORCH_CHECK_VALUE(false, op, ": ",
+                      check_unstructured_indices(ptr.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>(), p));
+  }
   return y;
 }
 

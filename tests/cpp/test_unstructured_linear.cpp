@@ -108,8 +108,9 @@ void run_case(const Case& c, std::mt19937& rng) {
     for (int threads : {1, 2, 3}) {
       for (bool with_bias : {true, false}) {
         std::vector<float> y(size_t(c.M * c.N), std::nanf(""));  // poisoned: every output must be written
-        unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
-                                    with_bias ? bias.data() : nullptr, y.data(), pk.p, threads);
+        CHECK(unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
+                                          with_bias ? bias.data() : nullptr, y.data(), pk.p, threads),
+              "a good weight reported as bad");
         int bad = 0;
         for (int64_t i = 0; i < c.M * c.N && bad < 3; ++i) {
           const double want = ref[size_t(i)] - (with_bias ? 0.0 : bias[size_t(i % c.N)]);
@@ -131,8 +132,9 @@ void run_case(const Case& c, std::mt19937& rng) {
       pe.act = act;
       pe.residual = res.data();
       std::vector<float> y(size_t(c.M * c.N), std::nanf(""));
-      unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
-                                  bias.data(), y.data(), pe, 2);
+      CHECK(unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(), pk.segment_ptr.data(),
+                                        bias.data(), y.data(), pe, 2),
+            "a good weight reported as bad (epilogue)");
       int bad = 0;
       for (int64_t i = 0; i < c.M * c.N && bad < 3; ++i) {
         const double v = ref[size_t(i)] + res[size_t(i)];
@@ -199,8 +201,9 @@ void run_backward(const Case& c, const std::vector<float>& w, const Packed& pk, 
       std::vector<float> gv(size_t(pk.p.nnz), std::nanf("")), gx(size_t(c.M * c.K), std::nanf(""));
       unstructured_linear_grad_values_cpu_isa(isa, gy.data(), x.data(), pk.columns.data(), pk.segment_ptr.data(),
                                               gv.data(), pk.p, threads);
-      unstructured_linear_cpu_isa(isa, gy.data(), values_t.data(), columns_t.data(), segment_ptr_t.data(), nullptr,
-                                  gx.data(), pt, threads);
+      CHECK(unstructured_linear_cpu_isa(isa, gy.data(), values_t.data(), columns_t.data(), segment_ptr_t.data(),
+                                        nullptr, gx.data(), pt, threads),
+            "the transposed weight reported as bad");
       int bad = 0;
       for (int64_t s = 0; s < pk.p.nnz && bad < 3; ++s) {
         if (!(std::fabs(gv[size_t(s)] - want_gv[size_t(s)]) <= tol)) {
@@ -284,11 +287,47 @@ void test_index_check() {
         "unstructured_block_cols");
 }
 
+// The forward checks the columns itself (where each path first reads them): a column outside its block, in range of
+// x or far past it, is reported on every path, batch size and thread count, and never read (ASan runs this too).
+void test_forward_rejects_bad_columns(std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t width : {int64_t(128), int64_t(512)}) {
+    const int64_t N = 70, K = 1100;
+    std::vector<float> w(size_t(N * K), 0.0f);
+    for (size_t i = 0; i < w.size(); i += 7) w[i] = normal(rng);
+    const Packed good = pack(w, N, K, width);
+    // Entries of the first and of the last column block, and one in the middle of the weight.
+    for (const int64_t at : {int64_t(0), good.p.nnz / 2, good.p.nnz - 1}) {
+      for (const int32_t column : {int32_t(-5), int32_t(1) << 30, int32_t(K), int32_t(0)}) {
+        Packed pk = good;
+        const int32_t was = pk.columns[size_t(at)];
+        pk.columns[size_t(at)] = column == 0 && was < width ? int32_t(K - 1) : column;  // 0: another block
+        if (column == 0 && was >= width) pk.columns[size_t(at)] = 0;
+        const std::string verdict = check_unstructured_indices(pk.segment_ptr.data(), pk.columns.data(), pk.p);
+        CHECK(!verdict.empty(), "corrupted column not caught by check_unstructured_indices");
+        for (CpuIsa isa : paths()) {
+          for (const int64_t M : {int64_t(1), int64_t(2), int64_t(3), int64_t(17), int64_t(40), int64_t(200)}) {
+            for (int threads : {1, 2, 3}) {
+              pk.p.M = M, pk.p.ldx = K;
+              std::vector<float> x(size_t(M * K), 1.0f), y(size_t(M * N), 0.0f);
+              const bool ran = unstructured_linear_cpu_isa(isa, x.data(), pk.values.data(), pk.columns.data(),
+                                                           pk.segment_ptr.data(), nullptr, y.data(), pk.p, threads);
+              CHECK(!ran, name(isa) << " M=" << M << " threads=" << threads << " width=" << width << ": column "
+                                    << pk.columns[size_t(at)] << " at entry " << at << " not reported");
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(1234);
   test_index_check();
+  test_forward_rejects_bad_columns(rng);
   const Case cases[] = {
       {1, 384, 1536, 0.1}, {2, 300, 33, 0.2},    {70, 257, 47, 0.3},  {129, 130, 18, 0.5}, {2, 37, 19, 0.3},
       {3, 100, 13, 0.5},   {4, 33, 9, 0.2},      {5, 17, 6, 0.5, 3},  {16, 64, 64, 0.1},   {17, 31, 7, 0.3},

@@ -32,8 +32,7 @@ int64_t unstructured_block_cols(int64_t K, int64_t n_blocks) {
   return 0;
 }
 
-std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
-                                       const UnstructuredProblem& p) {
+std::string check_unstructured_pointers(const int32_t* segment_ptr, const UnstructuredProblem& p) {
   std::ostringstream err;
   const int64_t w = p.block_cols;
   if (w < kUnstructuredBlockCols || w > kUnstructuredBlockColsWidest || (w & (w - 1)) != 0) {
@@ -60,17 +59,33 @@ std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t
     err << "segment_ptr[-1] must equal the number of values " << p.nnz << ", got " << segment_ptr[segments];
     return err.str();
   }
-  // A column block's entries are contiguous (block-major segments): a min / max per block (column_range), the
-  // offending entry only on failure.
+  return "";
+}
+
+// A column block's entries are contiguous (block-major segments), so are a run of its rows': one min / max
+// (column_range).
+bool unstructured_block_columns_ok(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
+                                   int64_t b, int64_t r0, int64_t r1) {
+  const int64_t begin = segment_ptr[b * p.N + r0], end = segment_ptr[b * p.N + r1];
+  const int32_t first = int32_t(b * p.block_cols);
+  const int32_t last = int32_t(std::min(p.K, (b + 1) * p.block_cols) - 1);
+  int32_t lo = first, hi = first;
+  column_range(columns + begin, end - begin, lo, hi);
+  return lo >= first && hi <= last;
+}
+
+std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
+                                       const UnstructuredProblem& p) {
+  std::string bad = check_unstructured_pointers(segment_ptr, p);
+  if (!bad.empty()) return bad;
+  // The offending entry is looked for only in a block that fails.
   for (int64_t b = 0; b < p.n_blocks; ++b) {
-    const int64_t begin = segment_ptr[b * p.N], end = segment_ptr[(b + 1) * p.N];
-    const int32_t first = int32_t(b * w);
-    const int32_t last = int32_t(std::min(p.K, (b + 1) * w) - 1);
-    int32_t lo = first, hi = first;
-    column_range(columns + begin, end - begin, lo, hi);
-    if (lo >= first && hi <= last) continue;
-    for (int64_t i = begin; i < end; ++i) {
+    if (unstructured_block_columns_ok(columns, segment_ptr, p, b, 0, p.N)) continue;
+    const int32_t first = int32_t(b * p.block_cols);
+    const int32_t last = int32_t(std::min(p.K, (b + 1) * p.block_cols) - 1);
+    for (int64_t i = segment_ptr[b * p.N]; i < segment_ptr[(b + 1) * p.N]; ++i) {
       if (columns[i] < first || columns[i] > last) {
+        std::ostringstream err;
         err << "columns[" << i << "]=" << columns[i] << " is outside its column block " << b << " ([" << first
             << ", " << last << "])";
         return err.str();
@@ -105,24 +120,22 @@ std::vector<int64_t> unstructured_row_chunks(const int32_t* segment_ptr, const U
   return bounds;
 }
 
-void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values, const int32_t* columns,
+bool unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values, const int32_t* columns,
                                  const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads) {
   if (num_threads < 1) num_threads = 1;
   switch (isa) {
 #if PYSPARSE_X86
-    case CpuIsa::kAvx2: avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
+    case CpuIsa::kAvx2: return avx2::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
     case CpuIsa::kAvx512:
     case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512Amx:
       if (p.M < kUnstructuredGatherTokens) {  // the 8-lane gathers (see kUnstructuredGatherTokens)
-        avx2::unstructured_linear_gathers(x, values, columns, segment_ptr, bias, y, p, num_threads);
-      } else {
-        avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
+        return avx2::unstructured_linear_gathers(x, values, columns, segment_ptr, bias, y, p, num_threads);
       }
-      return;
+      return avx512::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
 #endif
-    default: generic::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads); return;
+    default: return generic::unstructured_linear(x, values, columns, segment_ptr, bias, y, p, num_threads);
   }
 }
 
@@ -178,9 +191,9 @@ void unstructured_transpose(const int32_t* columns, const int32_t* segment_ptr, 
   }
 }
 
-void unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
+bool unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                              const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  unstructured_linear_cpu_isa(active_cpu_isa_id(), x, values, columns, segment_ptr, bias, y, p, num_threads);
+  return unstructured_linear_cpu_isa(active_cpu_isa_id(), x, values, columns, segment_ptr, bias, y, p, num_threads);
 }
 
 }  // namespace pysparse

@@ -58,22 +58,30 @@ struct UnstructuredProblem {
   const float* residual = nullptr;
 };
 
-// "" when segment_ptr [n_blocks * N + 1] and columns [nnz] are safe to run for p (p.block_cols a width of the format
-// and n_blocks = ceil(K / block_cols); segment_ptr starts at 0, never decreases and ends at nnz; every column lies in
-// its segment's column block and below K), else a message naming
-// what is wrong. O(n_blocks * N + nnz); the op runs it on every call. The kernels rely on it (or on a format that ran
-// it) for memory safety. The order within a segment (strictly increasing) is the format's convention, checked by
+// "" when segment_ptr [n_blocks * N + 1] and columns [nnz] are safe to run for p (check_unstructured_pointers, and
+// every column lies in its segment's column block and below K), else a message naming what is wrong.
+// O(n_blocks * N + nnz). The backward's kernels rely on it (or on a format that ran it) for memory safety. The order
+// within a segment (strictly increasing) is the format's convention, checked by
 // pysparse.formats.UnstructuredSparseWeight.validate: the kernels compute the same sum in any order.
 std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
                                        const UnstructuredProblem& p);
+// The pointer half of it: p.block_cols a width of the format and n_blocks = ceil(K / block_cols); segment_ptr starts
+// at 0, never decreases and ends at nnz. O(n_blocks * N): what the forward needs checked before it runs (it checks the
+// columns itself, where it reads them).
+std::string check_unstructured_pointers(const int32_t* segment_ptr, const UnstructuredProblem& p);
 
 // Runs the kernel of this machine's CPU path (active_cpu_isa_id) with `num_threads` OpenMP threads. bias may be null.
-// y is [M, N] row-major. Thread-safe: concurrent calls share nothing.
-void unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
+// y is [M, N] row-major. Thread-safe: concurrent calls share nothing. segment_ptr must have passed
+// check_unstructured_pointers for p; the columns are checked here, where each path first reads them (so that a
+// weight streamed from memory is read once, not once by a check and once by the product): the batch-1 gathers test
+// each vector of columns as they load it and gather only the lanes inside their block, a few-token tile checks a
+// chunk's columns block by block just before walking them, and many tiles check the whole weight first. Returns
+// false, y unspecified, when a column lies outside its block (check_unstructured_indices then names it).
+bool unstructured_linear_cpu(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                              const float* bias, float* y, const UnstructuredProblem& p, int num_threads);
 
 // Same, on a given path (tests force every path the machine can run); `isa` must be supported.
-void unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values, const int32_t* columns,
+bool unstructured_linear_cpu_isa(CpuIsa isa, const float* x, const float* values, const int32_t* columns,
                                  const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads);
 

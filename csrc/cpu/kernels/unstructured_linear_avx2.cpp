@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdint>
 #include <utility>
@@ -87,19 +88,33 @@ struct Isa {
     }
   }
 
-  static void gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
-                         V& acc) {
+  // Lanes whose column is outside [first, last] are neither gathered nor added; false when there is one.
+  static bool gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
+                         int32_t first, int32_t last, V& acc) {
+    const __m256i lo = _mm256_set1_epi32(first - 1), hi = _mm256_set1_epi32(last + 1);
+    __m256i bad = _mm256_setzero_si256();
+    // in: lo < idx < hi; out-of-block lanes fold into `bad`.
+    const auto inside = [&](__m256i idx, __m256i lanes) {
+      const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(idx, lo), _mm256_cmpgt_epi32(hi, idx));
+      bad = _mm256_or_si256(bad, _mm256_andnot_si256(in, lanes));
+      return _mm256_and_si256(in, lanes);
+    };
+    const __m256i all = _mm256_set1_epi32(-1);
     int64_t i = begin;
     for (; i + 8 <= end; i += 8) {
       const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + i));
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + i), _mm256_i32gather_ps(xrow, idx, 4), acc);
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xrow, idx,
+                                                 _mm256_castsi256_ps(inside(idx, all)), 4);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(values + i), xv, acc);
     }
     if (i < end) {
       const __m256i m = first_lanes(end - i);
       const __m256i idx = _mm256_maskload_epi32(columns + i, m);
-      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xrow, idx, _mm256_castsi256_ps(m), 4);
+      const __m256 xv = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xrow, idx, _mm256_castsi256_ps(inside(idx, m)),
+                                                 4);
       acc = _mm256_fmadd_ps(_mm256_maskload_ps(values + i, m), xv, acc);
     }
+    return _mm256_testz_si256(bad, bad);
   }
 };
 
@@ -109,15 +124,15 @@ struct Isa {
 
 }  // namespace
 
-void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
+bool unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, kUnstructuredGatherTokensAvx2);
+  return linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, kUnstructuredGatherTokensAvx2);
 }
 
-void unstructured_linear_gathers(const float* x, const float* values, const int32_t* columns,
+bool unstructured_linear_gathers(const float* x, const float* values, const int32_t* columns,
                                  const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads) {
-  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, kUnstructuredGatherTokens);
+  return linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, kUnstructuredGatherTokens);
 }
 
 void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,

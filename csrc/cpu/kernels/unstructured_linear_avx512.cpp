@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdint>
 #include <utility>
@@ -124,9 +125,9 @@ struct Isa {
 
 }  // namespace
 
-void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
+bool unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, 0);  // no gathers on this path
+  return linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, 0);  // no gathers on this path
 }
 
 void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <cstdint>
 #include <utility>
@@ -43,21 +44,15 @@ struct Isa {
     }
   }
 
-  static void gather_row(const float* xrow, const float* values, const int32_t* columns, int64_t begin, int64_t end,
-                         V& acc) {
-    for (int64_t i = begin; i < end; ++i) acc += values[i] * xrow[columns[i]];
-  }
 };
 
-#define PYSPARSE_UNSTRUCTURED_GATHERS 1
 #include "unstructured_linear_kernels.inc"
-#undef PYSPARSE_UNSTRUCTURED_GATHERS
 
 }  // namespace
 
-void unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
+bool unstructured_linear(const float* x, const float* values, const int32_t* columns, const int32_t* segment_ptr,
                          const float* bias, float* y, const UnstructuredProblem& p, int num_threads) {
-  linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, 0);  // no gathers on this path
+  return linear_impl(x, values, columns, segment_ptr, bias, y, p, num_threads, 0);  // no gathers on this path
 }
 
 void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,

@@ -9,7 +9,7 @@
 namespace pysparse {
 
 #define PYSPARSE_UNSTRUCTURED_ENTRY                                                                              \
-  void unstructured_linear(const float* x, const float* values, const int32_t* columns,                          \
+  bool unstructured_linear(const float* x, const float* values, const int32_t* columns,                          \
                            const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p, \
                            int num_threads);                                                                     \
   void unstructured_linear_grad_values(const float* grad_y, const float* x, const int32_t* columns,               \
@@ -23,7 +23,7 @@ PYSPARSE_UNSTRUCTURED_ENTRY
 namespace avx2 {
 PYSPARSE_UNSTRUCTURED_ENTRY
 // The forward with the gathers below kUnstructuredGatherTokens tokens (AVX-512 CPUs' batch 1-3).
-void unstructured_linear_gathers(const float* x, const float* values, const int32_t* columns,
+bool unstructured_linear_gathers(const float* x, const float* values, const int32_t* columns,
                                  const int32_t* segment_ptr, const float* bias, float* y, const UnstructuredProblem& p,
                                  int num_threads);
 }
@@ -36,6 +36,10 @@ PYSPARSE_UNSTRUCTURED_ENTRY
 // Contiguous runs of rows with about equal work (nonzeros + 8 per row: a row's fixed cost), at most n_chunks of them,
 // cut at multiples of 16 rows where N >= 16 n_chunks:
 // chunk c is rows [bounds[c], bounds[c + 1]). Threads take chunks dynamically.
+// Whether the columns of rows [r0, r1) in column block b all lie inside that block (and below K).
+bool unstructured_block_columns_ok(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
+                                   int64_t b, int64_t r0, int64_t r1);
+
 std::vector<int64_t> unstructured_row_chunks(const int32_t* segment_ptr, const UnstructuredProblem& p,
                                              int64_t n_chunks);
 
