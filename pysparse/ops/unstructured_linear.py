@@ -34,21 +34,18 @@ def kernel_block_cols(density: float) -> int:
     fraction, in [0, 1]) runs fastest at on this process's CPU path; the layers pack with it.
 
     A segment (a row's entries in one column block) costs the kernel a loop exit and a load and store of the row's
-    partial sums, and at 90% sparsity a 128-wide block holds a dozen entries a row. On the AVX2 path (32-token tiles:
-    16 KB of x per 128 columns) wider blocks run faster until the x they span spills L1 (AMD Zen 3, 2 threads, the
-    4 FFN shapes, one binary alternating the widths, GFLOP/s over 128-wide blocks): density 0.1, 512 columns 1.06-1.13x
-    at M >= 128 and 1.4-1.6x at M = 1; 0.2-0.3, 256 columns 1.00-1.05x (M = 1: 1.1-1.2x); 0.4-0.5, 256 columns
-    0.94-0.97x. The AVX-512 path's 64-token tiles already fill L1 at 128 columns: it keeps 128 (not measured wider),
-    as the generic path does.
+    partial sums, and at 90% sparsity a 128-wide block holds a dozen entries a row. The AVX2 path runs 64-token tiles
+    on 128-wide blocks and 32-token tiles on wider ones (whose x would not stay in L1 at 64 tokens); measured on AMD
+    Zen 3 (2 threads, the 4 FFN shapes, one binary alternating the variants; BENCHMARKS.md): below 15% kept, 512
+    columns run the batch-1 gathers 1.4-1.6x and the tiles about as fast as 128 columns on 64-token tiles (0.94-1.06x);
+    from 15% on, 128 columns on 64-token tiles run the tiles 1.04-1.17x (what batch 1 loses: 0.8-0.9x of 256 columns).
+    The AVX-512 path's 64-token tiles already fill L1 at 128 columns: it keeps 128 (not measured wider), as the
+    generic path does.
     """
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    if current_cpu_path()[0] != "avx2":
-        return BLOCK_COLS
-    if density < 0.15:
+    if current_cpu_path()[0] == "avx2" and density < 0.15:
         return 512
-    if density <= 0.35:
-        return 256
     return BLOCK_COLS
 
 

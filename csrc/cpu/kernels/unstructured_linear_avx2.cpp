@@ -31,9 +31,16 @@ namespace {
 struct Isa {
   using V = __m256;
   static constexpr int64_t L = 8;
-  // 4 vectors: 32 tokens per tile (a column block of it 16 KB). On Zen 3, 4 ran 1.2-1.5x faster than 3 (the broadcast
-  // and the column index load amortised over more multiply-adds), 6 no faster, 8 slower (BENCHMARKS.md).
-  static constexpr int kMaxVecs = 4;
+  // Tiles of 8 vectors (64 tokens: 8 independent multiply-add chains per entry, a 128-column block of x 32 KB) on
+  // 128-wide column blocks, of 4 (32 tokens) on wider ones, whose x would not stay in L1 at 64 (AMD Zen 3, 2 threads,
+  // one binary alternating the variants, 4 FFN shapes and MiniLM's 384x384 / 384x1152: 64 tokens on 128 columns ran
+  // 1.04-1.17x the 32 tokens on 256 columns at 50-70% sparsity from 64 tokens on, but 64 tokens on 256 columns
+  // 0.8-0.9x; BENCHMARKS.md). Between one and two 64-token tiles per thread the halves would be unequal: 32 tokens.
+  static constexpr int kMaxVecs = 8;
+  static int64_t tile_vecs(const UnstructuredProblem& p, int num_threads) {
+    const bool wide = p.block_cols == kUnstructuredBlockCols && (p.M <= 64 || p.M >= 64 * int64_t(num_threads));
+    return wide ? 8 : 4;
+  }
   // grad_values: 32-token tiles, 8 entries reduced together (4 + 8 accumulators + a load fit the 16 registers).
   static constexpr int kGradValuesVecs = 4;
   static constexpr int kSumGroup = 8;

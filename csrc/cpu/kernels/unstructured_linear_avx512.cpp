@@ -41,6 +41,7 @@ struct Isa {
   // 4 vectors: 64 tokens per tile, one column block of it 32 KB (L1). Each nonzero costs a broadcast, its column and
   // 4 x loads + multiply-adds; the next row's independent chain overlaps a row's latency.
   static constexpr int kMaxVecs = 4;
+  static int64_t tile_vecs(const UnstructuredProblem&, int) { return kMaxVecs; }
   // grad_values: 128-token tiles (8 vectors of grad_y^T in registers, 8 accumulators): each entry's lane reduction
   // spread over twice the multiply-adds of 64 tokens (1.2-1.25x faster at 70-90%; 256 tokens spilled, 1.1x slower).
   static constexpr int kGradValuesVecs = 8;

@@ -19,6 +19,7 @@ struct Isa {
   using V = float;
   static constexpr int64_t L = 1;
   static constexpr int kMaxVecs = 16;  // tokens per tile
+  static int64_t tile_vecs(const UnstructuredProblem&, int) { return kMaxVecs; }
   static constexpr int kGradValuesVecs = 16;
   static constexpr int kSumGroup = 4;
   static V zero() { return 0.0f; }
