@@ -66,7 +66,7 @@ class UnstructuredSparseWeight(PackedWeight):
     rows of a thread's share walk it, so each row's nonzeros are stored per column block, in the order the kernel
     reads them (see ``csrc/cpu/kernels/unstructured_linear.h``). Wider blocks make fewer, longer segments, which the
     kernel runs faster at high sparsity on some CPUs; the layers pick the width for the machine
-    (:func:`pysparse.ops.unstructured_linear.kernel_block_cols`). Build with :meth:`from_dense`; the constructor
+    (:func:`pysparse.ops.kernel_block_cols`). Build with :meth:`from_dense`; the constructor
     validates.
     """
 

@@ -19,7 +19,8 @@ from .cpu_path import CPU_PATHS, cpu_paths, current_cpu_path, force_cpu_path
 from .channel import (channel_sparse_conv2d, channel_sparse_conv2d_reference, channel_sparse_linear,
                       channel_sparse_linear_reference)
 from .layer_support import ACTIVATIONS
-from .unstructured_linear import unstructured_linear, unstructured_linear_packed, unstructured_linear_reference
+from .unstructured_linear import (kernel_block_cols, unstructured_linear, unstructured_linear_packed,
+                                  unstructured_linear_reference)
 
 __all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available_backends", "ACTIVATIONS",
            "cpu_reads_transposed", "kernel_layout", "is_block_transposed",
@@ -27,7 +28,7 @@ __all__ = ["bsr_linear", "bsr_linear_packed", "bsr_linear_reference", "available
            "channel_sparse_linear", "channel_sparse_linear_reference", "channel_sparse_conv2d",
            "channel_sparse_conv2d_reference",
            "scaled_dot_product_attention", "attention_reference", "attention_kernel_applies",
-           "unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference",
+           "unstructured_linear", "unstructured_linear_packed", "unstructured_linear_reference", "kernel_block_cols",
            "CPU_PATHS", "cpu_paths", "current_cpu_path", "force_cpu_path"]
 
 

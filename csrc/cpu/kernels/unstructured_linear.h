@@ -17,7 +17,7 @@
 // Why several widths: a segment costs a loop exit and a load and store of its row's partial sums, and at high
 // sparsity a 128-column segment holds a dozen entries; wider blocks make fewer, longer segments, at the price of an
 // x tile block that no longer fits L1 at low sparsity. The kernels run any of them; the layers choose
-// (pysparse.ops.unstructured_linear.kernel_block_cols).
+// (pysparse.ops.kernel_block_cols).
 #pragma once
 #include <cstdint>
 #include <string>
