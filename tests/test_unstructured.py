@@ -487,6 +487,8 @@ def test_widths_are_checked():
         torch.ops.pysparse.unstructured_linear(x, w.values, cols, w.segment_ptr, None, 6)
     with pytest.raises(ValueError, match="density must be in"):
         kernel_block_cols(1.5)
+    with pytest.raises(TypeError, match="density must be a number, got str"):
+        kernel_block_cols("0.1")
 
 
 def test_layers_pack_at_the_width_of_the_cpu_path():

@@ -37,11 +37,13 @@ def kernel_block_cols(density: float) -> int:
     partial sums, and at 90% sparsity a 128-wide block holds a dozen entries a row. The AVX2 path runs 64-token tiles
     on 128-wide blocks and 32-token tiles on wider ones (whose x would not stay in L1 at 64 tokens); measured on AMD
     Zen 3 (2 threads, the 4 FFN shapes, one binary alternating the variants; BENCHMARKS.md): below 15% kept, 512
-    columns run the batch-1 gathers 1.4-1.6x and the tiles about as fast as 128 columns on 64-token tiles (0.94-1.06x);
-    from 15% on, 128 columns on 64-token tiles run the tiles 1.04-1.17x (what batch 1 loses: 0.8-0.9x of 256 columns).
-    The AVX-512 path's 64-token tiles already fill L1 at 128 columns: it keeps 128 (not measured wider), as the
-    generic path does.
+    columns run the batch-1 gathers 1.4-1.6x those of 128 and the tiles 0.98-1.09x those of 128 columns on 64-token
+    tiles; from 15% on, 128 columns on 64-token tiles run the tiles 0.93-1.17x those of 32-token tiles on 256 columns
+    (1.06-1.17x at 50%), and batch 1 0.8-0.9x. The AVX-512 path's 64-token tiles already fill L1 at 128 columns: it
+    keeps 128 (not measured wider), as the generic path does.
     """
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"density must be a number, got {type(density).__name__}")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
     if current_cpu_path()[0] == "avx2" and density < 0.15:
