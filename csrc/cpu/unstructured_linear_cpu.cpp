@@ -5,6 +5,8 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <sstream>
+
 #include "bsr_linear_args.h"  // parse_activation, prepare_residual
 #include "cpu/kernels/unstructured_linear.h"
 #include "cpu/output_pool.h"
@@ -45,10 +47,16 @@ UnstructuredProblem checked_problem(const char* op, const at::Tensor& columns, c
   } else {
     p.n_blocks = (K + kUnstructuredBlockCols - 1) / kUnstructuredBlockCols;
   }
-  TORCH_CHECK_VALUE(p.block_cols > 0 && entries == p.n_blocks * N + 1, op, ": segment_ptr must have ceil(in_features "
-                    "/ w) * out_features + 1 entries for a column-block width w of 128, 256 or 512 (",
-                    (K + 127) / 128 * N + 1, ", ", (K + 255) / 256 * N + 1, " or ", (K + 511) / 512 * N + 1,
-                    " for in_features=", K, ", out_features=", N, "), got ", entries);
+  if (p.block_cols == 0 || entries != p.n_blocks * N + 1) {
+    std::ostringstream counts;  // the length each width gives, "a, b or c"
+    for (int64_t w = kUnstructuredBlockCols; w <= kUnstructuredBlockColsWidest; w *= 2) {
+      counts << (w == kUnstructuredBlockCols ? "" : w == kUnstructuredBlockColsWidest ? " or " : ", ")
+             << (K + w - 1) / w * N + 1;
+    }
+    TORCH_CHECK_VALUE(false, op, ": segment_ptr must have ceil(in_features / w) * out_features + 1 entries for a "
+                      "column-block width w of 128, 256 or 512 (", counts.str(), " for in_features=", K,
+                      ", out_features=", N, "), got ", entries);
+  }
   const int32_t* ptr = segment_ptr.const_data_ptr<int32_t>();
   const std::string bad = columns_too ? check_unstructured_indices(ptr, columns.const_data_ptr<int32_t>(), p)
                                       : check_unstructured_pointers(ptr, p);

@@ -86,16 +86,11 @@ class UnstructuredSparseWeight(PackedWeight):
         """Pack ``weight [N, K]``, keeping its nonzero entries, or the entries ``mask`` (bool or 0/1, ``weight``'s
         shape) keeps: entries it drops are left out, entries it keeps are stored even when they are 0.
         ``block_cols``: the column-block width, one of :data:`BLOCK_WIDTHS`."""
-        check_tensor("weight", weight, dims=2, dtypes=_FLOAT_DTYPES)
+        keep = cls.kept_entries(weight, mask)
         if isinstance(block_cols, bool) or not isinstance(block_cols, int):
             raise TypeError(f"block_cols must be an int, got {type(block_cols).__name__}")
         if block_cols not in BLOCK_WIDTHS:
             raise ValueError(f"block_cols must be one of {BLOCK_WIDTHS}, got {block_cols}")
-        if mask is not None:
-            check_tensor("mask", mask, shape=tuple(weight.shape))
-            keep = mask.to(device=weight.device, dtype=torch.bool)
-        else:
-            keep = weight != 0
         n, k = weight.shape
         rows, cols = torch.nonzero(keep, as_tuple=True)  # row-major
         block = cols // block_cols
@@ -105,6 +100,16 @@ class UnstructuredSparseWeight(PackedWeight):
         segment_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=weight.device)
         segment_ptr[1:] = torch.cumsum(counts, 0)
         return cls(weight[rows, cols].contiguous(), cols.to(torch.int32), segment_ptr.to(torch.int32), (n, k))
+
+    @staticmethod
+    def kept_entries(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The bool ``[N, K]`` mask of the entries :meth:`from_dense` keeps (``weight``'s nonzeros, or what ``mask``
+        keeps), after checking both."""
+        check_tensor("weight", weight, dims=2, dtypes=_FLOAT_DTYPES)
+        if mask is None:
+            return weight != 0
+        check_tensor("mask", mask, shape=tuple(weight.shape))
+        return mask.to(device=weight.device, dtype=torch.bool)
 
     def to_dense(self) -> torch.Tensor:
         """Dense ``[N, K]`` weight: kept entries exactly, zeros elsewhere."""

@@ -18,7 +18,6 @@ import numbers
 
 import torch
 
-from .._validate import check_tensor
 from ..formats.unstructured import BLOCK_COLS, UnstructuredSparseWeight, entry_segments, unstructured_to_dense
 from .cpu_path import current_cpu_path
 from .gradient_rows import as_rows, gather_gradient_rows, rows_to_full
@@ -54,12 +53,9 @@ def kernel_block_cols(density: float) -> int:
 def pack_for_kernel(weight: torch.Tensor, mask: torch.Tensor | None = None) -> UnstructuredSparseWeight:
     """:meth:`UnstructuredSparseWeight.from_dense` at the column-block width this CPU's kernel runs fastest for the
     kept fraction (:func:`kernel_block_cols`)."""
-    check_tensor("weight", weight, dims=2)
-    if mask is not None:
-        check_tensor("mask", mask, shape=tuple(weight.shape))
-    keep = weight != 0 if mask is None else mask.to(device=weight.device, dtype=torch.bool)
+    keep = UnstructuredSparseWeight.kept_entries(weight, mask)
     density = int(torch.count_nonzero(keep)) / keep.numel() if keep.numel() else 1.0
-    return UnstructuredSparseWeight.from_dense(weight, mask, block_cols=kernel_block_cols(density))
+    return UnstructuredSparseWeight.from_dense(weight, keep, block_cols=kernel_block_cols(density))
 
 
 def unstructured_linear(input: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, segment_ptr: torch.Tensor,

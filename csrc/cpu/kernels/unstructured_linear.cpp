@@ -67,11 +67,10 @@ std::string check_unstructured_pointers(const int32_t* segment_ptr, const Unstru
 bool unstructured_block_columns_ok(const int32_t* columns, const int32_t* segment_ptr, const UnstructuredProblem& p,
                                    int64_t b, int64_t r0, int64_t r1) {
   const int64_t begin = segment_ptr[b * p.N + r0], end = segment_ptr[b * p.N + r1];
-  const int32_t first = int32_t(b * p.block_cols);
-  const int32_t last = int32_t(std::min(p.K, (b + 1) * p.block_cols) - 1);
-  int32_t lo = first, hi = first;
+  const ColumnSpan span = unstructured_block_span(p, b);
+  int32_t lo = span.first, hi = span.first;
   column_range(columns + begin, end - begin, lo, hi);
-  return lo >= first && hi <= last;
+  return lo >= span.first && hi <= span.last;
 }
 
 std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t* columns,
@@ -81,13 +80,12 @@ std::string check_unstructured_indices(const int32_t* segment_ptr, const int32_t
   // The offending entry is looked for only in a block that fails.
   for (int64_t b = 0; b < p.n_blocks; ++b) {
     if (unstructured_block_columns_ok(columns, segment_ptr, p, b, 0, p.N)) continue;
-    const int32_t first = int32_t(b * p.block_cols);
-    const int32_t last = int32_t(std::min(p.K, (b + 1) * p.block_cols) - 1);
+    const ColumnSpan span = unstructured_block_span(p, b);
     for (int64_t i = segment_ptr[b * p.N]; i < segment_ptr[(b + 1) * p.N]; ++i) {
-      if (columns[i] < first || columns[i] > last) {
+      if (columns[i] < span.first || columns[i] > span.last) {
         std::ostringstream err;
-        err << "columns[" << i << "]=" << columns[i] << " is outside its column block " << b << " ([" << first
-            << ", " << last << "])";
+        err << "columns[" << i << "]=" << columns[i] << " is outside its column block " << b << " ([" << span.first
+            << ", " << span.last << "])";
         return err.str();
       }
     }
